@@ -5,3 +5,4 @@
 //! Nothing outside this crate sees a prost or tonic type.
 
 pub mod proto;
+pub mod convert;

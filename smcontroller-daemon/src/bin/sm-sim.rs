@@ -1,0 +1,2 @@
+//! sm-sim (in progress).
+fn main() {}

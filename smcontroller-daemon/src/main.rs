@@ -1,0 +1,2 @@
+//! smcontrollerd (in progress).
+fn main() {}

@@ -1,0 +1,1 @@
+//! SM simulator (in progress).

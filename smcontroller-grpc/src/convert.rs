@@ -1,0 +1,1 @@
+//! Conversions between protocol messages and domain types (in progress).
