@@ -6,3 +6,5 @@
 
 pub mod proto;
 pub mod convert;
+pub mod server;
+pub mod service;

@@ -1,1 +1,87 @@
-fn main() {}
+//! Development tasks of the SM controller workspace, run as `cargo xtask ...` (the alias is in
+//! `.cargo/config.toml`).
+//!
+//! - `cargo xtask ci [fmt|clippy|doc|test]`: the checks CI runs (`.ci/run` calls it); with no
+//!   step, all of them in that order, stopping at the first failure. See [`ci`].
+//! - `cargo xtask demo [ARGS..]`: the controller with simulated SMs on loopback (the daemon's
+//!   `smcontroller-demo` binary), with ARGS passed through.
+//!
+//! This crate is a tool, not a library: it may depend on anything, and uses `anyhow`.
+
+mod ci;
+mod cmd;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+
+use crate::cmd::Cmd;
+
+/// `cargo xtask`: development tasks of the SM controller workspace.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Runs the CI checks: all of them, or the one step named.
+    Ci {
+        #[command(subcommand)]
+        step: Option<ci::Step>,
+    },
+    /// Runs the controller with simulated SMs on loopback (`smcontroller-demo`).
+    Demo {
+        /// Arguments passed to `smcontroller-demo` as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    let outcome = match cli.task {
+        Task::Ci { step } => ci::run(&root, step),
+        Task::Demo { args } => demo(&root, &args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// `cargo run --quiet -p smcontroller-daemon --bin smcontroller-demo -- ARGS`, with the demo's
+/// exit code as ours.
+fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
+    let cmd = Cmd::cargo(root)
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "smcontroller-daemon",
+            "--bin",
+            "smcontroller-demo",
+            "--",
+        ])
+        .args(args);
+    eprintln!("xtask: {cmd}");
+    cmd.hand_over()
+}

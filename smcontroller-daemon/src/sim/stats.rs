@@ -1,0 +1,493 @@
+//! Counters of a simulation: lock-free per node ([`NodeCounters`]), snapshots for callers
+//! ([`NodeStats`], [`SimStats`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use smcontroller_grpc::proto::servicemanager::v5::{
+    ConnectionEnum, SmIncomingMessages, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
+    sm_outgoing_messages::SmOutgoingMessage,
+};
+
+/// The kinds of command (`SMIncomingMessages`) a node can receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    /// `get_node_config_status`.
+    GetNodeConfigStatus,
+    /// `check_node_config`.
+    CheckNodeConfig,
+    /// `set_node_config`.
+    SetNodeConfig,
+    /// `update_instances`.
+    UpdateInstances,
+    /// `system_log_request`.
+    SystemLogRequest,
+    /// `instance_log_request`.
+    InstanceLogRequest,
+    /// `instance_crash_log_request`.
+    InstanceCrashLogRequest,
+    /// `get_average_monitoring`.
+    GetAverageMonitoring,
+    /// `connection_status`.
+    ConnectionStatus,
+    /// `update_networks`.
+    UpdateNetworks,
+    /// A message with an empty oneof.
+    Empty,
+}
+
+impl CommandKind {
+    /// Every kind, in wire order (empty last).
+    pub const ALL: [Self; 11] = [
+        Self::GetNodeConfigStatus,
+        Self::CheckNodeConfig,
+        Self::SetNodeConfig,
+        Self::UpdateInstances,
+        Self::SystemLogRequest,
+        Self::InstanceLogRequest,
+        Self::InstanceCrashLogRequest,
+        Self::GetAverageMonitoring,
+        Self::ConnectionStatus,
+        Self::UpdateNetworks,
+        Self::Empty,
+    ];
+
+    /// The kind of `msg`.
+    pub fn of(msg: &SmIncomingMessages) -> Self {
+        use SmIncomingMessage as M;
+        match &msg.sm_incoming_message {
+            Some(M::GetNodeConfigStatus(_)) => Self::GetNodeConfigStatus,
+            Some(M::CheckNodeConfig(_)) => Self::CheckNodeConfig,
+            Some(M::SetNodeConfig(_)) => Self::SetNodeConfig,
+            Some(M::UpdateInstances(_)) => Self::UpdateInstances,
+            Some(M::SystemLogRequest(_)) => Self::SystemLogRequest,
+            Some(M::InstanceLogRequest(_)) => Self::InstanceLogRequest,
+            Some(M::InstanceCrashLogRequest(_)) => Self::InstanceCrashLogRequest,
+            Some(M::GetAverageMonitoring(_)) => Self::GetAverageMonitoring,
+            Some(M::ConnectionStatus(_)) => Self::ConnectionStatus,
+            Some(M::UpdateNetworks(_)) => Self::UpdateNetworks,
+            None => Self::Empty,
+        }
+    }
+
+    /// The oneof field name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GetNodeConfigStatus => "get_node_config_status",
+            Self::CheckNodeConfig => "check_node_config",
+            Self::SetNodeConfig => "set_node_config",
+            Self::UpdateInstances => "update_instances",
+            Self::SystemLogRequest => "system_log_request",
+            Self::InstanceLogRequest => "instance_log_request",
+            Self::InstanceCrashLogRequest => "instance_crash_log_request",
+            Self::GetAverageMonitoring => "get_average_monitoring",
+            Self::ConnectionStatus => "connection_status",
+            Self::UpdateNetworks => "update_networks",
+            Self::Empty => "empty",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The kinds of message (`SMOutgoingMessages`) a node can send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SentKind {
+    /// `sm_info`.
+    SmInfo,
+    /// `node_config_status`.
+    NodeConfigStatus,
+    /// `update_instances_status`.
+    UpdateInstancesStatus,
+    /// `node_instances_status`.
+    NodeInstancesStatus,
+    /// `log`.
+    Log,
+    /// `instant_monitoring`.
+    InstantMonitoring,
+    /// `average_monitoring`.
+    AverageMonitoring,
+    /// `alert`.
+    Alert,
+    /// A message with an empty oneof.
+    Empty,
+}
+
+impl SentKind {
+    /// Every kind, in wire order (empty last).
+    pub const ALL: [Self; 9] = [
+        Self::SmInfo,
+        Self::NodeConfigStatus,
+        Self::UpdateInstancesStatus,
+        Self::NodeInstancesStatus,
+        Self::Log,
+        Self::InstantMonitoring,
+        Self::AverageMonitoring,
+        Self::Alert,
+        Self::Empty,
+    ];
+
+    /// The kind of `msg`.
+    pub fn of(msg: &SmOutgoingMessages) -> Self {
+        use SmOutgoingMessage as M;
+        match &msg.sm_outgoing_message {
+            Some(M::SmInfo(_)) => Self::SmInfo,
+            Some(M::NodeConfigStatus(_)) => Self::NodeConfigStatus,
+            Some(M::UpdateInstancesStatus(_)) => Self::UpdateInstancesStatus,
+            Some(M::NodeInstancesStatus(_)) => Self::NodeInstancesStatus,
+            Some(M::Log(_)) => Self::Log,
+            Some(M::InstantMonitoring(_)) => Self::InstantMonitoring,
+            Some(M::AverageMonitoring(_)) => Self::AverageMonitoring,
+            Some(M::Alert(_)) => Self::Alert,
+            None => Self::Empty,
+        }
+    }
+
+    /// The oneof field name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SmInfo => "sm_info",
+            Self::NodeConfigStatus => "node_config_status",
+            Self::UpdateInstancesStatus => "update_instances_status",
+            Self::NodeInstancesStatus => "node_instances_status",
+            Self::Log => "log",
+            Self::InstantMonitoring => "instant_monitoring",
+            Self::AverageMonitoring => "average_monitoring",
+            Self::Alert => "alert",
+            Self::Empty => "empty",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Live counters of one node (relaxed atomics: each node has its own, nothing is shared).
+#[derive(Debug, Default)]
+pub(crate) struct NodeCounters {
+    pub(crate) connects: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) networks_received: AtomicU64,
+    commands: [AtomicU64; CommandKind::ALL.len()],
+    sent: [AtomicU64; SentKind::ALL.len()],
+    /// Last `connection_status.cloud_status`, -1 before the first.
+    last_cloud_status: AtomicI32Cell,
+}
+
+/// An `AtomicI32` that starts at -1 (nothing received yet).
+#[derive(Debug)]
+struct AtomicI32Cell(AtomicI32);
+
+impl Default for AtomicI32Cell {
+    fn default() -> Self {
+        Self(AtomicI32::new(-1))
+    }
+}
+
+impl NodeCounters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn command(&self, kind: CommandKind) {
+        Self::bump(&self.commands[kind.index()]);
+    }
+
+    pub(crate) fn sent(&self, kind: SentKind) {
+        Self::bump(&self.sent[kind.index()]);
+    }
+
+    pub(crate) fn sent_many(&self, kind: SentKind, n: u64) {
+        self.sent[kind.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_cloud_status(&self, status: i32) {
+        self.last_cloud_status.0.store(status, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_cloud_status(&self) -> Option<i32> {
+        let v = self.last_cloud_status.0.load(Ordering::Relaxed);
+        (v >= 0).then_some(v)
+    }
+
+    pub(crate) fn snapshot(&self) -> Counters {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut commands = CommandCounts::default();
+        for kind in CommandKind::ALL {
+            commands.add(kind, load(&self.commands[kind.index()]));
+        }
+        let mut sent = SentCounts::default();
+        for kind in SentKind::ALL {
+            sent.add(kind, load(&self.sent[kind.index()]));
+        }
+        Counters {
+            connects: load(&self.connects),
+            connect_failures: load(&self.connect_failures),
+            disconnects: load(&self.disconnects),
+            networks_received: load(&self.networks_received),
+            commands,
+            sent,
+        }
+    }
+}
+
+/// Commands received, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommandCounts {
+    /// `get_node_config_status`.
+    pub get_node_config_status: u64,
+    /// `check_node_config`.
+    pub check_node_config: u64,
+    /// `set_node_config`.
+    pub set_node_config: u64,
+    /// `update_instances`.
+    pub update_instances: u64,
+    /// `system_log_request`.
+    pub system_log_request: u64,
+    /// `instance_log_request`.
+    pub instance_log_request: u64,
+    /// `instance_crash_log_request`.
+    pub instance_crash_log_request: u64,
+    /// `get_average_monitoring`.
+    pub get_average_monitoring: u64,
+    /// `connection_status`.
+    pub connection_status: u64,
+    /// `update_networks`.
+    pub update_networks: u64,
+    /// Messages with an empty oneof.
+    pub empty: u64,
+}
+
+impl CommandCounts {
+    /// The count of `kind`.
+    pub fn get(&self, kind: CommandKind) -> u64 {
+        match kind {
+            CommandKind::GetNodeConfigStatus => self.get_node_config_status,
+            CommandKind::CheckNodeConfig => self.check_node_config,
+            CommandKind::SetNodeConfig => self.set_node_config,
+            CommandKind::UpdateInstances => self.update_instances,
+            CommandKind::SystemLogRequest => self.system_log_request,
+            CommandKind::InstanceLogRequest => self.instance_log_request,
+            CommandKind::InstanceCrashLogRequest => self.instance_crash_log_request,
+            CommandKind::GetAverageMonitoring => self.get_average_monitoring,
+            CommandKind::ConnectionStatus => self.connection_status,
+            CommandKind::UpdateNetworks => self.update_networks,
+            CommandKind::Empty => self.empty,
+        }
+    }
+
+    fn slot(&mut self, kind: CommandKind) -> &mut u64 {
+        match kind {
+            CommandKind::GetNodeConfigStatus => &mut self.get_node_config_status,
+            CommandKind::CheckNodeConfig => &mut self.check_node_config,
+            CommandKind::SetNodeConfig => &mut self.set_node_config,
+            CommandKind::UpdateInstances => &mut self.update_instances,
+            CommandKind::SystemLogRequest => &mut self.system_log_request,
+            CommandKind::InstanceLogRequest => &mut self.instance_log_request,
+            CommandKind::InstanceCrashLogRequest => &mut self.instance_crash_log_request,
+            CommandKind::GetAverageMonitoring => &mut self.get_average_monitoring,
+            CommandKind::ConnectionStatus => &mut self.connection_status,
+            CommandKind::UpdateNetworks => &mut self.update_networks,
+            CommandKind::Empty => &mut self.empty,
+        }
+    }
+
+    fn add(&mut self, kind: CommandKind, n: u64) {
+        *self.slot(kind) += n;
+    }
+
+    /// All commands together.
+    pub fn total(&self) -> u64 {
+        CommandKind::ALL.iter().map(|k| self.get(*k)).sum()
+    }
+}
+
+/// Messages sent (handed to the stream), by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SentCounts {
+    /// `sm_info`.
+    pub sm_info: u64,
+    /// `node_config_status`.
+    pub node_config_status: u64,
+    /// `update_instances_status`.
+    pub update_instances_status: u64,
+    /// `node_instances_status`.
+    pub node_instances_status: u64,
+    /// `log`.
+    pub log: u64,
+    /// `instant_monitoring`.
+    pub instant_monitoring: u64,
+    /// `average_monitoring`.
+    pub average_monitoring: u64,
+    /// `alert`.
+    pub alert: u64,
+    /// Messages with an empty oneof.
+    pub empty: u64,
+}
+
+impl SentCounts {
+    /// The count of `kind`.
+    pub fn get(&self, kind: SentKind) -> u64 {
+        match kind {
+            SentKind::SmInfo => self.sm_info,
+            SentKind::NodeConfigStatus => self.node_config_status,
+            SentKind::UpdateInstancesStatus => self.update_instances_status,
+            SentKind::NodeInstancesStatus => self.node_instances_status,
+            SentKind::Log => self.log,
+            SentKind::InstantMonitoring => self.instant_monitoring,
+            SentKind::AverageMonitoring => self.average_monitoring,
+            SentKind::Alert => self.alert,
+            SentKind::Empty => self.empty,
+        }
+    }
+
+    fn slot(&mut self, kind: SentKind) -> &mut u64 {
+        match kind {
+            SentKind::SmInfo => &mut self.sm_info,
+            SentKind::NodeConfigStatus => &mut self.node_config_status,
+            SentKind::UpdateInstancesStatus => &mut self.update_instances_status,
+            SentKind::NodeInstancesStatus => &mut self.node_instances_status,
+            SentKind::Log => &mut self.log,
+            SentKind::InstantMonitoring => &mut self.instant_monitoring,
+            SentKind::AverageMonitoring => &mut self.average_monitoring,
+            SentKind::Alert => &mut self.alert,
+            SentKind::Empty => &mut self.empty,
+        }
+    }
+
+    fn add(&mut self, kind: SentKind, n: u64) {
+        *self.slot(kind) += n;
+    }
+
+    /// All messages together.
+    pub fn total(&self) -> u64 {
+        SentKind::ALL.iter().map(|k| self.get(*k)).sum()
+    }
+}
+
+/// Counters of one node, or summed over all nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Streams opened (`RegisterSM` answered by the controller).
+    pub connects: u64,
+    /// Connection or `RegisterSM` attempts that failed before a stream was open.
+    pub connect_failures: u64,
+    /// Streams that ended after they were open.
+    pub disconnects: u64,
+    /// Network entries received in `update_networks` commands.
+    pub networks_received: u64,
+    /// Commands received, by kind.
+    pub commands: CommandCounts,
+    /// Messages sent, by kind.
+    pub sent: SentCounts,
+}
+
+impl Counters {
+    fn accumulate(&mut self, other: &Self) {
+        self.connects += other.connects;
+        self.connect_failures += other.connect_failures;
+        self.disconnects += other.disconnects;
+        self.networks_received += other.networks_received;
+        for kind in CommandKind::ALL {
+            self.commands.add(kind, other.commands.get(kind));
+        }
+        for kind in SentKind::ALL {
+            self.sent.add(kind, other.sent.get(kind));
+        }
+    }
+}
+
+/// A snapshot of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStats {
+    /// The node id.
+    pub node_id: String,
+    /// A stream is open now.
+    pub connected: bool,
+    /// The node has registered at least once (sent `sm_info`, then received a message).
+    pub registered: bool,
+    /// The last `connection_status.cloud_status` received, if any (raw enum value).
+    pub last_cloud_status: Option<i32>,
+    /// The node config state the node reports now.
+    pub config_state: String,
+    /// The node config version the node reports now.
+    pub config_version: String,
+    /// The node's counters.
+    pub counters: Counters,
+}
+
+impl NodeStats {
+    /// The last cloud status as the protocol enum (`None` before the first or if unknown).
+    pub fn cloud_status(&self) -> Option<ConnectionEnum> {
+        self.last_cloud_status
+            .and_then(|v| ConnectionEnum::try_from(v).ok())
+    }
+}
+
+/// A snapshot of a whole simulation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Every node, in index order.
+    pub nodes: Vec<NodeStats>,
+    /// The counters of all nodes summed.
+    pub total: Counters,
+}
+
+impl SimStats {
+    /// Builds the totals from `nodes`.
+    pub fn from_nodes(nodes: Vec<NodeStats>) -> Self {
+        let mut total = Counters::default();
+        for node in &nodes {
+            total.accumulate(&node.counters);
+        }
+        Self { nodes, total }
+    }
+
+    /// Nodes with a stream open now.
+    pub fn connected(&self) -> usize {
+        self.nodes.iter().filter(|n| n.connected).count()
+    }
+
+    /// Nodes that registered at least once.
+    pub fn registered(&self) -> usize {
+        self.nodes.iter().filter(|n| n.registered).count()
+    }
+}
+
+impl fmt::Display for SimStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.total;
+        writeln!(
+            f,
+            "nodes: {} (connected now {}, registered at least once {})",
+            self.nodes.len(),
+            self.connected(),
+            self.registered()
+        )?;
+        writeln!(
+            f,
+            "streams: {} opened, {} ended, {} failed attempts",
+            t.connects, t.disconnects, t.connect_failures
+        )?;
+        write!(f, "received ({}):", t.commands.total())?;
+        for kind in CommandKind::ALL {
+            let n = t.commands.get(kind);
+            if n > 0 {
+                write!(f, " {}={n}", kind.name())?;
+            }
+        }
+        writeln!(f, "; networks={}", t.networks_received)?;
+        write!(f, "sent ({}):", t.sent.total())?;
+        for kind in SentKind::ALL {
+            let n = t.sent.get(kind);
+            if n > 0 {
+                write!(f, " {}={n}", kind.name())?;
+            }
+        }
+        Ok(())
+    }
+}

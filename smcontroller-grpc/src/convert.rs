@@ -1,1 +1,0 @@
-//! Conversions between protocol messages and domain types (in progress).

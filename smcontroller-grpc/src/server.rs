@@ -1,0 +1,96 @@
+//! Serving `SMService` on a listener: HTTP/2 settings, keepalive, message limits.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use smcontroller_api::ItemInfoProvider;
+use smcontroller_routing::Controller;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::{proto::servicemanager::v5::sm_service_server::SmServiceServer, service::SmService};
+
+/// Settings of the gRPC server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Largest message accepted or sent, bytes (R-BAD-1). Default 16 MiB.
+    pub max_message_size: usize,
+    /// How often the server pings an SM's connection (R-DISC-2). Default 10 s.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is dropped. Default 5 s.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            max_message_size: 16 * 1024 * 1024,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP/2 server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The tonic service with the limits of `settings` applied.
+pub fn sm_service(
+    controller: Controller,
+    items: Arc<dyn ItemInfoProvider>,
+    settings: &ServerSettings,
+) -> SmServiceServer<SmService> {
+    SmServiceServer::new(SmService::new(controller, items))
+        .max_decoding_message_size(settings.max_message_size)
+        .max_encoding_message_size(settings.max_message_size)
+}
+
+/// Binds `addr` (port 0 picks a free port); the bound address is `listener.local_addr()`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves plain HTTP/2 (insecure mode, R-TLS-2) on `listener` until `shutdown` resolves.
+///
+/// When `shutdown` resolves the caller should also call [`Controller::shutdown`], which ends
+/// every SM stream; the server then finishes its connections.
+pub async fn serve_insecure(
+    listener: TcpListener,
+    controller: Controller,
+    items: Arc<dyn ItemInfoProvider>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    match listener.local_addr() {
+        Ok(addr) => warn!(%addr, "serving SMService WITHOUT TLS (insecure mode, development only)"),
+        Err(e) => warn!(error = %e, "serving SMService WITHOUT TLS (insecure mode)"),
+    }
+    let service = sm_service(controller, items, &settings);
+    let incoming = TcpListenerStream::new(listener);
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    info!("gRPC server stopped");
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The tonic `servicemanager.v5.SMService`: `RegisterSM` hands each SM stream to the router,
+//! `GetBlobsInfos` resolves digests through the [`ItemInfoProvider`].
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use futures::{Stream, StreamExt, stream};
+use smcontroller_api::ItemInfoProvider;
+use smcontroller_routing::{Controller, EndCode, EndStatus, InboundEvent, Outgoing};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    convert::ConvertError,
+    proto::servicemanager::v5::{
+        BlobsInfos, BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages,
+        sm_outgoing_messages::SmOutgoingMessage, sm_service_server,
+    },
+};
+
+/// The response stream of `RegisterSM`.
+pub type CommandStream = Pin<Box<dyn Stream<Item = Result<SmIncomingMessages, Status>> + Send>>;
+
+/// The `SMService` implementation: a thin adapter between tonic and the router.
+#[derive(Clone)]
+pub struct SmService {
+    controller: Controller,
+    items: Arc<dyn ItemInfoProvider>,
+}
+
+impl std::fmt::Debug for SmService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmService")
+            .field("controller", &self.controller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmService {
+    /// A service routing streams into `controller` and blob look-ups to `items`.
+    pub fn new(controller: Controller, items: Arc<dyn ItemInfoProvider>) -> Self {
+        Self { controller, items }
+    }
+}
+
+#[tonic::async_trait]
+impl sm_service_server::SmService for SmService {
+    type RegisterSMStream = CommandStream;
+
+    async fn register_sm(
+        &self,
+        request: Request<Streaming<SmOutgoingMessages>>,
+    ) -> Result<Response<Self::RegisterSMStream>, Status> {
+        // A transport failure (undecodable or over-size frame, reset) is kept so the response
+        // ends with its status (R-BAD-1); the router only needs to know the stream failed.
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
+        let seen = failure.clone();
+        let inbound = request.into_inner().map(move |item| match item {
+            Ok(message) => inbound_event(message),
+            Err(status) => {
+                let event = InboundEvent::Failed(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                ));
+                *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+                event
+            }
+        });
+        let outgoing = self
+            .controller
+            .attach(inbound)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(command_stream(outgoing, failure)))
+    }
+
+    async fn get_blobs_infos(
+        &self,
+        request: Request<BlobsInfosRequest>,
+    ) -> Result<Response<BlobsInfos>, Status> {
+        let digests = request.into_inner().digests;
+        let lookups = digests.iter().map(|digest| {
+            let items = self.items.clone();
+            async move {
+                items
+                    .get_blob_url(digest)
+                    .await
+                    .map_err(|e| Status::not_found(format!("blob {digest}: {e}")))
+            }
+        });
+        let urls = futures::future::try_join_all(lookups).await?;
+        Ok(Response::new(BlobsInfos { urls }))
+    }
+}
+
+/// Converts one received message for the router (R-TEL-4: a bad one is rejected, not fatal).
+fn inbound_event(message: SmOutgoingMessages) -> InboundEvent {
+    let name = message
+        .sm_outgoing_message
+        .as_ref()
+        .map_or("SMOutgoingMessages", message_name);
+    match message.try_into() {
+        Ok(message) => InboundEvent::Message(message),
+        Err(error @ ConvertError::EmptyOneof(_)) => InboundEvent::Rejected {
+            message: name,
+            reason: format!("{error} (empty message ignored)"),
+        },
+        Err(error) => InboundEvent::Rejected {
+            message: name,
+            reason: error.to_string(),
+        },
+    }
+}
+
+fn message_name(message: &SmOutgoingMessage) -> &'static str {
+    match message {
+        SmOutgoingMessage::SmInfo(_) => "sm_info",
+        SmOutgoingMessage::NodeConfigStatus(_) => "node_config_status",
+        SmOutgoingMessage::UpdateInstancesStatus(_) => "update_instances_status",
+        SmOutgoingMessage::NodeInstancesStatus(_) => "node_instances_status",
+        SmOutgoingMessage::Log(_) => "log",
+        SmOutgoingMessage::InstantMonitoring(_) => "instant_monitoring",
+        SmOutgoingMessage::AverageMonitoring(_) => "average_monitoring",
+        SmOutgoingMessage::Alert(_) => "alert",
+    }
+}
+
+/// The router's outgoing items as the `RegisterSM` response: commands converted to the wire,
+/// ending at `Close` with its status (or the transport failure's).
+fn command_stream(
+    outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    failure: Arc<Mutex<Option<Status>>>,
+) -> CommandStream {
+    Box::pin(stream::unfold(Some(outgoing), move |state| {
+        let failure = failure.clone();
+        async move {
+            let mut outgoing = state?;
+            match outgoing.recv().await {
+                Some(Outgoing::Command(command)) => Some((Ok(command.into()), Some(outgoing))),
+                Some(Outgoing::Close(Some(end))) => Some((Err(end_status(end)), None)),
+                Some(Outgoing::Close(None)) | None => {
+                    let failed = failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    failed.map(|status| (Err(status), None))
+                }
+            }
+        }
+    }))
+}
+
+fn end_status(end: EndStatus) -> Status {
+    match end.code {
+        EndCode::InvalidArgument => Status::invalid_argument(end.message),
+        EndCode::DeadlineExceeded => Status::deadline_exceeded(end.message),
+        EndCode::Aborted => Status::aborted(end.message),
+        EndCode::Unavailable => Status::unavailable(end.message),
+    }
+}
