@@ -1,1 +1,1070 @@
-//! Daemon configuration (in progress).
+//! The daemon's settings: the JSON config file, the command line, and their validation.
+//!
+//! Start reading at [`load`]: it reads the file named by `--config` (if any), applies the
+//! command-line overrides and validates the result into a [`Settings`].
+//!
+//! # The config file
+//!
+//! A JSON object. The CM's own config file can be given as it is: its keys that the SM
+//! controller does not know are ignored and listed in [`Settings::unknown_keys`] so that the
+//! daemon can warn about them. A key set to `null` counts as not set.
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `cmServerUrl` | listen address (see [`parse_listen`]) | `":8093"` |
+//! | `certStorage` | certificate storage of the server's TLS credentials, e.g. `"sm"` | none |
+//! | `caCert` | path of the CA certificate that verifies SM client certificates | none |
+//! | `responseTimeout` | how long a sync call waits for its reply | `"5s"` |
+//! | `registrationTimeout` | how long a new stream may take to send `sm_info` | `"10s"` |
+//! | `queueBound` | bound of each node's inbound message queue | `256` |
+//! | `maxMessageSize` | largest message accepted, bytes (at least 1024) | `16777216` |
+//! | `keepaliveInterval` | HTTP/2 keepalive ping interval | `"10s"` |
+//! | `keepaliveTimeout` | how long a keepalive ping may go unanswered | `"5s"` |
+//! | `certReloadRetry` | retry period of a failed certificate reload | `"10s"` |
+//! | `insecure` | serve plain HTTP/2 without TLS (development only) | `false` |
+//!
+//! Durations are strings, either ISO 8601 (`"PT5S"`, `"PT0.5S"`, `"PT1M"`) or Go style
+//! (`"5s"`, `"500ms"`, `"1m30s"`, `"1.5h"`); see [`parse_duration`]. Every duration must be
+//! greater than zero.
+//!
+//! Unless `insecure` is set (in the file or with `--insecure`), both `caCert` and `certStorage`
+//! are required: the server speaks mTLS only.
+//!
+//! # Exit code
+//!
+//! A bad configuration (unreadable file, bad JSON, a bad value, missing TLS settings) is a usage
+//! error: the daemon prints the [`ConfigError`] and exits with [`EXIT_BAD_CONFIG`] (64,
+//! `EX_USAGE` of `sysexits.h`).
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::Parser;
+use serde_json::{Map, Value};
+use smcontroller_api::types::iso8601;
+
+/// Exit code of the daemon when its configuration is bad: 64, `EX_USAGE` of `sysexits.h`.
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// The listen address when none is configured: every IPv4 interface, port 8093.
+pub const DEFAULT_LISTEN: &str = ":8093";
+/// Default of `responseTimeout`.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `registrationTimeout`.
+pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `queueBound`.
+pub const DEFAULT_QUEUE_BOUND: usize = 256;
+/// Default of `maxMessageSize`: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// The smallest `maxMessageSize` accepted: 1 KiB.
+pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+/// Default of `keepaliveInterval`.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of `keepaliveTimeout`.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `certReloadRetry`.
+pub const DEFAULT_CERT_RELOAD_RETRY: Duration = Duration::from_secs(10);
+
+/// The keys of the config file the SM controller reads; every other key is "unknown".
+const KNOWN_KEYS: &[&str] = &[
+    "cmServerUrl",
+    "certStorage",
+    "caCert",
+    "responseTimeout",
+    "registrationTimeout",
+    "queueBound",
+    "maxMessageSize",
+    "keepaliveInterval",
+    "keepaliveTimeout",
+    "certReloadRetry",
+    "insecure",
+];
+
+/// What a duration value should look like, for error messages.
+const DURATION_EXAMPLE: &str = "(expected e.g. \"5s\" or \"PT5S\")";
+
+/// The origin named in errors about command-line values.
+const CLI_ORIGIN: &str = "command line";
+
+/// The command line of `smcontrollerd`. Flags override the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Parser)]
+#[command(
+    name = "smcontrollerd",
+    version,
+    about = "The Aos SM controller: the gRPC server every node's Service Manager dials"
+)]
+pub struct Cli {
+    /// JSON config file (the CM's config file works: keys the SM controller does not know are
+    /// ignored).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Listen address, overriding `cmServerUrl`: `:8093`, `0.0.0.0:8093`, `[::1]:8093`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Serve plain HTTP/2 without TLS. For development only.
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. "info" or
+    /// "smcontroller_routing=debug,info". Without it the daemon uses its environment variable.
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The daemon's validated settings; the daemon maps them onto the router's and the server's
+/// settings.
+///
+/// [`Settings::default`] holds the defaults of every key (and no TLS settings, so by itself it
+/// would not pass validation unless `insecure` is set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Address the gRPC server listens on (`cmServerUrl`, `--listen`).
+    pub listen: SocketAddr,
+    /// Serve plain HTTP/2 without TLS (`insecure`, `--insecure`). The daemon warns when set.
+    pub insecure: bool,
+    /// Certificate storage the server's credentials come from (`certStorage`), e.g. `"sm"`.
+    /// Always set unless `insecure`.
+    pub cert_storage: Option<String>,
+    /// CA certificate that verifies SM client certificates (`caCert`). Always set unless
+    /// `insecure`.
+    pub ca_cert: Option<PathBuf>,
+    /// How long a sync call waits for the node's reply (`responseTimeout`).
+    pub response_timeout: Duration,
+    /// How long a new stream may take to send its first `sm_info` (`registrationTimeout`).
+    pub registration_timeout: Duration,
+    /// Bound of each node's inbound queue (`queueBound`); at least 1.
+    pub queue_bound: usize,
+    /// Largest message accepted from an SM, bytes (`maxMessageSize`); at least 1 KiB.
+    pub max_message_size: usize,
+    /// Interval of the server's HTTP/2 keepalive pings (`keepaliveInterval`).
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is dropped
+    /// (`keepaliveTimeout`).
+    pub keepalive_timeout: Duration,
+    /// Retry period of a server restart whose new credentials failed to load
+    /// (`certReloadRetry`).
+    pub cert_reload_retry: Duration,
+    /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
+    /// about them.
+    pub unknown_keys: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8093),
+            insecure: false,
+            cert_storage: None,
+            ca_cert: None,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
+            queue_bound: DEFAULT_QUEUE_BOUND,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            cert_reload_retry: DEFAULT_CERT_RELOAD_RETRY,
+            unknown_keys: Vec::new(),
+        }
+    }
+}
+
+/// Why the configuration is bad. Each message names where the value came from (the config
+/// file's path, or "command line"), the key and the bad value. Every variant maps to
+/// [`EXIT_BAD_CONFIG`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{path}: cannot read the config file: {reason}")]
+    Read {
+        /// The file, as given.
+        path: String,
+        /// The I/O error, in words.
+        reason: String,
+    },
+
+    /// The config file is not valid JSON.
+    #[error("{origin}:{line}:{column}: not valid JSON: {reason}")]
+    Json {
+        /// The file, as given.
+        origin: String,
+        /// Line of the error, 1-based.
+        line: usize,
+        /// Column of the error, 1-based.
+        column: usize,
+        /// What is wrong there.
+        reason: String,
+    },
+
+    /// The config file is valid JSON but not an object.
+    #[error("{origin}: the config must be a JSON object, found {found}")]
+    NotAnObject {
+        /// The file, as given.
+        origin: String,
+        /// What it holds instead: "an array", "a string", ...
+        found: &'static str,
+    },
+
+    /// A key has a value of the wrong kind or out of range.
+    #[error("{origin}: {key}: {value} {problem}")]
+    InvalidValue {
+        /// The file, as given, or "command line".
+        origin: String,
+        /// The key (or flag).
+        key: String,
+        /// The value, as JSON text.
+        value: String,
+        /// What is wrong with it, e.g. `is not a duration (expected e.g. "5s" or "PT5S")`.
+        problem: String,
+    },
+
+    /// A listen address is empty or malformed.
+    #[error(
+        "{origin}: {key}: {value:?} is not a listen address: {reason} \
+         (expected e.g. \":8093\", \"0.0.0.0:8093\" or \"[::1]:8093\")"
+    )]
+    InvalidListen {
+        /// The file, as given, or "command line".
+        origin: String,
+        /// `cmServerUrl` or `--listen`.
+        key: String,
+        /// The address given.
+        value: String,
+        /// What is wrong with it.
+        reason: ListenAddrError,
+    },
+
+    /// TLS is on (no `insecure`) but `caCert` or `certStorage` is not set.
+    #[error(
+        "{origin}: mTLS needs caCert and certStorage; pass --insecure for plain HTTP/2 in \
+         development (not set: {missing})"
+    )]
+    MissingTls {
+        /// The file, as given, or "command line" when there is none.
+        origin: String,
+        /// The keys not set, e.g. "caCert, certStorage".
+        missing: String,
+    },
+}
+
+impl ConfigError {
+    /// The process exit code for this error: always [`EXIT_BAD_CONFIG`].
+    pub fn exit_code(&self) -> i32 {
+        EXIT_BAD_CONFIG
+    }
+}
+
+/// Why a string is not a listen address (see [`parse_listen`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenAddrError {
+    /// The address is empty.
+    #[error("it is empty")]
+    Empty,
+    /// There is no `:port`.
+    #[error("it has no port")]
+    MissingPort,
+    /// The port is not a decimal number.
+    #[error("port {0:?} is not a number")]
+    BadPort(String),
+    /// The port is a number above 65535.
+    #[error("port {0} is out of range (0-65535)")]
+    PortOutOfRange(String),
+    /// An IPv6 address without brackets (`::1:8093` is ambiguous).
+    #[error("an IPv6 address needs brackets, e.g. \"[::1]:8093\"")]
+    UnbracketedIpv6,
+    /// `[` without `]`.
+    #[error("'[' has no matching ']'")]
+    UnclosedBracket,
+    /// Between the brackets there is no IPv6 address.
+    #[error("{0:?} is not an IPv6 address")]
+    BadIpv6(String),
+    /// The host is neither an IP address nor a valid host name.
+    #[error("{0:?} is not an IP address or host name")]
+    BadHost(String),
+    /// The address has a scheme such as `http://`.
+    #[error("give host:port without a scheme")]
+    Scheme,
+    /// The host name did not resolve.
+    #[error("host {host:?} does not resolve: {reason}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The resolver's error, in words.
+        reason: String,
+    },
+}
+
+/// Reads the config file named by `cli.config` (if any), applies the command-line overrides and
+/// validates the result.
+pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+    match &cli.config {
+        Some(path) => {
+            let origin = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: origin.clone(),
+                reason: e.to_string(),
+            })?;
+            load_str(&origin, &text, cli)
+        }
+        None => finish(Settings::default(), CLI_ORIGIN, cli),
+    }
+}
+
+/// Like [`load`], with the config file's text given: `origin` names it in errors. The
+/// `cli.config` path is not read.
+pub fn load_str(origin: &str, json: &str, cli: &Cli) -> Result<Settings, ConfigError> {
+    let value: Value = serde_json::from_str(json).map_err(|e| json_error(origin, &e))?;
+    let Value::Object(map) = value else {
+        return Err(ConfigError::NotAnObject {
+            origin: origin.to_owned(),
+            found: kind_of(&value),
+        });
+    };
+    let settings = from_map(origin, &map)?;
+    finish(settings, origin, cli)
+}
+
+/// Applies the command-line overrides to `settings` and checks the rules that span keys.
+fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, ConfigError> {
+    if let Some(listen) = &cli.listen {
+        settings.listen = listen_value(CLI_ORIGIN, "--listen", listen)?;
+    }
+    if cli.insecure {
+        settings.insecure = true;
+    }
+    if !settings.insecure {
+        let missing: Vec<&str> = [
+            ("caCert", settings.ca_cert.is_none()),
+            ("certStorage", settings.cert_storage.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(key, unset)| unset.then_some(key))
+        .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError::MissingTls {
+                origin: origin.to_owned(),
+                missing: missing.join(", "),
+            });
+        }
+    }
+    Ok(settings)
+}
+
+/// Reads every known key of the file's object into the defaults; records the others.
+fn from_map(origin: &str, map: &Map<String, Value>) -> Result<Settings, ConfigError> {
+    let mut settings = Settings::default();
+    for (key, value) in map {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            settings.unknown_keys.push(key.clone());
+            continue;
+        }
+        if value.is_null() {
+            continue;
+        }
+        let field = Field { origin, key, value };
+        match key.as_str() {
+            "cmServerUrl" => settings.listen = listen_value(origin, key, field.string()?)?,
+            "certStorage" => settings.cert_storage = field.optional_string()?.map(str::to_owned),
+            "caCert" => settings.ca_cert = field.optional_string()?.map(PathBuf::from),
+            "responseTimeout" => settings.response_timeout = field.duration()?,
+            "registrationTimeout" => settings.registration_timeout = field.duration()?,
+            "queueBound" => settings.queue_bound = field.size(1)?,
+            "maxMessageSize" => settings.max_message_size = field.size(MIN_MAX_MESSAGE_SIZE)?,
+            "keepaliveInterval" => settings.keepalive_interval = field.duration()?,
+            "keepaliveTimeout" => settings.keepalive_timeout = field.duration()?,
+            "certReloadRetry" => settings.cert_reload_retry = field.duration()?,
+            "insecure" => settings.insecure = field.boolean()?,
+            _ => unreachable!("every known key is handled"),
+        }
+    }
+    settings.unknown_keys.sort();
+    Ok(settings)
+}
+
+/// One key's value with where it came from, for typed reads with good errors.
+struct Field<'a> {
+    origin: &'a str,
+    key: &'a str,
+    value: &'a Value,
+}
+
+impl<'a> Field<'a> {
+    fn invalid(&self, problem: impl fmt::Display) -> ConfigError {
+        ConfigError::InvalidValue {
+            origin: self.origin.to_owned(),
+            key: self.key.to_owned(),
+            value: self.value.to_string(),
+            problem: problem.to_string(),
+        }
+    }
+
+    fn string(&self) -> Result<&'a str, ConfigError> {
+        self.value
+            .as_str()
+            .ok_or_else(|| self.invalid("is not a string"))
+    }
+
+    /// A string; the empty string counts as not set.
+    fn optional_string(&self) -> Result<Option<&'a str>, ConfigError> {
+        self.string().map(|s| (!s.is_empty()).then_some(s))
+    }
+
+    fn boolean(&self) -> Result<bool, ConfigError> {
+        self.value
+            .as_bool()
+            .ok_or_else(|| self.invalid("is not a boolean (expected true or false)"))
+    }
+
+    /// A duration string greater than zero.
+    fn duration(&self) -> Result<Duration, ConfigError> {
+        let text = self
+            .value
+            .as_str()
+            .ok_or_else(|| self.invalid(format_args!("is not a duration {DURATION_EXAMPLE}")))?;
+        let duration = parse_duration(text)
+            .ok_or_else(|| self.invalid(format_args!("is not a duration {DURATION_EXAMPLE}")))?;
+        if duration.is_zero() {
+            return Err(self.invalid("must be greater than zero"));
+        }
+        Ok(duration)
+    }
+
+    /// A whole number of at least `min`.
+    fn size(&self, min: usize) -> Result<usize, ConfigError> {
+        let problem = || self.invalid(format_args!("is not a whole number of at least {min}"));
+        let n = self.value.as_u64().ok_or_else(problem)?;
+        let n = usize::try_from(n).map_err(|_| problem())?;
+        if n < min {
+            return Err(problem());
+        }
+        Ok(n)
+    }
+}
+
+/// Parses a listen address, naming origin, key and value when it is bad.
+fn listen_value(origin: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    parse_listen(value).map_err(|reason| ConfigError::InvalidListen {
+        origin: origin.to_owned(),
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason,
+    })
+}
+
+/// Parses a listen address (contract R-LISTEN-1).
+///
+/// - `:8093` is `0.0.0.0:8093` (every IPv4 interface);
+/// - `127.0.0.1:8093`, `[::1]:8093`, `[::]:8093` are IP literals;
+/// - `localhost:8093` is `127.0.0.1:8093`;
+/// - any other `host:port` with a valid host name is resolved now, synchronously, with the
+///   system resolver (its first address is taken);
+/// - empty, portless, out-of-range ports, unbracketed IPv6 and garbage are errors.
+///
+/// Port 0 is accepted (the system picks a free port; useful in tests).
+pub fn parse_listen(value: &str) -> Result<SocketAddr, ListenAddrError> {
+    if value.is_empty() {
+        return Err(ListenAddrError::Empty);
+    }
+    if value.contains("://") {
+        return Err(ListenAddrError::Scheme);
+    }
+    if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or(ListenAddrError::UnclosedBracket)?;
+        let port = parse_port(
+            after
+                .strip_prefix(':')
+                .ok_or(ListenAddrError::MissingPort)?,
+        )?;
+        let ip: Ipv6Addr = host
+            .parse()
+            .map_err(|_| ListenAddrError::BadIpv6(host.to_owned()))?;
+        return Ok(SocketAddr::new(IpAddr::V6(ip), port));
+    }
+    let (host, port) = value.rsplit_once(':').ok_or(ListenAddrError::MissingPort)?;
+    if host.contains(':') {
+        return Err(ListenAddrError::UnbracketedIpv6);
+    }
+    let port = parse_port(port)?;
+    if host.is_empty() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(SocketAddr::new(IpAddr::V4(ip), port));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if !is_host_name(host) {
+        return Err(ListenAddrError::BadHost(host.to_owned()));
+    }
+    let resolve_error = |reason: String| ListenAddrError::Resolve {
+        host: host.to_owned(),
+        reason,
+    };
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| resolve_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("no addresses".to_owned()))
+}
+
+/// A port: decimal digits only, at most 65535.
+fn parse_port(port: &str) -> Result<u16, ListenAddrError> {
+    if port.is_empty() {
+        return Err(ListenAddrError::MissingPort);
+    }
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ListenAddrError::BadPort(port.to_owned()));
+    }
+    port.parse()
+        .map_err(|_| ListenAddrError::PortOutOfRange(port.to_owned()))
+}
+
+/// An RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens, 1 to 63
+/// characters each, 253 in all; not all-numeric (that would be a broken IPv4 address).
+fn is_host_name(host: &str) -> bool {
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    host.len() <= 253
+        && host.split('.').all(label_ok)
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// Parses a duration: ISO 8601 (`PT5S`, `PT0.5S`, `P1DT2H`) when it starts with `P`, otherwise
+/// Go style: one or more decimal numbers, each with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`,
+/// `h`), e.g. `5s`, `500ms`, `1m30s`, `1.5h`; or the bare `0`. `None` if it is neither.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if text.starts_with('P') {
+        iso8601::parse(text).ok()
+    } else {
+        parse_go_duration(text)
+    }
+}
+
+/// Go's `time.ParseDuration`, without signs.
+fn parse_go_duration(text: &str) -> Option<Duration> {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    if text.is_empty() {
+        return None;
+    }
+    let is_number = |c: char| c.is_ascii_digit() || c == '.';
+    let mut rest = text;
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let number_end = rest.find(|c| !is_number(c)).unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_end);
+        let unit_end = after.find(is_number).unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        rest = after;
+
+        let nanos_per_unit: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => NANOS_PER_SEC,
+            "m" => 60 * NANOS_PER_SEC,
+            "h" => 3_600 * NANOS_PER_SEC,
+            _ => return None,
+        };
+        let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') || int.len() > 20 {
+            return None;
+        }
+        let whole: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+        // Digits beyond the 18th cannot matter at nanosecond precision.
+        let frac = &frac[..frac.len().min(18)];
+        let frac_nanos = if frac.is_empty() {
+            0
+        } else {
+            let digits: u128 = frac.parse().ok()?;
+            digits * nanos_per_unit / 10u128.pow(u32::try_from(frac.len()).ok()?)
+        };
+        total = total.checked_add(whole.checked_mul(nanos_per_unit)?.checked_add(frac_nanos)?)?;
+    }
+    let secs = u64::try_from(total / NANOS_PER_SEC).ok()?;
+    let nanos = u32::try_from(total % NANOS_PER_SEC).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
+/// A JSON syntax error with its position, without serde_json's "at line L column C" suffix.
+fn json_error(origin: &str, e: &serde_json::Error) -> ConfigError {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let reason = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+    ConfigError::Json {
+        origin: origin.to_owned(),
+        line: e.line(),
+        column: e.column(),
+        reason,
+    }
+}
+
+/// "an array", "a string", ... for error messages.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "config.json";
+
+    fn cli() -> Cli {
+        Cli::default()
+    }
+
+    fn insecure() -> Cli {
+        Cli {
+            insecure: true,
+            ..Cli::default()
+        }
+    }
+
+    fn err(json: &str) -> String {
+        load_str(ORIGIN, json, &insecure()).unwrap_err().to_string()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn full_valid_file() {
+        let json = r#"{
+            "cmServerUrl": "127.0.0.1:9000",
+            "certStorage": "sm",
+            "caCert": "/etc/ssl/certs/Aos_Root_CA.pem",
+            "responseTimeout": "PT2S",
+            "registrationTimeout": "3s",
+            "queueBound": 1024,
+            "maxMessageSize": 2048,
+            "keepaliveInterval": "1m",
+            "keepaliveTimeout": "500ms",
+            "certReloadRetry": "PT0.5S",
+            "insecure": false
+        }"#;
+        let s = load_str(ORIGIN, json, &cli()).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                listen: addr("127.0.0.1:9000"),
+                insecure: false,
+                cert_storage: Some("sm".into()),
+                ca_cert: Some("/etc/ssl/certs/Aos_Root_CA.pem".into()),
+                response_timeout: Duration::from_secs(2),
+                registration_timeout: Duration::from_secs(3),
+                queue_bound: 1024,
+                max_message_size: 2048,
+                keepalive_interval: Duration::from_secs(60),
+                keepalive_timeout: Duration::from_millis(500),
+                cert_reload_retry: Duration::from_millis(500),
+                unknown_keys: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_apply_to_missing_and_null_keys() {
+        let s = load_str(
+            ORIGIN,
+            r#"{"certStorage": "sm", "caCert": "ca.pem", "responseTimeout": null}"#,
+            &cli(),
+        )
+        .unwrap();
+        let expected = Settings {
+            cert_storage: Some("sm".into()),
+            ca_cert: Some("ca.pem".into()),
+            ..Settings::default()
+        };
+        assert_eq!(s, expected);
+        assert_eq!(s.listen, addr("0.0.0.0:8093"));
+        assert_eq!(s.response_timeout, Duration::from_secs(5));
+        assert_eq!(s.registration_timeout, Duration::from_secs(10));
+        assert_eq!(s.queue_bound, 256);
+        assert_eq!(s.max_message_size, 16 << 20);
+        assert_eq!(s.keepalive_interval, Duration::from_secs(10));
+        assert_eq!(s.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(s.cert_reload_retry, Duration::from_secs(10));
+        assert!(!s.insecure);
+    }
+
+    #[test]
+    fn no_file_insecure_gives_defaults() {
+        let s = load(&insecure()).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                insecure: true,
+                ..Settings::default()
+            }
+        );
+    }
+
+    #[test]
+    fn reads_the_file_from_disk() {
+        let path = std::env::temp_dir().join(format!("smcontrollerd-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"cmServerUrl": ":7000", "insecure": true}"#).unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let s = load(&cli);
+        std::fs::remove_file(&path).unwrap();
+        let s = s.unwrap();
+        assert_eq!(s.listen, addr("0.0.0.0:7000"));
+        assert!(s.insecure);
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let cli = Cli {
+            config: Some("/nonexistent/smcontrollerd.json".into()),
+            ..insecure()
+        };
+        let e = load(&cli).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/nonexistent/smcontrollerd.json: cannot read the config file: "),
+            "{msg}"
+        );
+        assert_eq!(e.exit_code(), EXIT_BAD_CONFIG);
+        assert_eq!(EXIT_BAD_CONFIG, 64);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let json = r#"{"cmServerUrl": ":8093", "certStorage": "sm", "caCert": "ca.pem"}"#;
+        let cli = Cli {
+            listen: Some("[::1]:9001".into()),
+            insecure: true,
+            ..Cli::default()
+        };
+        let s = load_str(ORIGIN, json, &cli).unwrap();
+        assert_eq!(s.listen, addr("[::1]:9001"));
+        assert!(s.insecure);
+        // TLS settings of the file stay available.
+        assert_eq!(s.cert_storage.as_deref(), Some("sm"));
+    }
+
+    #[test]
+    fn bad_listen_flag_names_the_flag() {
+        let cli = Cli {
+            listen: Some("nope".into()),
+            ..insecure()
+        };
+        let e = load_str(ORIGIN, "{}", &cli).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                r#"command line: --listen: "nope" is not a listen address: it has no port"#
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cli_parses_its_flags() {
+        let cli = Cli::try_parse_from([
+            "smcontrollerd",
+            "--config",
+            "/etc/aos/aos_cm.cfg",
+            "--listen",
+            ":9000",
+            "--insecure",
+            "--log",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli,
+            Cli {
+                config: Some("/etc/aos/aos_cm.cfg".into()),
+                listen: Some(":9000".into()),
+                insecure: true,
+                log: Some("debug".into()),
+            }
+        );
+        assert_eq!(
+            Cli::try_parse_from(["smcontrollerd"]).unwrap(),
+            Cli::default()
+        );
+        assert!(Cli::try_parse_from(["smcontrollerd", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_not_fatal() {
+        let json = r#"{
+            "fcrypt": {"CACert": "x"},
+            "workingDir": "/var/aos",
+            "cmServerUrl": ":8093",
+            "umController": {"fileServerUrl": ":8092"},
+            "insecure": true
+        }"#;
+        let s = load_str(ORIGIN, json, &cli()).unwrap();
+        assert_eq!(s.unknown_keys, ["fcrypt", "umController", "workingDir"]);
+    }
+
+    #[test]
+    fn tls_settings_are_required_unless_insecure() {
+        let e = load_str(ORIGIN, "{}", &cli()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config.json: mTLS needs caCert and certStorage; pass --insecure for plain HTTP/2 \
+             in development (not set: caCert, certStorage)"
+        );
+        let e = load_str(ORIGIN, r#"{"caCert": "ca.pem", "certStorage": ""}"#, &cli())
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("(not set: certStorage)"), "{e}");
+        let e = load_str(ORIGIN, r#"{"certStorage": "sm"}"#, &cli())
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("(not set: caCert)"), "{e}");
+        let e = load(&cli()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("command line: mTLS needs caCert and certStorage"),
+            "{e}"
+        );
+        // Insecure in the file is enough.
+        load_str(ORIGIN, r#"{"insecure": true}"#, &cli()).unwrap();
+    }
+
+    #[test]
+    fn bad_duration_names_file_key_and_value() {
+        assert_eq!(
+            err(r#"{"responseTimeout": "5 sec"}"#),
+            r#"config.json: responseTimeout: "5 sec" is not a duration (expected e.g. "5s" or "PT5S")"#
+        );
+        assert_eq!(
+            err(r#"{"registrationTimeout": 5}"#),
+            r#"config.json: registrationTimeout: 5 is not a duration (expected e.g. "5s" or "PT5S")"#
+        );
+        assert_eq!(
+            err(r#"{"keepaliveInterval": "PT1Y"}"#),
+            r#"config.json: keepaliveInterval: "PT1Y" is not a duration (expected e.g. "5s" or "PT5S")"#
+        );
+        for key in [
+            "responseTimeout",
+            "registrationTimeout",
+            "keepaliveInterval",
+            "keepaliveTimeout",
+            "certReloadRetry",
+        ] {
+            for zero in ["0s", "PT0S", "0"] {
+                assert_eq!(
+                    err(&format!(r#"{{"{key}": "{zero}"}}"#)),
+                    format!(r#"config.json: {key}: "{zero}" must be greater than zero"#)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_sizes_and_types() {
+        assert_eq!(
+            err(r#"{"queueBound": 0}"#),
+            "config.json: queueBound: 0 is not a whole number of at least 1"
+        );
+        assert_eq!(
+            err(r#"{"queueBound": -3}"#),
+            "config.json: queueBound: -3 is not a whole number of at least 1"
+        );
+        assert_eq!(
+            err(r#"{"queueBound": "10"}"#),
+            r#"config.json: queueBound: "10" is not a whole number of at least 1"#
+        );
+        assert_eq!(
+            err(r#"{"maxMessageSize": 1023}"#),
+            "config.json: maxMessageSize: 1023 is not a whole number of at least 1024"
+        );
+        assert_eq!(
+            err(r#"{"maxMessageSize": 1.5e6}"#),
+            "config.json: maxMessageSize: 1500000.0 is not a whole number of at least 1024"
+        );
+        assert_eq!(
+            err(r#"{"insecure": "yes"}"#),
+            r#"config.json: insecure: "yes" is not a boolean (expected true or false)"#
+        );
+        assert_eq!(
+            err(r#"{"caCert": 7}"#),
+            "config.json: caCert: 7 is not a string"
+        );
+        assert_eq!(
+            err(r#"{"cmServerUrl": 8093}"#),
+            "config.json: cmServerUrl: 8093 is not a string"
+        );
+        let s = load_str(
+            ORIGIN,
+            r#"{"queueBound": 1, "maxMessageSize": 1024}"#,
+            &insecure(),
+        )
+        .unwrap();
+        assert_eq!((s.queue_bound, s.max_message_size), (1, 1024));
+    }
+
+    #[test]
+    fn bad_json_reports_line_and_column() {
+        let e = err("{\n  \"cmServerUrl\": \":8093\",\n  \"queueBound\": ,\n}");
+        assert!(e.starts_with("config.json:3:17: not valid JSON: "), "{e}");
+        assert!(!e.contains("at line"), "{e}");
+        assert_eq!(
+            err("[1, 2]"),
+            "config.json: the config must be a JSON object, found an array"
+        );
+        assert!(err("").starts_with("config.json:1:0: not valid JSON: "));
+    }
+
+    #[test]
+    fn bad_listen_in_file_names_the_key() {
+        assert_eq!(
+            err(r#"{"cmServerUrl": ""}"#),
+            r#"config.json: cmServerUrl: "" is not a listen address: it is empty (expected e.g. ":8093", "0.0.0.0:8093" or "[::1]:8093")"#
+        );
+        assert!(
+            err(r#"{"cmServerUrl": ":99999"}"#)
+                .contains(r#"":99999" is not a listen address: port 99999 is out of range"#)
+        );
+    }
+
+    #[test]
+    fn listen_port_only_binds_every_ipv4_interface() {
+        assert_eq!(parse_listen(":8093"), Ok(addr("0.0.0.0:8093")));
+        assert_eq!(parse_listen(":0"), Ok(addr("0.0.0.0:0")));
+        assert_eq!(parse_listen(":65535"), Ok(addr("0.0.0.0:65535")));
+    }
+
+    #[test]
+    fn listen_ip_literals_and_localhost() {
+        assert_eq!(parse_listen("127.0.0.1:8093"), Ok(addr("127.0.0.1:8093")));
+        assert_eq!(parse_listen("0.0.0.0:1"), Ok(addr("0.0.0.0:1")));
+        assert_eq!(parse_listen("localhost:8093"), Ok(addr("127.0.0.1:8093")));
+        assert_eq!(parse_listen("LocalHost:80"), Ok(addr("127.0.0.1:80")));
+    }
+
+    #[test]
+    fn listen_ipv6() {
+        assert_eq!(parse_listen("[::1]:8093"), Ok(addr("[::1]:8093")));
+        assert_eq!(parse_listen("[::]:8093"), Ok(addr("[::]:8093")));
+        assert_eq!(parse_listen("[fe80::1:2]:443"), Ok(addr("[fe80::1:2]:443")));
+        assert_eq!(
+            parse_listen("::1:8093"),
+            Err(ListenAddrError::UnbracketedIpv6)
+        );
+        assert_eq!(parse_listen("[::1]"), Err(ListenAddrError::MissingPort));
+        assert_eq!(parse_listen("[::1]8093"), Err(ListenAddrError::MissingPort));
+        assert_eq!(
+            parse_listen("[::1:8093"),
+            Err(ListenAddrError::UnclosedBracket)
+        );
+        assert_eq!(
+            parse_listen("[127.0.0.1]:80"),
+            Err(ListenAddrError::BadIpv6("127.0.0.1".into()))
+        );
+        assert_eq!(
+            parse_listen("[]:80"),
+            Err(ListenAddrError::BadIpv6("".into()))
+        );
+    }
+
+    #[test]
+    fn listen_malformed() {
+        use ListenAddrError::*;
+        assert_eq!(parse_listen(""), Err(Empty));
+        assert_eq!(parse_listen("8093"), Err(MissingPort));
+        assert_eq!(parse_listen("garbage"), Err(MissingPort));
+        assert_eq!(parse_listen("127.0.0.1"), Err(MissingPort));
+        assert_eq!(parse_listen("127.0.0.1:"), Err(MissingPort));
+        assert_eq!(parse_listen(":"), Err(MissingPort));
+        assert_eq!(parse_listen(":65536"), Err(PortOutOfRange("65536".into())));
+        assert_eq!(
+            parse_listen(":123456789012345678901234567890"),
+            Err(PortOutOfRange("123456789012345678901234567890".into()))
+        );
+        assert_eq!(parse_listen(":http"), Err(BadPort("http".into())));
+        assert_eq!(parse_listen(":+80"), Err(BadPort("+80".into())));
+        assert_eq!(parse_listen(":-1"), Err(BadPort("-1".into())));
+        assert_eq!(parse_listen(" :8093"), Err(BadHost(" ".into())));
+        assert_eq!(
+            parse_listen("bad_host!:80"),
+            Err(BadHost("bad_host!".into()))
+        );
+        assert_eq!(
+            parse_listen("999.1.1.1:80"),
+            Err(BadHost("999.1.1.1".into()))
+        );
+        assert_eq!(parse_listen("-host:80"), Err(BadHost("-host".into())));
+        assert_eq!(parse_listen("a..b:80"), Err(BadHost("a..b".into())));
+        assert_eq!(parse_listen("http://0.0.0.0:8093"), Err(Scheme));
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(is_host_name("aoscm"));
+        assert!(is_host_name("node-1.example.com"));
+        assert!(!is_host_name("node_1"));
+        assert!(!is_host_name("node-"));
+        assert!(!is_host_name(&"a".repeat(64)));
+        assert!(!is_host_name("1.2.3"));
+    }
+
+    #[test]
+    fn go_durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("5s"), Some(ms(5_000)));
+        assert_eq!(parse_duration("500ms"), Some(ms(500)));
+        assert_eq!(parse_duration("1m"), Some(ms(60_000)));
+        assert_eq!(parse_duration("1h"), Some(ms(3_600_000)));
+        assert_eq!(parse_duration("1m30s"), Some(ms(90_000)));
+        assert_eq!(parse_duration("1.5s"), Some(ms(1_500)));
+        assert_eq!(parse_duration(".5s"), Some(ms(500)));
+        assert_eq!(parse_duration("1.5h"), Some(ms(5_400_000)));
+        assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("250µs"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_duration("7ns"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_duration("0.1234567891s"),
+            Some(Duration::from_nanos(123_456_789))
+        );
+        for bad in [
+            "", "5", "5 s", "5sec", "s", ".s", "1.2.3s", "-5s", "+5s", "5d", "1e3s",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_duration("99999999999999999999999h"), None);
+    }
+
+    #[test]
+    fn iso_durations() {
+        assert_eq!(parse_duration("PT5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("PT0.5S"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("PT1M30S"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("P1D"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("P1M"), None);
+        assert_eq!(parse_duration("PT"), None);
+    }
+}

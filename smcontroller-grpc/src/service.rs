@@ -60,6 +60,7 @@ impl sm_service_server::SmService for SmService {
         let inbound = request.into_inner().map(move |item| match item {
             Ok(message) => inbound_event(message),
             Err(status) => {
+                let status = over_size_is_resource_exhausted(status);
                 let event = InboundEvent::Failed(format!(
                     "{:?}: {}",
                     status.code(),
@@ -92,6 +93,16 @@ impl sm_service_server::SmService for SmService {
         });
         let urls = futures::future::try_join_all(lookups).await?;
         Ok(Response::new(BlobsInfos { urls }))
+    }
+}
+
+/// tonic reports a message over the decoding limit as `OUT_OF_RANGE`; the contract (R-BAD-1)
+/// and gRPC's own convention call that `RESOURCE_EXHAUSTED`.
+fn over_size_is_resource_exhausted(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        Status::resource_exhausted(status.message().to_owned())
+    } else {
+        status
     }
 }
 

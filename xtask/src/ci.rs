@@ -89,11 +89,12 @@ impl Step {
             }
             Self::Doc => {
                 let rustdocflags = with_warnings_denied(std::env::var("RUSTDOCFLAGS").ok());
-                command(
-                    Cmd::cargo(root)
-                        .env("RUSTDOCFLAGS", &rustdocflags)
-                        .args(["doc", "--workspace", "--no-deps", "--all-features"]),
-                )?;
+                command(Cmd::cargo(root).env("RUSTDOCFLAGS", &rustdocflags).args([
+                    "doc",
+                    "--workspace",
+                    "--no-deps",
+                    "--all-features",
+                ]))?;
                 let featured = crates_with_features(root)?;
                 if featured.is_empty() {
                     return Ok(());
@@ -136,12 +137,7 @@ pub(crate) fn run(root: &Path, step: Option<Step>) -> anyhow::Result<ExitCode> {
     let mut times = Vec::with_capacity(steps.len());
     for (i, step) in steps.iter().enumerate() {
         println!();
-        println!(
-            "==== ci [{}/{}] {} ====",
-            i + 1,
-            steps.len(),
-            step.name()
-        );
+        println!("==== ci [{}/{}] {} ====", i + 1, steps.len(), step.name());
         let step_started = Instant::now();
         if let Err(e) = step.run(root) {
             println!();

@@ -1,1 +1,372 @@
-//! SM simulator (in progress).
+//! The SM simulator: simulated Service Managers that speak `servicemanager.v5` to a controller
+//! exactly as real SMs do, for tests, demos and benchmarks.
+//!
+//! Each simulated node has its own HTTP/2 connection (HTTP/2 keepalive every 10 s, 3 s timeout,
+//! also while idle), calls `RegisterSM`, sends `sm_info` and `node_instances_status`, answers
+//! every command, sends `instant_monitoring` and `alert`s at configured rates, and reconnects
+//! after a delay whenever its stream ends. [`Behaviour`] makes single nodes misbehave.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), smcontroller_daemon::sim::SimError> {
+//! use std::time::Duration;
+//! use smcontroller_daemon::sim::{SimConfig, Simulator};
+//!
+//! let sim = Simulator::start(SimConfig::new("http://127.0.0.1:8093", 3))?;
+//! assert!(sim.wait_connected(3, Duration::from_secs(5)).await);
+//! println!("{}", sim.stats());
+//! sim.stop().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The simulator builds and reads the prost messages itself ([`messages`]); it shares no
+//! conversion code with the controller, so each end checks the other.
+
+mod config;
+pub mod messages;
+mod node;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use smcontroller_grpc::proto::servicemanager::v5::{
+    BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages, sm_service_client::SmServiceClient,
+};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+pub use config::{Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig};
+pub use stats::{
+    CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats,
+};
+
+use node::{NodeShared, Outbound, SimContext};
+
+/// Errors of the simulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The configuration cannot work (bad URL, bad rate, ...).
+    #[error("invalid simulator configuration: {0}")]
+    InvalidConfig(String),
+    /// [`Simulator::start`] was called outside a Tokio runtime.
+    #[error("the simulator must be started inside a Tokio runtime")]
+    NoRuntime,
+    /// No node has this id.
+    #[error("no simulated node {0}")]
+    UnknownNode(String),
+    /// The node has no open stream now.
+    #[error("node {0} has no open stream")]
+    NotConnected(String),
+    /// Building the endpoint failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A unary call failed.
+    #[error("call failed: {0}")]
+    Rpc(Box<tonic::Status>),
+}
+
+/// Something that happened to a node, for tests that assert exactly what went over the wire.
+#[derive(Clone, Debug)]
+pub struct SimEvent {
+    /// The node it happened to.
+    pub node_id: Arc<str>,
+    /// What happened.
+    pub kind: SimEventKind,
+}
+
+/// The kinds of [`SimEvent`].
+#[derive(Clone, Debug)]
+pub enum SimEventKind {
+    /// A stream opened (the controller answered `RegisterSM`); `connects` counts them so far.
+    Connected {
+        /// Streams opened by this node so far, this one included.
+        connects: u64,
+    },
+    /// A connection or `RegisterSM` attempt failed before a stream was open.
+    ConnectFailed {
+        /// Why.
+        reason: String,
+    },
+    /// A message arrived from the controller.
+    Received(SmIncomingMessages),
+    /// A message was handed to the stream.
+    Sent(SmOutgoingMessages),
+    /// An open stream ended.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The endpoint one connection attempt of a node uses: [`SimConfig::url`] with the keepalive
+/// and timeouts of a real SM, then [`SimConfig::endpoint_hook`] (where TLS goes).
+pub fn endpoint(config: &SimConfig) -> Result<Endpoint, SimError> {
+    let endpoint = Endpoint::from_shared(config.url.clone())?
+        .connect_timeout(config.connect_timeout)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    match &config.endpoint_hook {
+        Some(hook) => Ok(hook(endpoint)?),
+        None => Ok(endpoint),
+    }
+}
+
+fn validate(config: &SimConfig) -> Result<(), SimError> {
+    endpoint(config)?;
+    for (name, rate) in [
+        ("monitoring_rate", config.monitoring_rate),
+        ("alert_rate", config.alert_rate),
+    ] {
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(SimError::InvalidConfig(format!(
+                "{name} must be a finite number >= 0, not {rate}"
+            )));
+        }
+    }
+    if config.keepalive_interval.is_zero() || config.keepalive_timeout.is_zero() {
+        return Err(SimError::InvalidConfig(
+            "keepalive interval and timeout must be > 0".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// A running simulation of [`SimConfig::nodes`] nodes, each driven by its own task.
+///
+/// Dropping it stops every node too, without waiting; [`Simulator::stop`] waits.
+pub struct Simulator {
+    ctx: Arc<SimContext>,
+    nodes: Vec<Arc<NodeShared>>,
+    by_id: HashMap<Arc<str>, usize>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Simulator {
+    /// Starts every node (spawns one task each on the current Tokio runtime).
+    pub fn start(config: SimConfig) -> Result<Self, SimError> {
+        Self::start_with_events(config).map(|(sim, _)| sim)
+    }
+
+    /// Like [`Simulator::start`], and subscribes to the events before any node runs, so the
+    /// receiver sees every event from the first connection on.
+    pub fn start_with_events(
+        config: SimConfig,
+    ) -> Result<(Self, broadcast::Receiver<SimEvent>), SimError> {
+        validate(&config)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SimError::NoRuntime)?;
+        let (events, receiver) = broadcast::channel(config.event_capacity.max(1));
+        let (registered, _) = watch::channel(0);
+        let nodes: Vec<Arc<NodeShared>> = (0..config.nodes)
+            .map(|i| Arc::new(NodeShared::new(i, &config)))
+            .collect();
+        let by_id = nodes.iter().map(|n| (n.id.clone(), n.index)).collect();
+        let ctx = Arc::new(SimContext {
+            config,
+            stop: CancellationToken::new(),
+            events,
+            registered,
+        });
+        let tasks = nodes
+            .iter()
+            .map(|n| runtime.spawn(node::run_node(n.clone(), ctx.clone())))
+            .collect();
+        Ok((
+            Self {
+                ctx,
+                nodes,
+                by_id,
+                tasks,
+            },
+            receiver,
+        ))
+    }
+
+    /// The configuration the simulation runs with.
+    pub fn config(&self) -> &SimConfig {
+        &self.ctx.config
+    }
+
+    /// Ids of every node, in index order.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.id.to_string()).collect()
+    }
+
+    /// The node with id `id`.
+    pub fn node(&self, id: &str) -> Option<NodeHandle> {
+        self.by_id.get(id).map(|&i| self.node_at(i))
+    }
+
+    /// The node with index `index`.
+    ///
+    /// # Panics
+    /// When `index >= nodes`.
+    pub fn node_at(&self, index: usize) -> NodeHandle {
+        NodeHandle {
+            node: self.nodes[index].clone(),
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// A new receiver of the events of every node (events from now on).
+    pub fn subscribe(&self) -> broadcast::Receiver<SimEvent> {
+        self.ctx.events.subscribe()
+    }
+
+    /// A snapshot of every node's counters and their sum.
+    pub fn stats(&self) -> SimStats {
+        SimStats::from_nodes(self.nodes.iter().map(|n| n.stats()).collect())
+    }
+
+    /// Nodes that have registered at least once (sent `sm_info`, then received a message).
+    pub fn registered(&self) -> usize {
+        *self.ctx.registered.borrow()
+    }
+
+    /// Waits until at least `n` nodes have registered at least once; false after `deadline`.
+    pub async fn wait_connected(&self, n: usize, deadline: Duration) -> bool {
+        let mut rx = self.ctx.registered.subscribe();
+        matches!(
+            tokio::time::timeout(deadline, rx.wait_for(|count| *count >= n)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Makes every connected node send `count` `instant_monitoring` messages as fast as flow
+    /// control allows, all nodes at once; returns the messages sent in total.
+    pub async fn burst(&self, count: u64) -> u64 {
+        let bursts = self.nodes.iter().map(|n| {
+            let handle = NodeHandle {
+                node: n.clone(),
+                ctx: self.ctx.clone(),
+            };
+            async move { handle.burst(count).await.unwrap_or(0) }
+        });
+        futures::future::join_all(bursts).await.into_iter().sum()
+    }
+
+    /// Ends every stream and waits for every node task.
+    pub async fn stop(self) {
+        self.finish().await;
+    }
+
+    /// Like [`Simulator::stop`], and returns the final stats (every stream counted as ended).
+    pub async fn finish(mut self) -> SimStats {
+        self.ctx.stop.cancel();
+        for task in std::mem::take(&mut self.tasks) {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "simulated node task failed");
+            }
+        }
+        self.stats()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.ctx.stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator")
+            .field("url", &self.ctx.config.url)
+            .field("nodes", &self.nodes.len())
+            .field("registered", &self.registered())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One simulated node, to act on it directly.
+#[derive(Clone)]
+pub struct NodeHandle {
+    node: Arc<NodeShared>,
+    ctx: Arc<SimContext>,
+}
+
+impl NodeHandle {
+    /// The node id.
+    pub fn id(&self) -> &str {
+        &self.node.id
+    }
+
+    /// The node's behaviour.
+    pub fn behaviour(&self) -> &Behaviour {
+        &self.node.behaviour
+    }
+
+    /// A stream is open now.
+    pub fn is_connected(&self) -> bool {
+        self.node.connected.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of the node.
+    pub fn stats(&self) -> NodeStats {
+        self.node.stats()
+    }
+
+    fn outbound(&self) -> Result<(Outbound, node::Link), SimError> {
+        let link = self
+            .node
+            .link()
+            .ok_or_else(|| SimError::NotConnected(self.node.id.to_string()))?;
+        let out = Outbound {
+            tx: link.tx.clone(),
+            node: self.node.clone(),
+            events: self.ctx.events.clone(),
+            session: link.session.clone(),
+        };
+        Ok((out, link))
+    }
+
+    /// Sends `msg` on the node's open stream, as it is (it may be garbage).
+    pub async fn send(&self, msg: SmOutgoingMessages) -> Result<(), SimError> {
+        self.outbound()?.0.send(msg).await
+    }
+
+    /// Sends `count` `instant_monitoring` messages as fast as flow control allows.
+    pub async fn burst(&self, count: u64) -> Result<u64, SimError> {
+        self.outbound()?.0.burst(count).await
+    }
+
+    /// Ends the node's open stream from the SM side; the node reconnects after the reconnect
+    /// delay. False when no stream is open.
+    pub fn drop_stream(&self) -> bool {
+        match self.node.link() {
+            Some(link) => {
+                link.session.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Calls `GetBlobsInfos` on the node's connection, as a real SM does.
+    pub async fn get_blobs_infos(&self, digests: Vec<String>) -> Result<Vec<String>, SimError> {
+        let (_, link) = self.outbound()?;
+        let mut client = SmServiceClient::new(link.channel);
+        let response = client
+            .get_blobs_infos(BlobsInfosRequest { digests })
+            .await
+            .map_err(|s| SimError::Rpc(Box::new(s)))?;
+        Ok(response.into_inner().urls)
+    }
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("id", &self.node.id)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}

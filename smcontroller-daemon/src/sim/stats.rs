@@ -201,10 +201,6 @@ impl NodeCounters {
         Self::bump(&self.sent[kind.index()]);
     }
 
-    pub(crate) fn sent_many(&self, kind: SentKind, n: u64) {
-        self.sent[kind.index()].fetch_add(n, Ordering::Relaxed);
-    }
-
     pub(crate) fn set_cloud_status(&self, status: i32) {
         self.last_cloud_status.0.store(status, Ordering::Relaxed);
     }

@@ -266,12 +266,12 @@ impl Harness {
 
     /// A test SM that has registered as `node` and read the cloud status.
     pub async fn sm(&self, node: &str) -> TestSm {
+        let is_info = |e: &Event| matches!(e, Event::SmInfo(n, _) if n == node);
+        let before = self.log.count(is_info);
         let sm = TestSm::open(&self.url()).await;
         sm.register(node).await;
         self.log
-            .wait_until(&format!("{node} connected"), |events| {
-                events.iter().any(|e| matches!(e, Event::SmInfo(n, _) if n == node))
-            })
+            .wait_count(&format!("{node} registered"), before + 1, is_info)
             .await;
         sm
     }
@@ -417,5 +417,71 @@ pub fn router_settings(response_timeout: Duration) -> Settings {
     Settings {
         response_timeout,
         ..Settings::default()
+    }
+}
+
+/// Sends pre-encoded protobuf bodies (valid or not) on a `RegisterSM` stream; returns the
+/// response stream and the sender (keep it alive to keep the request stream open).
+pub async fn raw_stream(
+    url: &str,
+    frames: Vec<Vec<u8>>,
+) -> (Streaming<SmIncomingMessages>, mpsc::Sender<Vec<u8>>) {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    for frame in frames {
+        tx.send(frame).await.unwrap();
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/servicemanager.v5.SMService/RegisterSM",
+    );
+    let response = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            path,
+            RawCodec,
+        )
+        .await
+        .expect("RegisterSM accepted");
+    (response.into_inner(), tx)
+}
+
+/// Writes bodies as given; reads `SMIncomingMessages`.
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = SmIncomingMessages;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<SmIncomingMessages>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
     }
 }
