@@ -59,8 +59,11 @@ pub trait MonitoringProvider: Send + Sync {
 #[async_trait]
 pub trait NodeNetwork: Send + Sync {
     /// Queues one `update_networks` to the node; the node sends no answer.
-    async fn update_networks(&self, node: &NodeId, networks: &[UpdateNetworkParameters])
-    -> Result<()>;
+    async fn update_networks(
+        &self,
+        node: &NodeId,
+        networks: &[UpdateNetworkParameters],
+    ) -> Result<()>;
 }
 
 /// Requests logs from nodes (used by log forwarding).

@@ -3,6 +3,7 @@
 //!
 //! Start reading at [`config`] (what an operator sets) and [`sim`] (what a simulated SM does).
 
+pub mod app;
 pub mod config;
 pub mod receivers;
 pub mod sim;

@@ -1,2 +1,108 @@
-//! smcontrollerd (in progress).
-fn main() {}
+//! `smcontrollerd`: the SM controller daemon.
+//!
+//! Reads the config (`--config`, JSON, the CM's keys plus ours), serves `SMService`, records
+//! what nodes send in its log, and exits cleanly on SIGINT/SIGTERM. A bad config exits with 64.
+
+use std::{process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use smcontroller_daemon::{
+    app::{self, NoBlobStore},
+    config::{self, Cli, EXIT_BAD_CONFIG},
+    receivers::Recorder,
+};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let settings = match config::load(&cli) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("smcontrollerd: bad configuration: {e}");
+            return exit(EXIT_BAD_CONFIG);
+        }
+    };
+    if !settings.unknown_keys.is_empty() {
+        info!(keys = ?settings.unknown_keys, "config keys not used by the SM controller");
+    }
+    if !settings.insecure {
+        eprintln!(
+            "smcontrollerd: mTLS serving is not available in this build yet; \
+             run with --insecure (plain HTTP/2, development only)"
+        );
+        return exit(EXIT_BAD_CONFIG);
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("smcontrollerd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let running = match app::start(&settings, Recorder::new(), Arc::new(NoBlobStore)).await {
+            Ok(running) => running,
+            Err(e) => {
+                error!(error = %e, "cannot serve");
+                eprintln!("smcontrollerd: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(addr = %running.addr, "SM controller listening");
+        let signal = wait_for_signal().await;
+        info!(signal, "stopping");
+        match running.stop().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                warn!(error = %e, "server ended with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn init_logging(flag: Option<&str>) {
+    let filter = flag
+        .map(EnvFilter::try_new)
+        .unwrap_or_else(|| {
+            EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info"))
+        })
+        .unwrap_or_else(|e| {
+            eprintln!("smcontrollerd: bad log filter ({e}); using \"info\"");
+            EnvFilter::new("info")
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}

@@ -5,11 +5,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use pb::{sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage};
 use smcontroller_api::{DisconnectReason, Error, NodeConfigHandler, NodeId};
 use smcontroller_grpc::{proto::servicemanager::v5 as pb, server::ServerSettings};
 use smcontroller_routing::Settings;
 use support::{Event, Harness, TestSm, monitoring};
-use pb::{sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage};
 use tonic::Code;
 
 #[tokio::test]
@@ -36,7 +36,11 @@ async fn r_reg_2_a_first_message_other_than_sm_info_ends_the_stream_unregistered
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("sm_info"), "{status:?}");
     assert_eq!(h.controller.node_count(), 0);
-    assert!(h.log.events().is_empty(), "nothing reported: {:?}", h.log.events());
+    assert!(
+        h.log.events().is_empty(),
+        "nothing reported: {:?}",
+        h.log.events()
+    );
     h.stop().await;
 }
 
@@ -112,7 +116,11 @@ async fn r_reg_3_an_sm_info_with_another_node_id_ends_the_stream() {
         })
         .await;
     assert_eq!(h.controller.node_count(), 0);
-    assert_eq!(h.log.count(|e| matches!(e, Event::Connected(n) if n == "n2")), 0);
+    assert_eq!(
+        h.log
+            .count(|e| matches!(e, Event::Connected(n) if n == "n2")),
+        0
+    );
     h.stop().await;
 }
 
@@ -187,7 +195,10 @@ async fn r_reg_4_connected_and_disconnected_alternate_under_rapid_reconnects() {
     drop(streams);
     h.log
         .wait_until("every stream reported", |events| {
-            let c = events.iter().filter(|e| matches!(e, Event::Connected(_))).count();
+            let c = events
+                .iter()
+                .filter(|e| matches!(e, Event::Connected(_)))
+                .count();
             let d = events
                 .iter()
                 .filter(|e| matches!(e, Event::Disconnected(..)))
@@ -230,7 +241,10 @@ async fn r_disc_1_a_closed_stream_leaves_the_registry_once_and_fails_its_waiters
     drop(sm);
 
     let result = pending.await.unwrap();
-    assert!(matches!(result, Err(Error::Disconnected { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(Error::Disconnected { .. })),
+        "{result:?}"
+    );
     // Well before the 30 s response timeout: the waiter failed when the node went.
     assert!(started.elapsed() < Duration::from_secs(15));
     h.log
@@ -240,7 +254,10 @@ async fn r_disc_1_a_closed_stream_leaves_the_registry_once_and_fails_its_waiters
         .await;
     assert_eq!(h.controller.node_count(), 0);
     assert_eq!(h.log.count(|e| matches!(e, Event::Disconnected(..))), 1);
-    let gone = h.controller.get_node_config_status(&NodeId::new("n1")).await;
+    let gone = h
+        .controller
+        .get_node_config_status(&NodeId::new("n1"))
+        .await;
     assert!(matches!(gone, Err(Error::NotFound { .. })), "{gone:?}");
     h.stop().await;
 }
@@ -268,7 +285,9 @@ async fn r_stop_1_stop_returns_within_a_second_while_smes_keep_sending() {
         streams.push(sm);
     }
     h.log
-        .wait_count("telemetry flowing", 100, |e| matches!(e, Event::Monitoring(..)))
+        .wait_count("telemetry flowing", 100, |e| {
+            matches!(e, Event::Monitoring(..))
+        })
         .await;
 
     let log = h.log.clone();
@@ -276,7 +295,10 @@ async fn r_stop_1_stop_returns_within_a_second_while_smes_keep_sending() {
     h.stop().await;
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "stop took {took:?}");
-    assert_eq!(log.count(|e| matches!(e, Event::Disconnected(_, DisconnectReason::Shutdown))), 10);
+    assert_eq!(
+        log.count(|e| matches!(e, Event::Disconnected(_, DisconnectReason::Shutdown))),
+        10
+    );
     for mut sm in streams {
         let end = loop {
             match sm.next().await {

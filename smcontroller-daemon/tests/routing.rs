@@ -58,7 +58,10 @@ async fn r_sync_1_get_check_set_and_average_monitoring_get_their_replies() {
         Ok::<_, Error>((status, monitoring))
     });
 
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     sm.config_status("absent", "").await;
 
     let SmIncomingMessage::CheckNodeConfig(check) = sm.recv().await else {
@@ -76,7 +79,10 @@ async fn r_sync_1_get_check_set_and_average_monitoring_get_their_replies() {
     assert_eq!(set.version, "1.0.0");
     sm.config_status("installed", "1.0.0").await;
 
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetAverageMonitoring(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetAverageMonitoring(_)
+    ));
     sm.send(average_monitoring(4242)).await;
 
     let (status, monitoring) = call.await.unwrap().unwrap();
@@ -91,7 +97,10 @@ async fn r_sync_1_a_node_reported_error_becomes_failed() {
     let mut sm = h.sm("n1").await;
     let c = h.controller.clone();
     let call = tokio::spawn(async move { c.check_node_config(&node("n1"), &config("9")).await });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::CheckNodeConfig(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::CheckNodeConfig(_)
+    ));
     sm.send(SmOutgoingMessage::NodeConfigStatus(pb::NodeConfigStatus {
         state: "failed".into(),
         version: "9".into(),
@@ -126,11 +135,17 @@ async fn r_sync_1_no_reply_in_time_is_a_timeout() {
         matches!(result, Err(Error::Timeout { ref request, .. }) if *request == "get_average_monitoring"),
         "{result:?}"
     );
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetAverageMonitoring(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetAverageMonitoring(_)
+    ));
     // The stream is still up: the next call is answered.
     let c = h.controller.clone();
     let call = tokio::spawn(async move { c.get_node_config_status(&node("n1")).await });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     sm.config_status("installed", "3").await;
     assert_eq!(call.await.unwrap().unwrap().version, "3");
     h.stop().await;
@@ -144,12 +159,18 @@ async fn r_sync_2_two_callers_on_one_node_and_kind_each_get_their_own_reply() {
         let c = h.controller.clone();
         async move { c.get_node_config_status(&node("n1")).await }
     });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     let second = tokio::spawn({
         let c = h.controller.clone();
         async move { c.get_node_config_status(&node("n1")).await }
     });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     sm.config_status("installed", "first").await;
     sm.config_status("installed", "second").await;
     assert_eq!(first.await.unwrap().unwrap().version, "first");
@@ -169,7 +190,10 @@ async fn r_sync_2_an_unanswered_check_does_not_steal_the_next_requests_reply() {
         let c = h.controller.clone();
         async move { c.check_node_config(&node("n1"), &config("1")).await }
     });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::CheckNodeConfig(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::CheckNodeConfig(_)
+    ));
     let answered = tokio::spawn({
         let c = h.controller.clone();
         async move { c.check_node_config(&node("n1"), &config("2")).await }
@@ -203,7 +227,10 @@ async fn r_sync_2_a_reply_nobody_waits_for_is_dropped_and_the_stream_stays_up() 
         let c = h.controller.clone();
         async move { c.get_node_config_status(&node("n1")).await }
     });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     sm.config_status("installed", "fresh").await;
     assert_eq!(call.await.unwrap().unwrap().version, "fresh");
     assert_eq!(h.controller.node_count(), 1);
@@ -313,7 +340,10 @@ async fn r_log_1_log_requests_go_to_the_listed_nodes_with_the_right_oneof() {
         .request_log(&log_request(LogType::Crash, &["b"]))
         .await
         .unwrap();
-    assert!(matches!(b.recv().await, SmIncomingMessage::InstanceCrashLogRequest(_)));
+    assert!(matches!(
+        b.recv().await,
+        SmIncomingMessage::InstanceCrashLogRequest(_)
+    ));
     h.stop().await;
 }
 
@@ -346,7 +376,10 @@ async fn r_cloud_1_cloud_changes_reach_every_registered_node() {
     h.controller.set_cloud_connected(true);
     h.controller.set_cloud_connected(false);
     for sm in &mut nodes {
-        for expected in [pb::ConnectionEnum::Connected, pb::ConnectionEnum::Disconnected] {
+        for expected in [
+            pb::ConnectionEnum::Connected,
+            pb::ConnectionEnum::Disconnected,
+        ] {
             assert_eq!(
                 sm.recv().await,
                 SmIncomingMessage::ConnectionStatus(pb::ConnectionStatus {
@@ -381,7 +414,11 @@ async fn r_cloud_1_the_controller_follows_a_cloud_connection_publisher() {
 async fn r_blob_1_get_blobs_infos_answers_one_url_per_digest_in_order() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let digests = vec!["sha256:b".to_owned(), "sha256:a".to_owned(), "sha256:c".to_owned()];
+    let digests = vec![
+        "sha256:b".to_owned(),
+        "sha256:a".to_owned(),
+        "sha256:c".to_owned(),
+    ];
     let urls = client
         .get_blobs_infos(pb::BlobsInfosRequest {
             digests: digests.clone(),

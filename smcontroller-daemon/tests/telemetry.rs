@@ -14,8 +14,7 @@ use std::{
 use common::{ErrorInfo, InstanceIdent};
 use pb::{sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage};
 use smcontroller_api::{
-    AlertKind, CoreComponent, DisconnectReason, InstanceState, LogStatus, NodeConfigHandler,
-    NodeId,
+    AlertKind, CoreComponent, DisconnectReason, InstanceState, LogStatus, NodeConfigHandler, NodeId,
 };
 use smcontroller_grpc::{
     proto::{common::v2 as common, servicemanager::v5 as pb},
@@ -62,16 +61,20 @@ fn instance_status(item: &str, state: &str, env_error: bool) -> pb::InstanceStat
 async fn r_tel_1_every_message_type_reaches_its_receiver_with_the_node_id_in_order() {
     let h = Harness::start().await;
     let sm = h.sm("n1").await;
-    sm.send(SmOutgoingMessage::NodeInstancesStatus(pb::NodeInstancesStatus {
-        instances: vec![instance_status("a", "active", false)],
-    }))
+    sm.send(SmOutgoingMessage::NodeInstancesStatus(
+        pb::NodeInstancesStatus {
+            instances: vec![instance_status("a", "active", false)],
+        },
+    ))
     .await;
-    sm.send(SmOutgoingMessage::UpdateInstancesStatus(pb::UpdateInstancesStatus {
-        instances: vec![
-            instance_status("b", "activating", false),
-            instance_status("c", "failed", true),
-        ],
-    }))
+    sm.send(SmOutgoingMessage::UpdateInstancesStatus(
+        pb::UpdateInstancesStatus {
+            instances: vec![
+                instance_status("b", "activating", false),
+                instance_status("c", "failed", true),
+            ],
+        },
+    ))
     .await;
     sm.send(monitoring(10)).await;
     sm.send(SmOutgoingMessage::Alert(pb::Alert {
@@ -124,18 +127,33 @@ async fn r_tel_1_every_message_type_reaches_its_receiver_with_the_node_id_in_ord
             "log"
         ]
     );
-    let Event::InstanceStatus(_, c) = &events[4] else { unreachable!() };
+    let Event::InstanceStatus(_, c) = &events[4] else {
+        unreachable!()
+    };
     assert_eq!(c.state, InstanceState::Failed);
-    let Event::EnvVars(_, env) = &events[5] else { unreachable!() };
+    let Event::EnvVars(_, env) = &events[5] else {
+        unreachable!()
+    };
     assert_eq!(env.len(), 1, "only the instance carrying env var statuses");
     assert_eq!(env[0].ident.item_id, "c");
-    let Event::Alert(_, alert) = &events[7] else { unreachable!() };
+    let Event::Alert(_, alert) = &events[7] else {
+        unreachable!()
+    };
     assert!(matches!(
         alert.kind,
-        AlertKind::Core { component: CoreComponent::Iam, .. }
+        AlertKind::Core {
+            component: CoreComponent::Iam,
+            ..
+        }
     ));
-    let Event::Log(part) = &events[8] else { unreachable!() };
-    assert_eq!(part.node_id.as_str(), "n1", "the router fills in the node id");
+    let Event::Log(part) = &events[8] else {
+        unreachable!()
+    };
+    assert_eq!(
+        part.node_id.as_str(),
+        "n1",
+        "the router fills in the node id"
+    );
     assert_eq!(part.status, LogStatus::Ok);
     assert_eq!(part.data, b"log line");
     h.stop().await;
@@ -151,22 +169,37 @@ async fn r_tel_2_a_slow_receiver_does_not_delay_a_sync_reply() {
         let c = h.controller.clone();
         async move { c.get_node_config_status(&NodeId::new("slow")).await }
     });
-    assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+    assert!(matches!(
+        sm.recv().await,
+        SmIncomingMessage::GetNodeConfigStatus(_)
+    ));
     sm.config_status("installed", "7").await;
     assert_eq!(call.await.unwrap().unwrap().version, "7");
-    assert_eq!(h.log.count(|e| ram_of(e).is_some()), 0, "the sample is still held");
+    assert_eq!(
+        h.log.count(|e| ram_of(e).is_some()),
+        0,
+        "the sample is still held"
+    );
     h.log.unblock("slow");
-    h.log.wait_count("held sample", 1, |e| ram_of(e).is_some()).await;
+    h.log
+        .wait_count("held sample", 1, |e| ram_of(e).is_some())
+        .await;
     h.stop().await;
 }
 
 /// A monitoring sample padded to about `size` bytes.
 fn big_monitoring(n: u64, size: usize) -> SmOutgoingMessage {
-    let SmOutgoingMessage::InstantMonitoring(mut m) = monitoring(n) else { unreachable!() };
-    m.node_monitoring.as_mut().unwrap().partitions.push(pb::PartitionUsage {
-        name: "p".repeat(size),
-        used_size: n,
-    });
+    let SmOutgoingMessage::InstantMonitoring(mut m) = monitoring(n) else {
+        unreachable!()
+    };
+    m.node_monitoring
+        .as_mut()
+        .unwrap()
+        .partitions
+        .push(pb::PartitionUsage {
+            name: "p".repeat(size),
+            used_size: n,
+        });
     SmOutgoingMessage::InstantMonitoring(m)
 }
 
@@ -246,19 +279,29 @@ async fn r_tel_2_one_blocked_node_of_100_does_not_hold_up_the_other_99() {
     let mut responders = Vec::new();
     for mut sm in sms.drain(1..) {
         responders.push(tokio::spawn(async move {
-            assert!(matches!(sm.recv().await, SmIncomingMessage::GetNodeConfigStatus(_)));
+            assert!(matches!(
+                sm.recv().await,
+                SmIncomingMessage::GetNodeConfigStatus(_)
+            ));
             sm.config_status("installed", "v").await;
             sm
         }));
     }
     let calls = (1..100).map(|i| {
         let c = h.controller.clone();
-        async move { c.get_node_config_status(&NodeId::new(format!("node-{i:03}"))).await }
+        async move {
+            c.get_node_config_status(&NodeId::new(format!("node-{i:03}")))
+                .await
+        }
     });
     for result in futures::future::join_all(calls).await {
         assert_eq!(result.unwrap().version, "v");
     }
-    assert_eq!(h.log.count(|e| ram_of(e).is_some() && e.node() == "node-000"), 0);
+    assert_eq!(
+        h.log
+            .count(|e| ram_of(e).is_some() && e.node() == "node-000"),
+        0
+    );
 
     h.log.unblock("node-000");
     h.log
@@ -279,9 +322,11 @@ async fn r_tel_4_an_unconvertible_message_is_skipped_and_the_stream_stays_up() {
     let h = Harness::start().await;
     let sm = h.sm("n1").await;
     // Bad vocabulary value.
-    sm.send(SmOutgoingMessage::NodeInstancesStatus(pb::NodeInstancesStatus {
-        instances: vec![instance_status("a", "bogus", false)],
-    }))
+    sm.send(SmOutgoingMessage::NodeInstancesStatus(
+        pb::NodeInstancesStatus {
+            instances: vec![instance_status("a", "bogus", false)],
+        },
+    ))
     .await;
     // Missing required part: an alert without timestamp.
     sm.send(SmOutgoingMessage::Alert(pb::Alert {
@@ -299,8 +344,14 @@ async fn r_tel_4_an_unconvertible_message_is_skipped_and_the_stream_stays_up() {
         .await
         .unwrap();
     sm.send(monitoring(5)).await;
-    h.log.wait_count("the valid sample", 1, |e| ram_of(e) == Some(5)).await;
-    assert_eq!(h.log.count(|e| matches!(e, Event::NodeInstances(..) | Event::Alert(..))), 0);
+    h.log
+        .wait_count("the valid sample", 1, |e| ram_of(e) == Some(5))
+        .await;
+    assert_eq!(
+        h.log
+            .count(|e| matches!(e, Event::NodeInstances(..) | Event::Alert(..))),
+        0
+    );
     assert_eq!(h.controller.node_count(), 1);
     assert_eq!(h.log.count(|e| matches!(e, Event::Disconnected(..))), 0);
     h.stop().await;
@@ -334,7 +385,9 @@ async fn r_bad_1_an_over_size_message_ends_the_stream_with_resource_exhausted() 
     // The controller is fine: the node registers again.
     let _again = h.sm("n1").await;
     h.log
-        .wait_count("the second connect", 2, |e| matches!(e, Event::Connected(_)))
+        .wait_count("the second connect", 2, |e| {
+            matches!(e, Event::Connected(_))
+        })
         .await;
     assert_eq!(h.controller.node_count(), 1);
     h.stop().await;
@@ -343,26 +396,37 @@ async fn r_bad_1_an_over_size_message_ends_the_stream_with_resource_exhausted() 
 #[tokio::test]
 async fn r_bad_1_an_undecodable_frame_ends_the_stream_with_a_clear_status() {
     let h = Harness::start().await;
-    let (mut raw, _tx) = support::raw_stream(&h.url(), vec![
-        // A valid sm_info ...
-        prost::Message::encode_to_vec(&pb::SmOutgoingMessages {
-            sm_outgoing_message: Some(SmOutgoingMessage::SmInfo(support::sm_info("raw"))),
-        }),
-        // ... then field 1 (sm_info) claiming 100 bytes where 1 follows.
-        vec![0x0a, 0x64, 0x01],
-    ])
+    let (mut raw, _tx) = support::raw_stream(
+        &h.url(),
+        vec![
+            // A valid sm_info ...
+            prost::Message::encode_to_vec(&pb::SmOutgoingMessages {
+                sm_outgoing_message: Some(SmOutgoingMessage::SmInfo(support::sm_info("raw"))),
+            }),
+            // ... then field 1 (sm_info) claiming 100 bytes where 1 follows.
+            vec![0x0a, 0x64, 0x01],
+        ],
+    )
     .await;
     let status = loop {
-        match tokio::time::timeout(support::DEADLINE, raw.message()).await.unwrap() {
+        match tokio::time::timeout(support::DEADLINE, raw.message())
+            .await
+            .unwrap()
+        {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("stream ended without a status"),
             Err(status) => break status,
         }
     };
     assert_eq!(status.code(), Code::Internal, "{status:?}");
-    assert!(status.message().to_lowercase().contains("decode"), "{status:?}");
+    assert!(
+        status.message().to_lowercase().contains("decode"),
+        "{status:?}"
+    );
     h.log
-        .wait_until("disconnect", |e| e.iter().any(|e| matches!(e, Event::Disconnected(..))))
+        .wait_until("disconnect", |e| {
+            e.iter().any(|e| matches!(e, Event::Disconnected(..)))
+        })
         .await;
     h.stop().await;
 }

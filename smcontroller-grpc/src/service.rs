@@ -61,12 +61,11 @@ impl sm_service_server::SmService for SmService {
             Ok(message) => inbound_event(message),
             Err(status) => {
                 let status = over_size_is_resource_exhausted(status);
-                let event = InboundEvent::Failed(format!(
-                    "{:?}: {}",
-                    status.code(),
-                    status.message()
-                ));
-                *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+                let event =
+                    InboundEvent::Failed(format!("{:?}: {}", status.code(), status.message()));
+                *seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
                 event
             }
         });

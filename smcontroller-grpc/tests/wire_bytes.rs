@@ -256,7 +256,10 @@ fn instance_ident_component_type() {
         0x18, 0x02, // instance: field 3, wire type 0, 2
         0x20, 0x01, // type: field 4, wire type 0, COMPONENT = 1
     ];
-    assert_eq!(common::InstanceIdent::from(ident.clone()).encode_to_vec(), expected);
+    assert_eq!(
+        common::InstanceIdent::from(ident.clone()).encode_to_vec(),
+        expected
+    );
     assert_eq!(
         api::InstanceIdent::try_from(common::InstanceIdent::decode(&expected[..]).unwrap()),
         Ok(ident)
@@ -289,7 +292,11 @@ fn hand_written_core_alert_decodes_and_converts() {
             })),
         }))
     );
-    assert_eq!(decoded.encode_to_vec(), bytes, "re-encodes to the same bytes");
+    assert_eq!(
+        decoded.encode_to_vec(),
+        bytes,
+        "re-encodes to the same bytes"
+    );
     assert_eq!(
         Inbound::try_from(decoded).unwrap(),
         Inbound::Alert(api::Alert {

@@ -349,10 +349,18 @@ fn expected_facts() -> Facts {
             ["file", path, pkg] => {
                 file = (*path).to_owned();
                 package = (*pkg).to_owned();
-                insert(&mut facts, format!("file {file}"), format!("package {package}, proto3"));
+                insert(
+                    &mut facts,
+                    format!("file {file}"),
+                    format!("package {package}, proto3"),
+                );
             }
             ["import", path] => {
-                insert(&mut facts, format!("import {file} -> {path}"), String::new());
+                insert(
+                    &mut facts,
+                    format!("import {file} -> {path}"),
+                    String::new(),
+                );
             }
             ["message" | "enum" | "service", name] => {
                 scope = format!("{} {package}.{name}", words[0]);
@@ -369,7 +377,9 @@ fn expected_facts() -> Facts {
                     _ => (false, rest),
                 };
                 let [output] = rest else { bad(n, line) };
-                let service = scope.strip_prefix("service ").unwrap_or_else(|| bad(n, line));
+                let service = scope
+                    .strip_prefix("service ")
+                    .unwrap_or_else(|| bad(n, line));
                 insert(
                     &mut facts,
                     format!("rpc {service}.{method}"),
@@ -385,7 +395,9 @@ fn expected_facts() -> Facts {
                 );
             }
             [number, name, rest @ ..] => {
-                let message = scope.strip_prefix("message ").unwrap_or_else(|| bad(n, line));
+                let message = scope
+                    .strip_prefix("message ")
+                    .unwrap_or_else(|| bad(n, line));
                 let number: i32 = number.parse().unwrap_or_else(|_| bad(n, line));
                 let (repeated, rest) = match rest {
                     ["repeated", rest @ ..] => (true, rest),
@@ -507,10 +519,20 @@ fn message_facts(facts: &mut Facts, file: &str, qualified: &str, m: &DescriptorP
     }
     // Nested declarations are not part of the contract: they show up as extra facts.
     for nested in &m.nested_type {
-        message_facts(facts, file, &format!("{qualified}.{}", nested.name()), nested);
+        message_facts(
+            facts,
+            file,
+            &format!("{qualified}.{}", nested.name()),
+            nested,
+        );
     }
     for nested in &m.enum_type {
-        enum_facts(facts, file, &format!("{qualified}.{}", nested.name()), nested);
+        enum_facts(
+            facts,
+            file,
+            &format!("{qualified}.{}", nested.name()),
+            nested,
+        );
     }
 }
 
@@ -571,7 +593,9 @@ fn differences(expected: &Facts, actual: &Facts) -> Vec<String> {
     let mut out = Vec::new();
     for (key, want) in expected {
         match actual.get(key) {
-            None => out.push(format!("{key}: in the spec table ({want}) but not in proto/")),
+            None => out.push(format!(
+                "{key}: in the spec table ({want}) but not in proto/"
+            )),
             Some(got) if got != want => {
                 out.push(format!("{key}: expected {want:?}, actual {got:?}"));
             }
@@ -580,7 +604,9 @@ fn differences(expected: &Facts, actual: &Facts) -> Vec<String> {
     }
     for (key, got) in actual {
         if !expected.contains_key(key) {
-            out.push(format!("{key}: in proto/ ({got}) but not in the spec table"));
+            out.push(format!(
+                "{key}: in proto/ ({got}) but not in the spec table"
+            ));
         }
     }
     out
@@ -654,7 +680,11 @@ fn a_renumbered_field_is_reported_with_its_name_and_both_numbers() {
     field.number = Some(11);
 
     let mut actual = Facts::new();
-    for file in set.file.iter().filter(|f| OWN_PACKAGES.contains(&f.package())) {
+    for file in set
+        .file
+        .iter()
+        .filter(|f| OWN_PACKAGES.contains(&f.package()))
+    {
         file_facts(&mut actual, file);
     }
     let diff = differences(&expected_facts(), &actual);
@@ -688,7 +718,11 @@ fn an_extra_field_and_a_missing_enum_value_are_reported() {
     common.enum_type[0].value.pop();
 
     let mut actual = Facts::new();
-    for file in set.file.iter().filter(|f| OWN_PACKAGES.contains(&f.package())) {
+    for file in set
+        .file
+        .iter()
+        .filter(|f| OWN_PACKAGES.contains(&f.package()))
+    {
         file_facts(&mut actual, file);
     }
     let diff = differences(&expected_facts(), &actual);

@@ -12,9 +12,9 @@ use std::{
 use async_trait::async_trait;
 use futures::Stream;
 use smcontroller_api::{
-    CloudConnection, Error, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider,
-    LogRequest, LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus,
-    NodeId, NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
+    CloudConnection, Error, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider, LogRequest,
+    LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
+    NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
 };
 use tokio::{sync::mpsc, task::AbortHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -138,10 +138,7 @@ impl Controller {
         let link = Arc::new(Link::new(id, out_tx));
         link.send_cloud(self.inner.cloud.load(Ordering::SeqCst));
         let inner = self.inner.clone();
-        let handle = self
-            .inner
-            .tracker
-            .spawn(session::run(inner, link, inbound));
+        let handle = self.inner.tracker.spawn(session::run(inner, link, inbound));
         self.track(id, handle.abort_handle());
         Ok(out_rx)
     }
@@ -175,7 +172,11 @@ impl Controller {
         for link in &links {
             link.send_cloud(connected);
         }
-        info!(connected, nodes = links.len(), "cloud connection status relayed");
+        info!(
+            connected,
+            nodes = links.len(),
+            "cloud connection status relayed"
+        );
     }
 
     /// Follows a [`CloudConnection`]: takes its current state, then relays every change
@@ -208,9 +209,12 @@ impl Controller {
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
-        if tokio::time::timeout(self.inner.settings.shutdown_grace, self.inner.tracker.wait())
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            self.inner.settings.shutdown_grace,
+            self.inner.tracker.wait(),
+        )
+        .await
+        .is_err()
         {
             let stuck: Vec<AbortHandle> = lock(&self.inner.tasks)
                 .drain()
@@ -286,7 +290,10 @@ impl Controller {
         command: Outbound,
         version: Option<String>,
     ) -> Result<NodeConfigStatus> {
-        match self.call(node, command, ReplyKind::NodeConfig(version)).await? {
+        match self
+            .call(node, command, ReplyKind::NodeConfig(version))
+            .await?
+        {
             Reply::NodeConfig(status) => match status.error {
                 Some(error) => Err(error.into()),
                 None => Ok(status),
@@ -322,7 +329,11 @@ impl NodeConfigHandler for Controller {
 impl MonitoringProvider for Controller {
     async fn get_average_monitoring(&self, node: &NodeId) -> Result<NodeMonitoringData> {
         match self
-            .call(node, Outbound::GetAverageMonitoring, ReplyKind::AverageMonitoring)
+            .call(
+                node,
+                Outbound::GetAverageMonitoring,
+                ReplyKind::AverageMonitoring,
+            )
             .await?
         {
             Reply::AverageMonitoring(data) => Ok(data),
@@ -442,13 +453,16 @@ impl Inner {
 }
 
 pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lock.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

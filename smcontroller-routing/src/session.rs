@@ -70,11 +70,7 @@ impl Link {
     /// Registers a caller waiting for a reply of `kind`; `None` once the stream is closed.
     pub(crate) fn wait_for(&self, kind: ReplyKind) -> Option<Waiter<'_>> {
         let (id, rx) = lock(&self.waiters).push(kind)?;
-        Some(Waiter {
-            link: self,
-            id,
-            rx,
-        })
+        Some(Waiter { link: self, id, rx })
     }
 
     /// Ends the stream: later sends fail, waiters fail with `Disconnected` at once, and the
@@ -117,7 +113,11 @@ pub(crate) async fn run<S>(inner: Arc<Inner>, link: Arc<Link>, inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
-    let span = info_span!("sm_stream", session = link.session, node_id = tracing::field::Empty);
+    let span = info_span!(
+        "sm_stream",
+        session = link.session,
+        node_id = tracing::field::Empty
+    );
     read(inner.clone(), link.clone(), inbound)
         .instrument(span)
         .await;
@@ -376,7 +376,10 @@ async fn deliver(inner: &Inner, node: &NodeId, message: Inbound) {
             receivers.logs.send_log(&part).await;
         }
         Inbound::InstantMonitoring(data) => {
-            receivers.monitoring.on_monitoring_received(node, &data).await;
+            receivers
+                .monitoring
+                .on_monitoring_received(node, &data)
+                .await;
         }
         Inbound::Alert(alert) => receivers.alerts.on_alert_received(node, &alert).await,
         Inbound::NodeConfigStatus(_) | Inbound::AverageMonitoring(_) => {

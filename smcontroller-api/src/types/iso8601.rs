@@ -151,7 +151,9 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_fixed_duration() {
-        for bad in ["", "P", "PT", "1S", "PTS", "PT1", "P1M", "P1Y", "PT1X", "PT-1S", "PT1.2.3S"] {
+        for bad in [
+            "", "P", "PT", "1S", "PTS", "PT1", "P1M", "P1Y", "PT1X", "PT-1S", "PT1.2.3S",
+        ] {
             let err = parse(bad).expect_err(bad);
             assert_eq!(err.input, bad);
         }

@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use smcontroller_daemon::sim::{
-    Answers, Behaviour, Garbage, Registration, SimConfig, Simulator,
-};
+use smcontroller_daemon::sim::{Answers, Behaviour, Garbage, Registration, SimConfig, Simulator};
 use tracing_subscriber::EnvFilter;
 
 /// Simulated Service Managers for an SM controller.
 #[derive(Debug, Parser)]
-#[command(name = "sm-sim", version, about)]
+#[command(name = "sm-sim", version)]
 struct Args {
     /// URL of the controller.
     #[arg(long, default_value = "http://127.0.0.1:8093")]

@@ -127,7 +127,10 @@ impl fmt::Debug for SimConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
-            .field("endpoint_hook", &self.endpoint_hook.as_ref().map(|_| "<hook>"))
+            .field(
+                "endpoint_hook",
+                &self.endpoint_hook.as_ref().map(|_| "<hook>"),
+            )
             .field("instances", &self.instances)
             .field("initial_config_state", &self.initial_config_state)
             .field("initial_config_version", &self.initial_config_version)

@@ -132,9 +132,11 @@ pub fn initial_instances(count: usize) -> Vec<InstanceStatus> {
 
 /// A `node_instances_status` snapshot of `instances`.
 pub fn node_instances_status(instances: &[InstanceStatus]) -> SmOutgoingMessages {
-    outgoing(SmOutgoingMessage::NodeInstancesStatus(NodeInstancesStatus {
-        instances: instances.to_vec(),
-    }))
+    outgoing(SmOutgoingMessage::NodeInstancesStatus(
+        NodeInstancesStatus {
+            instances: instances.to_vec(),
+        },
+    ))
 }
 
 /// A `node_config_status` reply.

@@ -23,6 +23,7 @@
 //! conversion code with the controller, so each end checks the other.
 
 mod config;
+mod events;
 pub mod messages;
 mod node;
 mod stats;
@@ -35,18 +36,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use smcontroller_grpc::proto::servicemanager::v5::{
-    BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages, sm_service_client::SmServiceClient,
+    BlobsInfosRequest, SmOutgoingMessages, sm_service_client::SmServiceClient,
 };
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 pub use config::{Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig};
-pub use stats::{
-    CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats,
-};
+pub use events::{SimEvent, SimEventKind, SimEvents};
+pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats};
 
+use events::EventBus;
 use node::{NodeShared, Outbound, SimContext};
 
 /// Errors of the simulator.
@@ -70,39 +71,6 @@ pub enum SimError {
     /// A unary call failed.
     #[error("call failed: {0}")]
     Rpc(Box<tonic::Status>),
-}
-
-/// Something that happened to a node, for tests that assert exactly what went over the wire.
-#[derive(Clone, Debug)]
-pub struct SimEvent {
-    /// The node it happened to.
-    pub node_id: Arc<str>,
-    /// What happened.
-    pub kind: SimEventKind,
-}
-
-/// The kinds of [`SimEvent`].
-#[derive(Clone, Debug)]
-pub enum SimEventKind {
-    /// A stream opened (the controller answered `RegisterSM`); `connects` counts them so far.
-    Connected {
-        /// Streams opened by this node so far, this one included.
-        connects: u64,
-    },
-    /// A connection or `RegisterSM` attempt failed before a stream was open.
-    ConnectFailed {
-        /// Why.
-        reason: String,
-    },
-    /// A message arrived from the controller.
-    Received(SmIncomingMessages),
-    /// A message was handed to the stream.
-    Sent(SmOutgoingMessages),
-    /// An open stream ended.
-    Disconnected {
-        /// Why.
-        reason: String,
-    },
 }
 
 /// The endpoint one connection attempt of a node uses: [`SimConfig::url`] with the keepalive
@@ -158,12 +126,11 @@ impl Simulator {
 
     /// Like [`Simulator::start`], and subscribes to the events before any node runs, so the
     /// receiver sees every event from the first connection on.
-    pub fn start_with_events(
-        config: SimConfig,
-    ) -> Result<(Self, broadcast::Receiver<SimEvent>), SimError> {
+    pub fn start_with_events(config: SimConfig) -> Result<(Self, SimEvents), SimError> {
         validate(&config)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SimError::NoRuntime)?;
-        let (events, receiver) = broadcast::channel(config.event_capacity.max(1));
+        let events = Arc::new(EventBus::new(config.event_capacity));
+        let receiver = events.subscribe();
         let (registered, _) = watch::channel(0);
         let nodes: Vec<Arc<NodeShared>> = (0..config.nodes)
             .map(|i| Arc::new(NodeShared::new(i, &config)))
@@ -217,7 +184,7 @@ impl Simulator {
     }
 
     /// A new receiver of the events of every node (events from now on).
-    pub fn subscribe(&self) -> broadcast::Receiver<SimEvent> {
+    pub fn subscribe(&self) -> SimEvents {
         self.ctx.events.subscribe()
     }
 

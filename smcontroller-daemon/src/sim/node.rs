@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use smcontroller_grpc::proto::common::v2::{ErrorInfo, InstanceIdent};
 use smcontroller_grpc::proto::servicemanager::v5::{
-    InstanceStatus, SmIncomingMessages, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
-    sm_service_client::SmServiceClient,
+    InstanceStatus, SmIncomingMessages, SmOutgoingMessages,
+    sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -18,9 +18,10 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::config::{Answers, Behaviour, Registration, SimConfig};
+use super::events::{EventBus, SimEventKind};
 use super::messages;
 use super::stats::{CommandKind, NodeCounters, NodeStats, SentKind};
-use super::{SimError, SimEvent, SimEventKind, endpoint};
+use super::{SimError, endpoint};
 
 /// Largest message the simulator encodes or decodes.
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
@@ -32,22 +33,14 @@ const MAX_BATCH: u64 = 1_000;
 pub(crate) struct SimContext {
     pub(crate) config: SimConfig,
     pub(crate) stop: CancellationToken,
-    pub(crate) events: broadcast::Sender<SimEvent>,
+    pub(crate) events: Arc<EventBus>,
     pub(crate) registered: watch::Sender<usize>,
 }
 
 impl SimContext {
     pub(crate) fn emit(&self, node: &NodeShared, kind: SimEventKind) {
-        emit(&self.events, node, kind);
+        self.events.emit(&node.id, kind);
     }
-}
-
-fn emit(events: &broadcast::Sender<SimEvent>, node: &NodeShared, kind: SimEventKind) {
-    // Sending fails only when nobody listens, which is fine.
-    let _ = events.send(SimEvent {
-        node_id: node.id.clone(),
-        kind,
-    });
 }
 
 /// The state of a node that outlives its streams (a real SM keeps it across reconnects).
@@ -146,7 +139,7 @@ impl NodeShared {
 pub(crate) struct Outbound {
     pub(crate) tx: mpsc::Sender<SmOutgoingMessages>,
     pub(crate) node: Arc<NodeShared>,
-    pub(crate) events: broadcast::Sender<SimEvent>,
+    pub(crate) events: Arc<EventBus>,
     pub(crate) session: CancellationToken,
 }
 
@@ -154,7 +147,7 @@ impl Outbound {
     /// Queues `msg` on the stream, waiting for room (HTTP/2 flow control) unless the session ends.
     pub(crate) async fn send(&self, msg: SmOutgoingMessages) -> Result<(), SimError> {
         let kind = SentKind::of(&msg);
-        let copy = (self.events.receiver_count() > 0).then(|| msg.clone());
+        let copy = self.events.active().then(|| msg.clone());
         let sent = tokio::select! {
             biased;
             () = self.session.cancelled() => false,
@@ -165,7 +158,7 @@ impl Outbound {
         }
         self.node.counters.sent(kind);
         if let Some(msg) = copy {
-            emit(&self.events, &self.node, SimEventKind::Sent(msg));
+            self.events.emit(&self.node.id, SimEventKind::Sent(msg));
         }
         Ok(())
     }
@@ -314,14 +307,17 @@ async fn send_registration(node: &NodeShared, out: &Outbound) -> Result<(), SimE
     match node.behaviour.registration {
         Registration::Normal => {
             out.send(messages::sm_info(&node.id)).await?;
-            out.send(messages::node_instances_status(&instances)).await?;
+            out.send(messages::node_instances_status(&instances))
+                .await?;
         }
         Registration::EmptyNodeId => {
             out.send(messages::sm_info("")).await?;
-            out.send(messages::node_instances_status(&instances)).await?;
+            out.send(messages::node_instances_status(&instances))
+                .await?;
         }
         Registration::SkipSmInfo => {
-            out.send(messages::node_instances_status(&instances)).await?;
+            out.send(messages::node_instances_status(&instances))
+                .await?;
         }
         Registration::Silent => {}
     }
@@ -439,7 +435,7 @@ impl Serve {
     async fn handle(&mut self, msg: SmIncomingMessages) -> Result<(), SimError> {
         let kind = CommandKind::of(&msg);
         self.node.counters.command(kind);
-        if self.ctx.events.receiver_count() > 0 {
+        if self.ctx.events.active() {
             self.ctx
                 .emit(&self.node, SimEventKind::Received(msg.clone()));
         }
@@ -492,7 +488,8 @@ impl Serve {
                     .await
             }
             SmIncomingMessage::UpdateInstances(req) => {
-                let mut statuses = Vec::with_capacity(req.stop_instances.len() + req.start_instances.len());
+                let mut statuses =
+                    Vec::with_capacity(req.stop_instances.len() + req.start_instances.len());
                 {
                     let mut state = lock(&self.node.state);
                     for ident in &req.stop_instances {
@@ -515,12 +512,11 @@ impl Serve {
                         .instances_generation
                         .fetch_add(1, Ordering::Release);
                 }
-                self.reply(messages::update_instances_status(statuses)).await
+                self.reply(messages::update_instances_status(statuses))
+                    .await
             }
             SmIncomingMessage::SystemLogRequest(req) => self.send_log(&req.correlation_id).await,
-            SmIncomingMessage::InstanceLogRequest(req) => {
-                self.send_log(&req.correlation_id).await
-            }
+            SmIncomingMessage::InstanceLogRequest(req) => self.send_log(&req.correlation_id).await,
             SmIncomingMessage::InstanceCrashLogRequest(req) => {
                 self.send_log(&req.correlation_id).await
             }

@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use smcontroller_grpc::proto::servicemanager::v5::{
-    ConnectionEnum, SmIncomingMessages, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
-    sm_outgoing_messages::SmOutgoingMessage,
+    ConnectionEnum, SmIncomingMessages, SmOutgoingMessages,
+    sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage,
 };
 
 /// The kinds of command (`SMIncomingMessages`) a node can receive.
@@ -469,15 +469,15 @@ impl fmt::Display for SimStats {
             "streams: {} opened, {} ended, {} failed attempts",
             t.connects, t.disconnects, t.connect_failures
         )?;
-        write!(f, "received ({}):", t.commands.total())?;
+        write!(f, "received {} commands:", t.commands.total())?;
         for kind in CommandKind::ALL {
             let n = t.commands.get(kind);
             if n > 0 {
                 write!(f, " {}={n}", kind.name())?;
             }
         }
-        writeln!(f, "; networks={}", t.networks_received)?;
-        write!(f, "sent ({}):", t.sent.total())?;
+        writeln!(f, " (networks: {})", t.networks_received)?;
+        write!(f, "sent {} messages:", t.sent.total())?;
         for kind in SentKind::ALL {
             let n = t.sent.get(kind);
             if n > 0 {

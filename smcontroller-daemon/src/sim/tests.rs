@@ -8,7 +8,8 @@ use smcontroller_grpc::proto::servicemanager::v5::{
     BlobsInfos, BlobsInfosRequest, CheckNodeConfig, ConnectionEnum, ConnectionStatus, EnvVarInfo,
     GetAverageMonitoring, GetNodeConfigStatus, InstanceCrashLogRequest, InstanceInfo,
     NodeConfigStatus, SetNodeConfig, SmIncomingMessages, SmOutgoingMessages, SystemLogRequest,
-    UpdateInstances, UpdateNetworkParameters, UpdateNetworks, alert::AlertItem,
+    UpdateInstances, UpdateNetworkParameters, UpdateNetworks,
+    alert::AlertItem,
     sm_incoming_messages::SmIncomingMessage,
     sm_outgoing_messages::SmOutgoingMessage,
     sm_service_server::{SmService, SmServiceServer},
@@ -23,7 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::messages::{BOGUS, CORE_COMPONENTS, QUOTA_STATUSES};
 use super::node::Pacer;
 use super::{
-    Answers, Behaviour, Garbage, Registration, SimConfig, SimEvent, SimEventKind, Simulator,
+    Answers, Behaviour, Garbage, Registration, SimConfig, SimEvent, SimEventKind, SimEvents,
+    Simulator,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -86,11 +88,9 @@ impl SmService for TestService {
         let (to_sm, rx) = mpsc::channel(64);
         to_sm
             .send(Ok(SmIncomingMessages {
-                sm_incoming_message: Some(SmIncomingMessage::ConnectionStatus(
-                    ConnectionStatus {
-                        cloud_status: ConnectionEnum::Connected as i32,
-                    },
-                )),
+                sm_incoming_message: Some(SmIncomingMessage::ConnectionStatus(ConnectionStatus {
+                    cloud_status: ConnectionEnum::Connected as i32,
+                })),
             }))
             .await
             .map_err(|_| Status::internal("closed"))?;
@@ -177,7 +177,11 @@ async fn expect_registration(stream: &mut ServerStream, node_id: &str) {
         SmOutgoingMessage::SmInfo(info) => {
             assert_eq!(info.node_id, node_id);
             assert_eq!(info.runtimes.len(), 2);
-            assert!(info.runtimes.iter().all(|r| r.max_dmips > 0 && r.total_ram > 0));
+            assert!(
+                info.runtimes
+                    .iter()
+                    .all(|r| r.max_dmips > 0 && r.total_ram > 0)
+            );
             assert!(!info.resources.is_empty());
         }
         other => panic!("expected sm_info first, got {other:?}"),
@@ -191,10 +195,7 @@ async fn expect_registration(stream: &mut ServerStream, node_id: &str) {
     }
 }
 
-async fn wait_event(
-    events: &mut broadcast::Receiver<SimEvent>,
-    mut pred: impl FnMut(&SimEvent) -> bool,
-) -> SimEvent {
+async fn wait_event(events: &mut SimEvents, mut pred: impl FnMut(&SimEvent) -> bool) -> SimEvent {
     let deadline = Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -223,7 +224,10 @@ async fn registers_answers_config_requests_and_reconnects() {
 
     stream.send(get_status()).await;
     let status = stream.recv_config_status().await;
-    assert_eq!((status.state.as_str(), status.version.as_str()), ("absent", ""));
+    assert_eq!(
+        (status.state.as_str(), status.version.as_str()),
+        ("absent", "")
+    );
     assert!(status.error.is_none());
 
     // Unparseable config: no answer at all; the next message answers the next request.
@@ -235,7 +239,10 @@ async fn registers_answers_config_requests_and_reconnects() {
         .await;
     stream.send(get_status()).await;
     let status = stream.recv_config_status().await;
-    assert_eq!(status.version, "", "an unparseable check must get no answer");
+    assert_eq!(
+        status.version, "",
+        "an unparseable check must get no answer"
+    );
 
     let config = r#"{"version":"2.0.0","node":{"codename":"node-0"},"priority":1}"#;
     stream
@@ -245,7 +252,10 @@ async fn registers_answers_config_requests_and_reconnects() {
         }))
         .await;
     let status = stream.recv_config_status().await;
-    assert_eq!((status.state.as_str(), status.version.as_str()), ("absent", "2.0.0"));
+    assert_eq!(
+        (status.state.as_str(), status.version.as_str()),
+        ("absent", "2.0.0")
+    );
 
     stream
         .send(SmIncomingMessage::SetNodeConfig(SetNodeConfig {
@@ -254,7 +264,10 @@ async fn registers_answers_config_requests_and_reconnects() {
         }))
         .await;
     let status = stream.recv_config_status().await;
-    assert_eq!((status.state.as_str(), status.version.as_str()), ("installed", "2.0.0"));
+    assert_eq!(
+        (status.state.as_str(), status.version.as_str()),
+        ("installed", "2.0.0")
+    );
 
     let node = sim.stats().nodes[0].clone();
     assert_eq!(node.cloud_status(), Some(ConnectionEnum::Connected));
@@ -263,11 +276,17 @@ async fn registers_answers_config_requests_and_reconnects() {
     assert_eq!(node.counters.commands.set_node_config, 1);
     assert_eq!(node.counters.commands.connection_status, 1);
     assert_eq!(node.counters.sent.sm_info, 1);
-    assert_eq!((node.config_state.as_str(), node.config_version.as_str()), ("installed", "2.0.0"));
+    assert_eq!(
+        (node.config_state.as_str(), node.config_version.as_str()),
+        ("installed", "2.0.0")
+    );
 
     // The server drops the stream: the node reconnects with the same id and its state.
     drop(stream);
-    wait_event(&mut events, |e| matches!(e.kind, SimEventKind::Disconnected { .. })).await;
+    wait_event(&mut events, |e| {
+        matches!(e.kind, SimEventKind::Disconnected { .. })
+    })
+    .await;
     let mut stream = server.next_stream().await;
     expect_registration(&mut stream, "node-0").await;
     wait_event(&mut events, |e| {
@@ -276,14 +295,19 @@ async fn registers_answers_config_requests_and_reconnects() {
     .await;
     stream.send(get_status()).await;
     let status = stream.recv_config_status().await;
-    assert_eq!((status.state.as_str(), status.version.as_str()), ("installed", "2.0.0"));
+    assert_eq!(
+        (status.state.as_str(), status.version.as_str()),
+        ("installed", "2.0.0")
+    );
     let stats = sim.stats();
     assert_eq!(stats.total.connects, 2);
     assert_eq!(stats.total.disconnects, 1);
 
     // Stopping ends the stream: the server sees the SM's side close.
     timeout(WAIT, sim.stop()).await.expect("stop in time");
-    let end = timeout(WAIT, stream.from_sm.recv()).await.expect("stream end in time");
+    let end = timeout(WAIT, stream.from_sm.recv())
+        .await
+        .expect("stream end in time");
     assert!(end.is_none());
 }
 
@@ -380,7 +404,9 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
         }))
         .await;
     stream
-        .send(SmIncomingMessage::GetAverageMonitoring(GetAverageMonitoring {}))
+        .send(SmIncomingMessage::GetAverageMonitoring(
+            GetAverageMonitoring {},
+        ))
         .await;
     match stream.recv_some().await {
         SmOutgoingMessage::AverageMonitoring(m) => {
@@ -477,7 +503,10 @@ async fn misbehaving_nodes() {
                     stream.recv_some().await,
                     SmOutgoingMessage::NodeInstancesStatus(_)
                 ));
-                assert!(stream.recv().await.sm_outgoing_message.is_none(), "empty oneof");
+                assert!(
+                    stream.recv().await.sm_outgoing_message.is_none(),
+                    "empty oneof"
+                );
                 stream.send(get_status()).await;
                 // Alerts flow too: skip them until the reply, check them on the way.
                 loop {
@@ -527,7 +556,9 @@ async fn unsolicited_monitoring_alerts_and_burst() {
                 assert!(node.timestamp.is_some());
                 assert_eq!(m.instances_monitoring.len(), 2);
                 assert!(m.instances_monitoring.iter().all(|i| {
-                    i.monitoring_data.as_ref().is_some_and(|d| d.timestamp.is_some())
+                    i.monitoring_data
+                        .as_ref()
+                        .is_some_and(|d| d.timestamp.is_some())
                 }));
             }
             other => panic!("unexpected {other:?}"),
@@ -622,5 +653,8 @@ fn pacer_sends_whole_messages_at_the_rate() {
     assert_eq!(pacer.due(start + Duration::from_millis(1_000)), 9);
     assert_eq!(pacer.due(start + Duration::from_millis(1_050)), 0);
     assert_eq!(Pacer::new(0.0, start).period(), None);
-    assert_eq!(Pacer::new(0.0, start).due(start + Duration::from_secs(5)), 0);
+    assert_eq!(
+        Pacer::new(0.0, start).due(start + Duration::from_secs(5)),
+        0
+    );
 }

@@ -19,8 +19,9 @@ use smcontroller_api::{
 };
 use smcontroller_grpc::{
     proto::servicemanager::v5::{
-        self as pb, SmIncomingMessages, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
-        sm_outgoing_messages::SmOutgoingMessage, sm_service_client::SmServiceClient,
+        self as pb, SmIncomingMessages, SmOutgoingMessages,
+        sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage,
+        sm_service_client::SmServiceClient,
     },
     server::{self, ServerSettings},
 };
@@ -82,11 +83,19 @@ impl EventLog {
     }
 
     pub fn of(&self, node: &str) -> Vec<Event> {
-        self.events().into_iter().filter(|e| e.node() == node).collect()
+        self.events()
+            .into_iter()
+            .filter(|e| e.node() == node)
+            .collect()
     }
 
     pub fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
-        self.events.lock().unwrap().iter().filter(|e| pred(e)).count()
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| pred(e))
+            .count()
     }
 
     /// Waits until `pred` holds over the whole log, or the deadline passes.
@@ -108,8 +117,10 @@ impl EventLog {
     }
 
     pub async fn wait_count(&self, what: &str, n: usize, pred: impl Fn(&Event) -> bool) {
-        self.wait_until(what, |events| events.iter().filter(|e| pred(e)).count() >= n)
-            .await;
+        self.wait_until(what, |events| {
+            events.iter().filter(|e| pred(e)).count() >= n
+        })
+        .await;
     }
 
     /// Monitoring deliveries of `node` wait until [`unblock`](Self::unblock).
@@ -441,11 +452,7 @@ pub async fn raw_stream(
         "/servicemanager.v5.SMService/RegisterSM",
     );
     let response = grpc
-        .streaming(
-            tonic::Request::new(ReceiverStream::new(rx)),
-            path,
-            RawCodec,
-        )
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
         .await
         .expect("RegisterSM accepted");
     (response.into_inner(), tx)

@@ -19,9 +19,9 @@ impl TryFrom<pb::SmOutgoingMessages> for Inbound {
     /// that fails). A `log` part comes out with an empty `node_id`: the stream knows the node,
     /// and the router fills it in.
     fn try_from(message: pb::SmOutgoingMessages) -> Result<Self, ConvertError> {
-        let message = message
-            .sm_outgoing_message
-            .ok_or(ConvertError::EmptyOneof("sm_outgoing_messages.SMOutgoingMessage"))?;
+        let message = message.sm_outgoing_message.ok_or(ConvertError::EmptyOneof(
+            "sm_outgoing_messages.SMOutgoingMessage",
+        ))?;
         Ok(match message {
             SmOutgoingMessage::SmInfo(info) => Self::SmInfo(info.try_into()?),
             SmOutgoingMessage::NodeConfigStatus(status) => {
@@ -34,20 +34,20 @@ impl TryFrom<pb::SmOutgoingMessages> for Inbound {
                 Self::NodeInstancesStatus(statuses_from_proto(s.instances)?)
             }
             SmOutgoingMessage::Log(log) => Self::Log(log.try_into()?),
-            SmOutgoingMessage::InstantMonitoring(m) => Self::InstantMonitoring(
-                node_monitoring_from_proto(
+            SmOutgoingMessage::InstantMonitoring(m) => {
+                Self::InstantMonitoring(node_monitoring_from_proto(
                     "instant_monitoring.node_monitoring",
                     m.node_monitoring,
                     m.instances_monitoring,
-                )?,
-            ),
-            SmOutgoingMessage::AverageMonitoring(m) => Self::AverageMonitoring(
-                node_monitoring_from_proto(
+                )?)
+            }
+            SmOutgoingMessage::AverageMonitoring(m) => {
+                Self::AverageMonitoring(node_monitoring_from_proto(
                     "average_monitoring.node_monitoring",
                     m.node_monitoring,
                     m.instances_monitoring,
-                )?,
-            ),
+                )?)
+            }
             SmOutgoingMessage::Alert(alert) => Self::Alert(alert.try_into()?),
         })
     }
@@ -344,8 +344,7 @@ impl TryFrom<pb::InstanceMonitoring> for api::InstanceMonitoring {
         Ok(Self {
             ident: required_ident("instance_monitoring.instance", m.instance)?,
             runtime_id: m.runtime_id,
-            data: required("instance_monitoring.monitoring_data", m.monitoring_data)?
-                .try_into()?,
+            data: required("instance_monitoring.monitoring_data", m.monitoring_data)?.try_into()?,
         })
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! Two directions, each with its envelope:
 //!
-//! - **Commands** (controller -> SM): [`Outbound`] converts infallibly into
-//!   [`SmIncomingMessages`](crate::proto::servicemanager::v5::SmIncomingMessages). The reverse,
-//!   `TryFrom<SmIncomingMessages> for Outbound`, exists for the SM simulator and round-trip tests.
-//! - **Telemetry and replies** (SM -> controller):
-//!   `TryFrom<SmOutgoingMessages> for Inbound` checks everything a node sends; the reverse,
+//! - **Commands** (controller -> SM): [`Outbound`](smcontroller_routing::Outbound) converts
+//!   infallibly into [`SmIncomingMessages`](crate::proto::servicemanager::v5::SmIncomingMessages).
+//!   The reverse, `TryFrom<SmIncomingMessages> for Outbound`, exists for the SM simulator and
+//!   round-trip tests.
+//! - **Telemetry and replies** (SM -> controller): `TryFrom<SmOutgoingMessages> for`
+//!   [`Inbound`](smcontroller_routing::Inbound) checks everything a node sends; the reverse,
 //!   `From<Inbound> for SmOutgoingMessages`, is what a simulated SM sends.
 //!
 //! Every rule about the wire lives here, once:
@@ -186,5 +187,8 @@ fn duration_from_proto(
         .filter(|n| *n < 1_000_000_000)
         .ok_or_else(|| fail("nanos outside 0..=999999999"))?;
     // `seconds` is non-negative here.
-    Ok(std::time::Duration::new(duration.seconds.unsigned_abs(), nanos))
+    Ok(std::time::Duration::new(
+        duration.seconds.unsigned_abs(),
+        nanos,
+    ))
 }

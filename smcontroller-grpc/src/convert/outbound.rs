@@ -73,9 +73,9 @@ impl TryFrom<pb::SmIncomingMessages> for Outbound {
     /// is authoritative; the `version` beside it is not checked. An absent instance filter means
     /// "any instance".
     fn try_from(message: pb::SmIncomingMessages) -> Result<Self, ConvertError> {
-        let message = message
-            .sm_incoming_message
-            .ok_or(ConvertError::EmptyOneof("sm_incoming_messages.SMIncomingMessage"))?;
+        let message = message.sm_incoming_message.ok_or(ConvertError::EmptyOneof(
+            "sm_incoming_messages.SMIncomingMessage",
+        ))?;
         Ok(match message {
             SmIncomingMessage::GetNodeConfigStatus(_) => Self::GetNodeConfigStatus,
             SmIncomingMessage::CheckNodeConfig(c) => Self::CheckNodeConfig(node_config_from_json(
