@@ -132,7 +132,7 @@ async fn r_sync_1_no_reply_in_time_is_a_timeout() {
     let mut sm = h.sm("n1").await;
     let result = h.controller.get_average_monitoring(&node("n1")).await;
     assert!(
-        matches!(result, Err(Error::Timeout { ref request, .. }) if *request == "get_average_monitoring"),
+        matches!(result, Err(Error::Timeout { request, .. }) if request == "get_average_monitoring"),
         "{result:?}"
     );
     assert!(matches!(

@@ -28,6 +28,9 @@ use crate::{
 };
 
 /// What the router gives the transport to write on one SM stream, in order.
+// Commands are nearly every item; `Close` comes once per stream, so boxing the large variant
+// would add an allocation per command to save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outgoing {
     /// A command to send.
