@@ -703,7 +703,8 @@ pub struct LogPart {
 /// [`SmInfoReceiver::on_node_disconnected`]: crate::SmInfoReceiver::on_node_disconnected
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DisconnectReason {
-    /// The SM closed its stream.
+    /// The stream ended without an error: the SM closed it, or its connection was shut down
+    /// (a keepalive ping went unanswered, the peer's TCP connection closed).
     Closed,
     /// The stream failed (reset, I/O error, keepalive timeout, undecodable frame).
     Error(String),
@@ -718,7 +719,9 @@ pub enum DisconnectReason {
 impl fmt::Display for DisconnectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Closed => f.write_str("stream closed by the SM"),
+            Self::Closed => {
+                f.write_str("stream ended (closed by the SM, or its connection was lost)")
+            }
             Self::Error(e) => write!(f, "stream failed: {e}"),
             Self::Replaced => f.write_str("replaced by a newer stream of the same node"),
             Self::ProtocolViolation(e) => write!(f, "protocol violation: {e}"),
