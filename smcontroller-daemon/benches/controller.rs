@@ -1,0 +1,1509 @@
+//! Benchmark of the SM controller against the non-functional goals of the contract (section 4).
+//!
+//! # Running
+//!
+//! ```text
+//! cargo bench -p smcontroller-daemon --bench controller                      # all four
+//! cargo bench -p smcontroller-daemon --bench controller -- sync-rtt scale    # some of them
+//! cargo bench -p smcontroller-daemon --bench controller -- churn --cycles 100000
+//! ```
+//!
+//! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`; none means
+//! all), `--cycles N` (churn connect/disconnect cycles, default 100,000 as in the contract,
+//! about 50 s here), `--scale-nodes N` (default 10,000), `--rtt-calls N` (default 20,000),
+//! `--telemetry-per-node N` (default 20,000 messages per node).
+//!
+//! The bench prints figures; it asserts nothing about speed. It exits non-zero only when a
+//! scenario could not run (nodes failed to register, a process died, a deadline passed).
+//!
+//! # How it is built
+//!
+//! Three kinds of process, all this same executable:
+//!
+//! - the orchestrator (what `cargo bench` starts) runs each scenario in a process of its own, so
+//!   the memory and CPU figures of one scenario are not coloured by the one before, and prints
+//!   the summary table at the end;
+//! - a scenario process (`--scenario NAME`) holds the controller only: the router
+//!   (`smcontroller_routing::Controller`) behind the insecure tonic server
+//!   (`smcontroller_grpc::server::serve_insecure`), with the daemon's default settings, and with
+//!   receivers that only count with atomics. Its resident memory (VmRSS) and CPU time
+//!   (`/proc/self/stat`) are therefore the controller's, plus the bench's own small driver;
+//! - an SM process (`--sm-child URL`) holds the simulated SMs: a lean client written here (not
+//!   `sim::Simulator`, whose per-node producer tasks, event bus and stats would share the two
+//!   cores with the controller). Each node has its own TCP connection (tonic `Channel`), calls
+//!   `RegisterSM`, sends `sm_info` and `node_instances_status` (built by `sim::messages`),
+//!   answers `get_node_config_status` and keeps the last `connection_status`. The scenario
+//!   process drives it with one-line commands on its stdin (`connect`, `burst`, `arm_cloud`,
+//!   `await_cloud`, `close`, `quit`).
+//!
+//! Both processes run a multi-thread tokio runtime with 2 workers, on a 2-core machine: the SMs
+//! and the controller compete for the same cores, as they would not in production, so every
+//! throughput figure here is a lower bound of the controller's own.
+//!
+//! # Scenarios
+//!
+//! - `sync-rtt` (N-PERF-1): 1,000 SMs; `get_node_config_status` called through the
+//!   `NodeConfigHandler` trait of the controller, from a task on the controller's runtime: api
+//!   call -> router -> gRPC over loopback -> SM process -> reply -> caller. First one at a time
+//!   (round robin over the nodes), then 64 callers at once. Prints p50/p90/p99/max and calls/s.
+//! - `telemetry` (N-PERF-2): 100 SMs each send N `instant_monitoring` as fast as HTTP/2 flow
+//!   control allows (bounded by count and by 20 s); the receivers count. Prints messages/s into
+//!   the receivers, from the first message received to the last, and the CPU time of both
+//!   processes during the burst.
+//! - `scale` (N-SCALE-1): N SMs (default 10,000), each on its own connection, connecting with at
+//!   most 512 connection attempts in flight; time until the receivers heard every
+//!   `on_node_connected`; VmRSS of the controller process before and after, per node; then
+//!   `set_cloud_connected(true)` and back to `false`: time until every SM has received its
+//!   `connection_status` (the SM process counts the nodes whose last status is the wanted one
+//!   and answers as soon as all are). Also a short sync-call sample at that scale.
+//! - `churn` (N-LEAK-1): rounds of 100 SMs that connect, register, and close their streams
+//!   (same node ids every round, as a rebooting SM would), until `--cycles` connects (bounded
+//!   to 150 s); VmRSS after 10 warm-up rounds (the baseline), at ten checkpoints (with the
+//!   slope between the first and the last), and at the end.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader as StdBufReader},
+    process::{ExitCode, Stdio},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use async_trait::async_trait;
+use smcontroller_api::{
+    Alert, AlertsReceiver, DisconnectReason, EnvVarsStatusSender, InstanceEnvVarsStatus,
+    InstanceStatus as ApiInstanceStatus, InstanceStatusReceiver, LogPart, LogSender,
+    MonitoringReceiver, NodeConfigHandler, NodeId, NodeMonitoringData, SmInfo, SmInfoReceiver,
+};
+use smcontroller_daemon::{
+    app::{self, NoBlobStore},
+    config::Settings,
+    sim::messages,
+};
+use smcontroller_grpc::{
+    proto::servicemanager::v5::{
+        InstanceStatus, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
+        sm_service_client::SmServiceClient,
+    },
+    server::{self, ServeError},
+};
+use smcontroller_routing::{Controller, Receivers};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    process::{Child, ChildStdin, ChildStdout},
+    sync::{Notify, Semaphore, mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+/// Tokio workers of every process of the bench.
+const WORKERS: usize = 2;
+/// Every process of the bench exits by itself after this long.
+const PROCESS_LIMIT: Duration = Duration::from_secs(600);
+/// Nodes of `sync-rtt`.
+const RTT_NODES: usize = 1_000;
+/// Concurrent callers of the second half of `sync-rtt`.
+const RTT_CALLERS: usize = 64;
+/// Nodes of `telemetry`.
+const TELEMETRY_NODES: usize = 100;
+/// Longest a telemetry burst may run.
+const TELEMETRY_LIMIT: Duration = Duration::from_secs(20);
+/// Nodes per churn round.
+const CHURN_NODES: usize = 100;
+/// Warm-up rounds of `churn` before its baseline.
+const CHURN_WARMUP_ROUNDS: usize = 10;
+/// Longest the churn rounds may run altogether.
+const CHURN_LIMIT: Duration = Duration::from_secs(150);
+/// Connection attempts in flight in the SM process.
+const CONNECT_CONCURRENCY: usize = 512;
+/// Scenarios in their default order.
+const ALL_SCENARIOS: [&str; 4] = ["sync-rtt", "telemetry", "scale", "churn"];
+/// Prefix of the lines a scenario process prints for the summary table.
+const SUMMARY: &str = "@summary\t";
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Options {
+    scenarios: Vec<String>,
+    cycles: usize,
+    scale_nodes: usize,
+    rtt_calls: usize,
+    telemetry_per_node: u64,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut options = Self {
+            scenarios: Vec::new(),
+            cycles: 100_000,
+            scale_nodes: 10_000,
+            rtt_calls: 20_000,
+            telemetry_per_node: 20_000,
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| -> anyhow::Result<u64> {
+                let v = args
+                    .next()
+                    .with_context(|| format!("{name} needs a value"))?;
+                v.parse()
+                    .with_context(|| format!("{name} {v}: not a number"))
+            };
+            match arg.as_str() {
+                // cargo passes `--bench` to every bench executable.
+                "--bench" => {}
+                "--cycles" => options.cycles = usize::try_from(value(arg)?)?,
+                "--scale-nodes" => options.scale_nodes = usize::try_from(value(arg)?)?,
+                "--rtt-calls" => options.rtt_calls = usize::try_from(value(arg)?)?,
+                "--telemetry-per-node" => options.telemetry_per_node = value(arg)?,
+                name if ALL_SCENARIOS.contains(&name) => options.scenarios.push(name.to_owned()),
+                other => bail!(
+                    "unknown argument {other:?}; scenarios: {ALL_SCENARIOS:?}, options: \
+                     --cycles N, --scale-nodes N, --rtt-calls N, --telemetry-per-node N"
+                ),
+            }
+        }
+        if options.scenarios.is_empty() {
+            options.scenarios = ALL_SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
+        }
+        Ok(options)
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "--cycles".into(),
+            self.cycles.to_string(),
+            "--scale-nodes".into(),
+            self.scale_nodes.to_string(),
+            "--rtt-calls".into(),
+            self.rtt_calls.to_string(),
+            "--telemetry-per-node".into(),
+            self.telemetry_per_node.to_string(),
+        ]
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("--sm-child") => match args.get(1) {
+            Some(url) => {
+                watchdog("SM process");
+                runtime().and_then(|rt| rt.block_on(sm_child(url.clone())))
+            }
+            None => Err(anyhow!("--sm-child needs the controller's URL")),
+        },
+        Some("--scenario") => {
+            watchdog("scenario process");
+            let name = args.get(1).cloned().unwrap_or_default();
+            Options::parse(&args[2.min(args.len())..])
+                .and_then(|options| runtime().map(|rt| (rt, options)))
+                .and_then(|(rt, options)| rt.block_on(run_scenario(&name, &options)))
+        }
+        _ => Options::parse(&args).and_then(|options| orchestrate(&options)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .enable_all()
+        .build()?)
+}
+
+/// Ends the process after [`PROCESS_LIMIT`] whatever happens: every run is bounded.
+fn watchdog(what: &'static str) {
+    std::thread::spawn(move || {
+        std::thread::sleep(PROCESS_LIMIT);
+        eprintln!("{what}: still running after {PROCESS_LIMIT:?}; giving up");
+        std::process::exit(3);
+    });
+}
+
+/// Runs each scenario in a process of its own, then prints the summary table.
+fn orchestrate(options: &Options) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    println!(
+        "SM controller bench: {} cores seen, tokio {WORKERS} workers per process; scenarios: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        options.scenarios.join(", ")
+    );
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut failed = Vec::new();
+    for name in &options.scenarios {
+        println!("\n=== {name} ===");
+        let started = Instant::now();
+        let mut child = std::process::Command::new(&exe)
+            .arg("--scenario")
+            .arg(name)
+            .args(options.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the {name} process"))?;
+        let stdout = child.stdout.take().context("scenario stdout")?;
+        for line in StdBufReader::new(stdout).lines() {
+            let line = line?;
+            match line.strip_prefix(SUMMARY) {
+                Some(row) => rows.push(row.split('\t').map(str::to_owned).collect()),
+                None => println!("{line}"),
+            }
+        }
+        let status = child.wait()?;
+        println!("({name} took {:.1} s)", started.elapsed().as_secs_f64());
+        if !status.success() {
+            failed.push(format!("{name} ({status})"));
+            rows.push(vec![
+                name.clone(),
+                "-".into(),
+                "-".into(),
+                format!("scenario failed: {status}"),
+                "-".into(),
+            ]);
+        }
+    }
+    print_table(&rows);
+    ensure!(
+        failed.is_empty(),
+        "scenarios that could not run: {}",
+        failed.join(", ")
+    );
+    Ok(())
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let header: Vec<String> = ["goal", "figure", "target", "measured", "within target"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let mut widths = vec![0; header.len()];
+    for row in std::iter::once(&header).chain(rows) {
+        for (i, cell) in row.iter().enumerate().take(widths.len()) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    println!("\n=== summary (contract section 4; 2 shared cores, noisy) ===");
+    for (n, row) in std::iter::once(&header).chain(rows).enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .take(widths.len())
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("|-{}-|", rule.join("-|-"));
+        }
+    }
+}
+
+/// One row of the summary table (printed by a scenario process, collected by the orchestrator).
+fn summary(goal: &str, figure: &str, target: &str, measured: String, within: Option<bool>) {
+    let within = match within {
+        Some(true) => "yes",
+        Some(false) => "NO",
+        None => "-",
+    };
+    println!("{SUMMARY}{goal}\t{figure}\t{target}\t{measured}\t{within}");
+}
+
+async fn run_scenario(name: &str, options: &Options) -> anyhow::Result<()> {
+    match name {
+        "sync-rtt" => sync_rtt(options).await,
+        "telemetry" => telemetry(options).await,
+        "scale" => scale(options).await,
+        "churn" => churn(options).await,
+        other => bail!("no scenario {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller under test, with counting receivers
+// ---------------------------------------------------------------------------------------------
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Receivers that only count (relaxed atomics), and time the monitoring.
+#[derive(Debug, Default)]
+struct Counting {
+    connected: AtomicU64,
+    disconnected: AtomicU64,
+    sm_info: AtomicU64,
+    snapshots: AtomicU64,
+    statuses: AtomicU64,
+    monitoring: AtomicU64,
+    monitoring_first_ns: AtomicU64,
+    monitoring_last_ns: AtomicU64,
+    other: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) -> u64 {
+    counter.fetch_add(1, Ordering::Relaxed)
+}
+
+#[async_trait]
+impl SmInfoReceiver for Counting {
+    async fn on_node_connected(&self, _node: &NodeId) {
+        bump(&self.connected);
+    }
+    async fn on_node_disconnected(&self, _node: &NodeId, _reason: &DisconnectReason) {
+        bump(&self.disconnected);
+    }
+    async fn on_sm_info_received(&self, _info: &SmInfo) {
+        bump(&self.sm_info);
+    }
+}
+
+#[async_trait]
+impl InstanceStatusReceiver for Counting {
+    async fn on_instance_status_received(&self, _node: &NodeId, _status: &ApiInstanceStatus) {
+        bump(&self.statuses);
+    }
+    async fn on_node_instances_statuses_received(
+        &self,
+        _node: &NodeId,
+        _statuses: &[ApiInstanceStatus],
+    ) {
+        bump(&self.snapshots);
+    }
+}
+
+#[async_trait]
+impl EnvVarsStatusSender for Counting {
+    async fn send_env_vars_statuses(&self, _node: &NodeId, _statuses: &[InstanceEnvVarsStatus]) {
+        bump(&self.other);
+    }
+}
+
+#[async_trait]
+impl MonitoringReceiver for Counting {
+    async fn on_monitoring_received(&self, _node: &NodeId, _data: &NodeMonitoringData) {
+        let before = bump(&self.monitoring);
+        let now = now_ns();
+        if before == 0 {
+            self.monitoring_first_ns.store(now, Ordering::Relaxed);
+        }
+        self.monitoring_last_ns.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl AlertsReceiver for Counting {
+    async fn on_alert_received(&self, _node: &NodeId, _alert: &Alert) {
+        bump(&self.other);
+    }
+}
+
+#[async_trait]
+impl LogSender for Counting {
+    async fn send_log(&self, _part: &LogPart) {
+        bump(&self.other);
+    }
+}
+
+/// The controller, serving on a loopback port.
+struct Harness {
+    controller: Controller,
+    url: String,
+    counts: Arc<Counting>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Harness {
+    /// Wired as `app::start` does, with the daemon's default settings and counting receivers.
+    async fn start() -> anyhow::Result<Self> {
+        let settings = Settings {
+            listen: "127.0.0.1:0".parse()?,
+            insecure: true,
+            ..Settings::default()
+        };
+        let counts = Arc::new(Counting::default());
+        let controller = Controller::new(
+            app::router_settings(&settings),
+            Receivers::all(counts.clone()),
+        );
+        let listener = server::bind(settings.listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = tokio::spawn(server::serve_insecure(
+            listener,
+            controller.clone(),
+            Arc::new(NoBlobStore),
+            app::server_settings(&settings),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ));
+        Ok(Self {
+            controller,
+            url: format!("http://{addr}"),
+            counts,
+            stop,
+            server,
+        })
+    }
+
+    /// Waits until `counter` reaches `want` (polled every millisecond); the time it took.
+    async fn wait_count(
+        &self,
+        what: &str,
+        counter: impl Fn(&Counting) -> u64,
+        want: u64,
+        deadline: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        while counter(&self.counts) < want {
+            if started.elapsed() > deadline {
+                bail!(
+                    "{what}: {} of {want} after {deadline:?}",
+                    counter(&self.counts)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.controller.shutdown().await;
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process figures from /proc
+// ---------------------------------------------------------------------------------------------
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_field(pid: Option<u32>, field: &str) -> u64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory in bytes (`VmRSS`).
+fn rss(pid: Option<u32>) -> u64 {
+    proc_status_field(pid, "VmRSS:") * 1024
+}
+
+/// OS threads of the process.
+fn threads(pid: Option<u32>) -> u64 {
+    proc_status_field(pid, "Threads:")
+}
+
+/// User + system CPU time of the whole process (all threads), from `/proc/<pid>/stat`, at the
+/// kernel's 100 ticks per second (`getconf CLK_TCK` is 100 here): 10 ms resolution.
+fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let ticks = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            let rest = &text[text.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // Fields 14 and 15 of stat(5), counted from `state` (field 3).
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// CPU time of the controller process and the SM process over a phase.
+struct CpuMeter {
+    sm_pid: u32,
+    wall: Instant,
+    controller: Duration,
+    sm: Duration,
+}
+
+impl CpuMeter {
+    fn start(sm_pid: u32) -> Self {
+        Self {
+            sm_pid,
+            wall: Instant::now(),
+            controller: cpu_time(None),
+            sm: cpu_time(Some(sm_pid)),
+        }
+    }
+
+    /// (wall, controller CPU, SM CPU) since start.
+    fn read(&self) -> (Duration, Duration, Duration) {
+        (
+            self.wall.elapsed(),
+            cpu_time(None).saturating_sub(self.controller),
+            cpu_time(Some(self.sm_pid)).saturating_sub(self.sm),
+        )
+    }
+
+    fn describe(&self) -> String {
+        let (wall, controller, sm) = self.read();
+        let cores = |cpu: Duration| cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9);
+        format!(
+            "wall {:.2} s; CPU controller process {:.2} s ({:.2} cores), SM process {:.2} s \
+             ({:.2} cores)",
+            wall.as_secs_f64(),
+            controller.as_secs_f64(),
+            cores(controller),
+            sm.as_secs_f64(),
+            cores(sm)
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency statistics
+// ---------------------------------------------------------------------------------------------
+
+struct Latencies {
+    sorted_ns: Vec<u64>,
+}
+
+impl Latencies {
+    fn new(mut ns: Vec<u64>) -> Self {
+        ns.sort_unstable();
+        Self { sorted_ns: ns }
+    }
+
+    /// The `p`-quantile (nearest rank), in µs.
+    fn quantile_us(&self, p: f64) -> f64 {
+        if self.sorted_ns.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (p * self.sorted_ns.len() as f64).ceil() as usize;
+        let index = rank.clamp(1, self.sorted_ns.len()) - 1;
+        self.sorted_ns[index] as f64 / 1_000.0
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs (n = {})",
+            self.quantile_us(0.50),
+            self.quantile_us(0.90),
+            self.quantile_us(0.99),
+            self.quantile_us(0.999),
+            self.quantile_us(1.0),
+            self.sorted_ns.len()
+        )
+    }
+}
+
+/// `calls` sync calls by `callers` concurrent tasks on the controller's runtime, node `i` of
+/// caller `c`'s `k`-th call being `(c + k * callers) % nodes`. Returns the latencies, the errors
+/// and the wall time.
+async fn sync_calls(
+    controller: &Controller,
+    ids: &Arc<Vec<NodeId>>,
+    calls: usize,
+    callers: usize,
+) -> anyhow::Result<(Latencies, usize, Duration)> {
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<(Vec<u64>, usize)>> = (0..callers)
+        .map(|c| {
+            let controller = controller.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut ns = Vec::with_capacity(calls / callers + 1);
+                let mut errors = 0;
+                let mut k = 0;
+                while c + k * callers < calls {
+                    let node = &ids[(c + k * callers) % ids.len()];
+                    let t = Instant::now();
+                    let result = controller.get_node_config_status(node).await;
+                    ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                    if result.is_err() {
+                        errors += 1;
+                    }
+                    k += 1;
+                }
+                (ns, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(calls);
+    let mut errors = 0;
+    for task in tasks {
+        let (ns, e) = task.await?;
+        all.extend(ns);
+        errors += e;
+    }
+    Ok((Latencies::new(all), errors, started.elapsed()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// The controller, plus an SM process with `nodes` registered SMs named `{prefix}-{i}`.
+async fn setup(prefix: &str, nodes: usize) -> anyhow::Result<(Harness, SmProcess)> {
+    let harness = Harness::start().await?;
+    let mut sm = SmProcess::spawn(&harness.url).await?;
+    let started = Instant::now();
+    let reply = sm
+        .request(
+            &format!("connect {prefix} {nodes} {CONNECT_CONCURRENCY}"),
+            Duration::from_secs(120),
+        )
+        .await?;
+    harness
+        .wait_count(
+            "nodes registered",
+            |c| c.connected.load(Ordering::Relaxed),
+            nodes as u64,
+            Duration::from_secs(60),
+        )
+        .await?;
+    println!(
+        "{nodes} SMs registered in {:.2} s (SM process: {})",
+        started.elapsed().as_secs_f64(),
+        reply.join(" ")
+    );
+    Ok((harness, sm))
+}
+
+fn node_ids(prefix: &str, nodes: usize) -> Arc<Vec<NodeId>> {
+    Arc::new(
+        (0..nodes)
+            .map(|i| NodeId::new(format!("{prefix}-{i}")))
+            .collect(),
+    )
+}
+
+async fn sync_rtt(options: &Options) -> anyhow::Result<()> {
+    let (harness, sm) = setup("rtt", RTT_NODES).await?;
+    let ids = node_ids("rtt", RTT_NODES);
+    let controller = harness.controller.clone();
+
+    // Warm-up: one call per node.
+    let (_, errors, _) = sync_calls(&controller, &ids, RTT_NODES, 1).await?;
+    ensure!(errors == 0, "{errors} warm-up calls failed");
+
+    let cpu = CpuMeter::start(sm.pid);
+    let (seq, seq_errors, seq_wall) = sync_calls(&controller, &ids, options.rtt_calls, 1).await?;
+    let seq_rate = options.rtt_calls as f64 / seq_wall.as_secs_f64();
+    println!(
+        "sequential, {} calls over {RTT_NODES} nodes: {}; {seq_rate:.0} calls/s; {seq_errors} \
+         errors",
+        options.rtt_calls,
+        seq.describe()
+    );
+    println!("  {}", cpu.describe());
+
+    let cpu = CpuMeter::start(sm.pid);
+    let (conc, conc_errors, conc_wall) =
+        sync_calls(&controller, &ids, options.rtt_calls, RTT_CALLERS).await?;
+    let conc_rate = options.rtt_calls as f64 / conc_wall.as_secs_f64();
+    println!(
+        "{RTT_CALLERS} concurrent callers, {} calls: {}; {conc_rate:.0} calls/s; {conc_errors} \
+         errors",
+        options.rtt_calls,
+        conc.describe()
+    );
+    println!("  {}", cpu.describe());
+    println!(
+        "controller process: {} threads, VmRSS {:.1} MiB",
+        threads(None),
+        mib(rss(None))
+    );
+
+    let (p50, p99) = (seq.quantile_us(0.5), seq.quantile_us(0.99));
+    summary(
+        "N-PERF-1",
+        "sync p50, 1,000 nodes, sequential",
+        "<= 150 µs",
+        format!("{p50:.0} µs"),
+        Some(p50 <= 150.0),
+    );
+    summary(
+        "N-PERF-1",
+        "sync p99, 1,000 nodes, sequential",
+        "<= 500 µs",
+        format!("{p99:.0} µs"),
+        Some(p99 <= 500.0),
+    );
+    summary(
+        "N-PERF-1",
+        "sync, 64 callers (info)",
+        "-",
+        format!(
+            "{conc_rate:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
+            conc.quantile_us(0.5),
+            conc.quantile_us(0.99)
+        ),
+        None,
+    );
+
+    sm.quit().await;
+    harness.stop().await;
+    ensure!(
+        seq_errors + conc_errors == 0,
+        "{} sync calls failed",
+        seq_errors + conc_errors
+    );
+    Ok(())
+}
+
+async fn telemetry(options: &Options) -> anyhow::Result<()> {
+    let (harness, mut sm) = setup("tel", TELEMETRY_NODES).await?;
+    let counts = harness.counts.clone();
+    counts.monitoring.store(0, Ordering::Relaxed);
+    let per_node = options.telemetry_per_node;
+
+    let cpu = CpuMeter::start(sm.pid);
+    let reply = sm
+        .request(
+            &format!("burst {per_node} {}", TELEMETRY_LIMIT.as_millis()),
+            TELEMETRY_LIMIT + Duration::from_secs(30),
+        )
+        .await?;
+    let sent: u64 = reply
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .context("burst reply without a count")?;
+    // Everything sent has left the SM process; wait until the receivers have it all.
+    let drained = harness
+        .wait_count(
+            "monitoring received",
+            |c| c.monitoring.load(Ordering::Relaxed),
+            sent,
+            Duration::from_secs(30),
+        )
+        .await;
+    let cpu_line = cpu.describe();
+    let (_, controller_cpu, sm_cpu) = cpu.read();
+    let received = counts.monitoring.load(Ordering::Relaxed);
+    let first = counts.monitoring_first_ns.load(Ordering::Relaxed);
+    let last = counts.monitoring_last_ns.load(Ordering::Relaxed);
+    let span = Duration::from_nanos(last.saturating_sub(first));
+    let rate = received as f64 / span.as_secs_f64().max(1e-9);
+    println!(
+        "{TELEMETRY_NODES} SMs x {per_node} instant_monitoring: SM process sent {sent} ({}), \
+         receivers got {received} in {:.3} s (first to last): {rate:.0} messages/s",
+        reply.join(" "),
+        span.as_secs_f64()
+    );
+    println!("  {cpu_line}");
+    println!(
+        "  controller CPU per message {:.2} µs, SM process CPU per message {:.2} µs",
+        controller_cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
+        sm_cpu.as_secs_f64() * 1e6 / received.max(1) as f64
+    );
+    println!(
+        "controller process: {} threads, VmRSS {:.1} MiB",
+        threads(None),
+        mib(rss(None))
+    );
+    summary(
+        "N-PERF-2",
+        "telemetry, 100 SMs, insecure",
+        ">= 200,000 msg/s",
+        format!("{rate:.0} msg/s"),
+        Some(rate >= 200_000.0),
+    );
+    summary(
+        "N-PERF-2",
+        "controller CPU per message (info)",
+        "-",
+        format!(
+            "{:.2} µs",
+            controller_cpu.as_secs_f64() * 1e6 / received.max(1) as f64
+        ),
+        None,
+    );
+    summary(
+        "N-PERF-2",
+        "telemetry with mTLS",
+        ">= 150,000 msg/s",
+        "not measured (insecure only)".into(),
+        None,
+    );
+    sm.quit().await;
+    harness.stop().await;
+    drained.map(drop)
+}
+
+async fn scale(options: &Options) -> anyhow::Result<()> {
+    let nodes = options.scale_nodes;
+    let harness = Harness::start().await?;
+    let mut sm = SmProcess::spawn(&harness.url).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss(None);
+    let threads_before = threads(None);
+    println!(
+        "controller process before: VmRSS {:.1} MiB, {threads_before} threads",
+        mib(rss_before)
+    );
+
+    let cpu = CpuMeter::start(sm.pid);
+    // The clock starts as the command leaves: `wait_count` measures from its own start.
+    sm.send(&format!("connect scale {nodes} {CONNECT_CONCURRENCY}"))
+        .await?;
+    let registered = harness
+        .wait_count(
+            "nodes registered",
+            |c| c.connected.load(Ordering::Relaxed),
+            nodes as u64,
+            Duration::from_secs(120),
+        )
+        .await;
+    let reply = sm.receive(Duration::from_secs(120)).await?;
+    let registered = registered?;
+    println!(
+        "{nodes} SMs registered (every on_node_connected heard) in {:.2} s; SM process: {}",
+        registered.as_secs_f64(),
+        reply.join(" ")
+    );
+    println!("  {}", cpu.describe());
+    ensure!(
+        harness.controller.node_count() == nodes,
+        "the registry holds {} nodes, not {nodes}",
+        harness.controller.node_count()
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = rss(None);
+    let per_node = rss_after.saturating_sub(rss_before) / nodes as u64;
+    println!(
+        "controller process with {nodes} streams: VmRSS {:.1} MiB (+{:.1} MiB, {:.1} KiB per \
+         node), {} threads; SM process VmRSS {:.1} MiB",
+        mib(rss_after),
+        mib(rss_after.saturating_sub(rss_before)),
+        per_node as f64 / 1024.0,
+        threads(None),
+        mib(rss(Some(sm.pid)))
+    );
+
+    // Cloud status fan-out, both ways.
+    let mut fanout = Vec::new();
+    for connected in [true, false] {
+        let want = u8::from(connected);
+        sm.request(&format!("arm_cloud {want}"), Duration::from_secs(10))
+            .await?;
+        let started = Instant::now();
+        harness.controller.set_cloud_connected(connected);
+        let call = started.elapsed();
+        let reply = sm
+            .request("await_cloud 10000", Duration::from_secs(15))
+            .await?;
+        let all = started.elapsed();
+        println!(
+            "set_cloud_connected({connected}): call returned after {:.1} ms; all {nodes} SMs had \
+             the new connection_status after {:.1} ms (SM process: {})",
+            call.as_secs_f64() * 1e3,
+            all.as_secs_f64() * 1e3,
+            reply.join(" ")
+        );
+        fanout.push(all);
+    }
+
+    // A sync-call sample at this scale.
+    let ids = node_ids("scale", nodes);
+    let (lat, errors, wall) = sync_calls(&harness.controller, &ids, 2_000, 1).await?;
+    println!(
+        "sync calls at {nodes} nodes, 2,000 sequential: {}; {:.0} calls/s; {errors} errors",
+        lat.describe(),
+        2_000.0 / wall.as_secs_f64()
+    );
+    let rss_peak = rss(None);
+
+    // Everyone leaves.
+    let started = Instant::now();
+    sm.request("close", Duration::from_secs(60)).await?;
+    let left = harness
+        .wait_count(
+            "nodes disconnected",
+            |c| c.disconnected.load(Ordering::Relaxed),
+            nodes as u64,
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "all {nodes} streams closed by the SMs, disconnects heard after {:.2} s; controller \
+         VmRSS {:.1} MiB (peak seen {:.1} MiB), {} threads, {} nodes in the registry",
+        started.elapsed().as_secs_f64(),
+        mib(rss(None)),
+        mib(rss_peak),
+        threads(None),
+        harness.controller.node_count()
+    );
+
+    let worst_fanout = fanout.iter().max().copied().unwrap_or_default();
+    summary(
+        "N-SCALE-1",
+        &format!("{nodes} streams all registered"),
+        "<= 10 s",
+        format!("{:.2} s", registered.as_secs_f64()),
+        Some(registered <= Duration::from_secs(10)),
+    );
+    summary(
+        "N-SCALE-1",
+        &format!("controller VmRSS with {nodes} streams"),
+        "<= 640 MiB",
+        format!("{:.1} MiB", mib(rss_after)),
+        Some(rss_after <= 640 << 20),
+    );
+    summary(
+        "N-SCALE-1",
+        "VmRSS increase per node",
+        "<= 64 KiB",
+        format!("{:.1} KiB", per_node as f64 / 1024.0),
+        Some(per_node <= 64 << 10),
+    );
+    summary(
+        "N-SCALE-1",
+        &format!("cloud status reaches all {nodes} (worst of 2)"),
+        "<= 500 ms",
+        format!("{:.1} ms", worst_fanout.as_secs_f64() * 1e3),
+        Some(worst_fanout <= Duration::from_millis(500)),
+    );
+    sm.quit().await;
+    harness.stop().await;
+    left.map(drop)
+}
+
+async fn churn(options: &Options) -> anyhow::Result<()> {
+    let rounds = options.cycles.div_ceil(CHURN_NODES).max(1);
+    let harness = Harness::start().await?;
+    let mut sm = SmProcess::spawn(&harness.url).await?;
+
+    // Warm-up rounds, then the baseline.
+    let mut expected = 0u64;
+    for w in 0..CHURN_WARMUP_ROUNDS {
+        expected += CHURN_NODES as u64;
+        churn_round(&harness, &mut sm, expected).await?;
+        if w == 0 {
+            println!(
+                "after 1 warm-up round of {CHURN_NODES}: controller VmRSS {:.1} MiB",
+                mib(rss(None))
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss(None);
+    println!(
+        "baseline after {CHURN_WARMUP_ROUNDS} warm-up rounds ({} cycles): controller VmRSS {:.1} \
+         MiB, {} threads",
+        CHURN_WARMUP_ROUNDS * CHURN_NODES,
+        mib(baseline),
+        threads(None)
+    );
+
+    let cpu = CpuMeter::start(sm.pid);
+    let started = Instant::now();
+    let checkpoint = (rounds / 10).max(1);
+    let mut done = 0;
+    // (cycles, VmRSS) at each checkpoint, for the slope.
+    let mut samples: Vec<(usize, u64)> = Vec::new();
+    for r in 0..rounds {
+        if started.elapsed() > CHURN_LIMIT {
+            println!("time bound of {CHURN_LIMIT:?} reached after {r} rounds");
+            break;
+        }
+        expected += CHURN_NODES as u64;
+        churn_round(&harness, &mut sm, expected).await?;
+        done = r + 1;
+        if done % checkpoint == 0 {
+            let now = rss(None);
+            samples.push((done * CHURN_NODES, now));
+            println!(
+                "  after {:>6} cycles ({:5.1} s): VmRSS {:.1} MiB ({:+.1} %), {} threads",
+                done * CHURN_NODES,
+                started.elapsed().as_secs_f64(),
+                mib(now),
+                (now as f64 / baseline as f64 - 1.0) * 100.0,
+                threads(None)
+            );
+        }
+    }
+    if let (Some(first), Some(last)) = (samples.first(), samples.last())
+        && last.0 > first.0
+    {
+        let slope = (last.1 as f64 - first.1 as f64) / (last.0 - first.0) as f64;
+        println!(
+            "  VmRSS slope from the first checkpoint to the last: {slope:+.1} bytes per cycle \
+             ({:+.1} MiB per 100,000 cycles)",
+            slope * 100_000.0 / (1024.0 * 1024.0)
+        );
+    }
+    let cycles = done * CHURN_NODES;
+    let wall = started.elapsed();
+    println!(
+        "{cycles} connect/register/disconnect cycles ({done} rounds of {CHURN_NODES}) in {:.1} \
+         s: {:.0} cycles/s",
+        wall.as_secs_f64(),
+        cycles as f64 / wall.as_secs_f64()
+    );
+    println!("  {}", cpu.describe());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let end = rss(None);
+    let diff = (end as f64 / baseline as f64 - 1.0) * 100.0;
+    println!(
+        "end (1 s after the last disconnect): controller VmRSS {:.1} MiB vs baseline {:.1} MiB: \
+         {diff:+.1} %; {} threads; connected {} / disconnected {} heard",
+        mib(end),
+        mib(baseline),
+        threads(None),
+        harness.counts.connected.load(Ordering::Relaxed),
+        harness.counts.disconnected.load(Ordering::Relaxed)
+    );
+    summary(
+        "N-LEAK-1",
+        &format!(
+            "VmRSS after {cycles} cycles vs baseline (after {} cycles)",
+            CHURN_WARMUP_ROUNDS * CHURN_NODES
+        ),
+        "within ±10 %",
+        format!("{diff:+.1} % ({:.1} -> {:.1} MiB)", mib(baseline), mib(end)),
+        Some(diff.abs() <= 10.0),
+    );
+    if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
+        let growth = (last.1 as f64 / first.1 as f64 - 1.0) * 100.0;
+        summary(
+            "N-LEAK-1",
+            &format!("VmRSS growth from {} to {} cycles (info)", first.0, last.0),
+            "-",
+            format!(
+                "{growth:+.1} % ({:.1} -> {:.1} MiB)",
+                mib(first.1),
+                mib(last.1)
+            ),
+            None,
+        );
+    }
+    sm.quit().await;
+    harness.stop().await;
+    Ok(())
+}
+
+/// One churn round: [`CHURN_NODES`] SMs connect and register, then close their streams; returns
+/// once the controller has reported every disconnect and its registry is empty.
+async fn churn_round(harness: &Harness, sm: &mut SmProcess, expected: u64) -> anyhow::Result<()> {
+    sm.request(
+        &format!("connect churn {CHURN_NODES} {CONNECT_CONCURRENCY}"),
+        Duration::from_secs(60),
+    )
+    .await?;
+    harness
+        .wait_count(
+            "churn nodes registered",
+            |c| c.connected.load(Ordering::Relaxed),
+            expected,
+            Duration::from_secs(30),
+        )
+        .await?;
+    sm.request("close", Duration::from_secs(60)).await?;
+    harness
+        .wait_count(
+            "churn nodes disconnected",
+            |c| c.disconnected.load(Ordering::Relaxed),
+            expected,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let started = Instant::now();
+    while harness.controller.node_count() != 0 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} nodes still in the registry after every disconnect",
+            harness.controller.node_count()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SM process, seen from the scenario process
+// ---------------------------------------------------------------------------------------------
+
+/// A child process of simulated SMs, driven by line commands.
+struct SmProcess {
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+    pid: u32,
+}
+
+impl SmProcess {
+    async fn spawn(url: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("--sm-child")
+            .arg(url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the SM process")?;
+        let pid = child.id().context("SM process id")?;
+        let stdin = child.stdin.take().context("SM process stdin")?;
+        let stdout = child.stdout.take().context("SM process stdout")?;
+        let mut sm = Self {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            pid,
+        };
+        sm.request("ping", Duration::from_secs(10)).await?;
+        Ok(sm)
+    }
+
+    async fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn receive(&mut self, deadline: Duration) -> anyhow::Result<Vec<String>> {
+        let line = tokio::time::timeout(deadline, self.lines.next_line())
+            .await
+            .map_err(|_| anyhow!("SM process did not answer within {deadline:?}"))??
+            .context("SM process ended")?;
+        let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        if words.first().map(String::as_str) == Some("error") {
+            bail!("SM process: {line}");
+        }
+        Ok(words)
+    }
+
+    async fn request(&mut self, command: &str, deadline: Duration) -> anyhow::Result<Vec<String>> {
+        self.send(command).await?;
+        self.receive(deadline)
+            .await
+            .with_context(|| format!("command {command:?}"))
+    }
+
+    async fn quit(mut self) {
+        let _ = self.send("quit").await;
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SM process itself: lean simulated SMs
+// ---------------------------------------------------------------------------------------------
+
+/// What every node of the SM process shares.
+struct Fleet {
+    url: String,
+    instances: Vec<InstanceStatus>,
+    /// Nodes whose last `connection_status` said connected.
+    cloud_up: AtomicUsize,
+    /// The `cloud_up` value `await_cloud` waits for (`usize::MAX`: nobody waits).
+    cloud_want: AtomicUsize,
+    cloud_reached: Notify,
+    cloud_first_ns: AtomicU64,
+    cloud_last_ns: AtomicU64,
+    config_requests: AtomicU64,
+}
+
+impl Fleet {
+    fn cloud_changed(&self, up: usize) {
+        let now = now_ns();
+        self.cloud_first_ns.fetch_min(now, Ordering::Relaxed);
+        self.cloud_last_ns.fetch_max(now, Ordering::Relaxed);
+        if up == self.cloud_want.load(Ordering::Acquire) {
+            self.cloud_reached.notify_one();
+        }
+    }
+}
+
+/// One simulated SM with an open stream.
+struct LeanNode {
+    /// The only strong sender of the request stream: dropping it ends the stream.
+    tx: mpsc::Sender<SmOutgoingMessages>,
+    task: JoinHandle<()>,
+}
+
+async fn connect_node(fleet: Arc<Fleet>, id: String) -> anyhow::Result<LeanNode> {
+    let channel = Endpoint::from_shared(fleet.url.clone())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(20))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .context("connect")?;
+    let (tx, rx) = mpsc::channel(256);
+    tx.send(messages::sm_info(&id)).await?;
+    tx.send(messages::node_instances_status(&fleet.instances))
+        .await?;
+    let mut client = SmServiceClient::new(channel);
+    let mut inbound = client
+        .register_sm(ReceiverStream::new(rx))
+        .await
+        .context("RegisterSM")?
+        .into_inner();
+    let replies = tx.downgrade();
+    let task = tokio::spawn(async move {
+        let mut cloud = -1;
+        while let Ok(Some(message)) = inbound.message().await {
+            match message.sm_incoming_message {
+                Some(SmIncomingMessage::GetNodeConfigStatus(_)) => {
+                    fleet.config_requests.fetch_add(1, Ordering::Relaxed);
+                    if let Some(tx) = replies.upgrade() {
+                        let _ = tx
+                            .send(messages::node_config_status("absent", "", None))
+                            .await;
+                    }
+                }
+                Some(SmIncomingMessage::ConnectionStatus(status)) => {
+                    let now_up = status.cloud_status == 1;
+                    if now_up && cloud != 1 {
+                        let up = fleet.cloud_up.fetch_add(1, Ordering::AcqRel) + 1;
+                        fleet.cloud_changed(up);
+                    } else if !now_up && cloud == 1 {
+                        let up = fleet.cloud_up.fetch_sub(1, Ordering::AcqRel) - 1;
+                        fleet.cloud_changed(up);
+                    }
+                    cloud = status.cloud_status;
+                }
+                _ => {}
+            }
+        }
+        if cloud == 1 {
+            fleet.cloud_up.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(client);
+    });
+    Ok(LeanNode { tx, task })
+}
+
+async fn sm_child(url: String) -> anyhow::Result<()> {
+    let fleet = Arc::new(Fleet {
+        url,
+        instances: messages::initial_instances(3),
+        cloud_up: AtomicUsize::new(0),
+        cloud_want: AtomicUsize::new(usize::MAX),
+        cloud_reached: Notify::new(),
+        cloud_first_ns: AtomicU64::new(u64::MAX),
+        cloud_last_ns: AtomicU64::new(0),
+        config_requests: AtomicU64::new(0),
+    });
+    let mut nodes: Vec<LeanNode> = Vec::new();
+    let mut out = tokio::io::stdout();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match sm_command(&fleet, &mut nodes, &words).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => break,
+            Err(e) => format!("error {e:#}").replace('\n', " "),
+        };
+        out.write_all(format!("{reply}\n").as_bytes()).await?;
+        out.flush().await?;
+    }
+    close_all(&mut nodes).await;
+    Ok(())
+}
+
+fn arg<T: std::str::FromStr>(words: &[&str], i: usize) -> anyhow::Result<T> {
+    words
+        .get(i)
+        .and_then(|w| w.parse().ok())
+        .with_context(|| format!("argument {i} of {:?}", words.join(" ")))
+}
+
+/// Runs one command; `None` to quit.
+async fn sm_command(
+    fleet: &Arc<Fleet>,
+    nodes: &mut Vec<LeanNode>,
+    words: &[&str],
+) -> anyhow::Result<Option<String>> {
+    let reply = match words.first().copied().unwrap_or("") {
+        "ping" => "pong".to_owned(),
+        "quit" => return Ok(None),
+        // connect PREFIX COUNT CONCURRENCY
+        "connect" => {
+            let prefix: String = arg(words, 1)?;
+            let count: usize = arg(words, 2)?;
+            let concurrency: usize = arg(words, 3)?;
+            let started = Instant::now();
+            let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+            let attempts: Vec<JoinHandle<anyhow::Result<LeanNode>>> = (0..count)
+                .map(|i| {
+                    let fleet = fleet.clone();
+                    let permits = permits.clone();
+                    let id = format!("{prefix}-{i}");
+                    tokio::spawn(async move {
+                        let _permit = permits.acquire_owned().await?;
+                        connect_node(fleet, id).await
+                    })
+                })
+                .collect();
+            let mut errors: HashMap<String, usize> = HashMap::new();
+            for attempt in attempts {
+                match attempt.await? {
+                    Ok(node) => nodes.push(node),
+                    Err(e) => *errors.entry(format!("{e:#}")).or_default() += 1,
+                }
+            }
+            ensure!(
+                errors.is_empty(),
+                "{} of {count} nodes failed to connect: {errors:?}",
+                errors.values().sum::<usize>()
+            );
+            format!(
+                "connected {count} in {:.0} ms (open streams {})",
+                started.elapsed().as_secs_f64() * 1e3,
+                nodes.len()
+            )
+        }
+        // burst PER_NODE MAX_MS
+        "burst" => {
+            let per_node: u64 = arg(words, 1)?;
+            let limit = Duration::from_millis(arg(words, 2)?);
+            let started = Instant::now();
+            let bursts: Vec<JoinHandle<u64>> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    let tx = node.tx.clone();
+                    let message = messages::instant_monitoring(&fleet.instances, i as u64);
+                    tokio::spawn(async move {
+                        let mut sent = 0;
+                        while sent < per_node {
+                            if sent % 1024 == 0 && started.elapsed() > limit {
+                                break;
+                            }
+                            if tx.send(message.clone()).await.is_err() {
+                                break;
+                            }
+                            sent += 1;
+                        }
+                        sent
+                    })
+                })
+                .collect();
+            let mut sent = 0;
+            for burst in bursts {
+                sent += burst.await?;
+            }
+            let wall = started.elapsed();
+            format!(
+                "sent {sent} queued-in {:.3} s ({:.0}/s)",
+                wall.as_secs_f64(),
+                sent as f64 / wall.as_secs_f64()
+            )
+        }
+        // arm_cloud 0|1: the next await_cloud waits for every node to be down (0) or up (1).
+        "arm_cloud" => {
+            let up: u8 = arg(words, 1)?;
+            fleet.cloud_first_ns.store(u64::MAX, Ordering::Relaxed);
+            fleet.cloud_last_ns.store(0, Ordering::Relaxed);
+            let want = if up == 1 { nodes.len() } else { 0 };
+            fleet.cloud_want.store(want, Ordering::Release);
+            format!("armed {want}")
+        }
+        // await_cloud MAX_MS
+        "await_cloud" => {
+            let limit = Duration::from_millis(arg(words, 1)?);
+            let want = fleet.cloud_want.load(Ordering::Acquire);
+            let deadline = tokio::time::Instant::now() + limit;
+            while fleet.cloud_up.load(Ordering::Acquire) != want {
+                tokio::select! {
+                    () = fleet.cloud_reached.notified() => {}
+                    () = tokio::time::sleep_until(deadline) => bail!(
+                        "{} nodes up, waiting for {want}, after {limit:?}",
+                        fleet.cloud_up.load(Ordering::Acquire)
+                    ),
+                }
+            }
+            fleet.cloud_want.store(usize::MAX, Ordering::Release);
+            let first = fleet.cloud_first_ns.load(Ordering::Relaxed);
+            let last = fleet.cloud_last_ns.load(Ordering::Relaxed);
+            format!(
+                "reached {want}: first to last node {:.1} ms",
+                last.saturating_sub(first) as f64 / 1e6
+            )
+        }
+        "close" => {
+            let started = Instant::now();
+            let (count, stragglers) = close_all(nodes).await;
+            format!(
+                "closed {count} in {:.0} ms ({stragglers} aborted)",
+                started.elapsed().as_secs_f64() * 1e3
+            )
+        }
+        other => bail!("unknown command {other:?}"),
+    };
+    Ok(Some(reply))
+}
+
+/// Ends every stream from the SM side and waits until the controller has finished them; the
+/// count, and how many had to be aborted after 20 s.
+async fn close_all(nodes: &mut Vec<LeanNode>) -> (usize, usize) {
+    let count = nodes.len();
+    let tasks: Vec<JoinHandle<()>> = nodes.drain(..).map(|n| n.task).collect();
+    // `nodes.drain` dropped every strong sender: each request stream ends.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut stragglers = 0;
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            stragglers += 1;
+        }
+    }
+    (count, stragglers)
+}
