@@ -166,11 +166,16 @@ where
     );
     inner.track(link.session, dispatcher);
 
+    // Made once per stream, not per message: every stream shares the shutdown token, so a fresh
+    // `cancelled()` per message would contend on its lock.
+    let shutdown = inner.shutdown.cancelled();
+    let replaced = link.replaced.cancelled();
+    tokio::pin!(shutdown, replaced);
     let reason = loop {
         let event = tokio::select! {
             biased;
-            () = inner.shutdown.cancelled() => break DisconnectReason::Shutdown,
-            () = link.replaced.cancelled() => break DisconnectReason::Replaced,
+            () = &mut shutdown => break DisconnectReason::Shutdown,
+            () = &mut replaced => break DisconnectReason::Replaced,
             event = inbound.next() => event,
         };
         let message = match event {
@@ -202,8 +207,8 @@ where
         // Lossless backpressure: while the queue is full the stream is not read.
         let queued = tokio::select! {
             biased;
-            () = inner.shutdown.cancelled() => break DisconnectReason::Shutdown,
-            () = link.replaced.cancelled() => break DisconnectReason::Replaced,
+            () = &mut shutdown => break DisconnectReason::Shutdown,
+            () = &mut replaced => break DisconnectReason::Replaced,
             queued = queue.send(message) => queued,
         };
         if queued.is_err() {
@@ -316,10 +321,12 @@ async fn dispatch(
     receivers.sm_info.on_node_connected(&node).await;
     receivers.sm_info.on_sm_info_received(&info).await;
 
+    let shutdown = inner.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let message = tokio::select! {
             biased;
-            () = inner.shutdown.cancelled() => {
+            () = &mut shutdown => {
                 if !queued.is_empty() {
                     warn!(dropped = queued.len(), "stopping: queued messages not delivered");
                 }
