@@ -31,6 +31,7 @@ pub fn server_settings(settings: &Settings) -> ServerSettings {
         max_message_size: settings.max_message_size,
         keepalive_interval: settings.keepalive_interval,
         keepalive_timeout: settings.keepalive_timeout,
+        flow_window: settings.flow_window,
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `registrationTimeout` | how long a new stream may take to send `sm_info` | `"10s"` |
 //! | `queueBound` | bound of each node's inbound message queue | `256` |
 //! | `maxMessageSize` | largest message accepted, bytes (at least 1024) | `16777216` |
+//! | `flowWindow` | HTTP/2 flow-control window per stream and per connection, bytes | `262144` |
 //! | `keepaliveInterval` | HTTP/2 keepalive ping interval | `"10s"` |
 //! | `keepaliveTimeout` | how long a keepalive ping may go unanswered | `"5s"` |
 //! | `certReloadRetry` | retry period of a failed certificate reload | `"10s"` |
@@ -62,6 +63,12 @@ pub const DEFAULT_QUEUE_BOUND: usize = 256;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// The smallest `maxMessageSize` accepted: 1 KiB.
 pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+/// Default of `flowWindow`: 256 KiB.
+pub const DEFAULT_FLOW_WINDOW: u32 = 256 * 1024;
+/// The smallest `flowWindow` accepted: HTTP/2's own initial window, 65,535 bytes.
+pub const MIN_FLOW_WINDOW: usize = 65_535;
+/// The largest `flowWindow` HTTP/2 allows: 2^31 - 1 bytes.
+pub const MAX_FLOW_WINDOW: usize = (1 << 31) - 1;
 /// Default of `keepaliveInterval`.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Default of `keepaliveTimeout`.
@@ -78,6 +85,7 @@ const KNOWN_KEYS: &[&str] = &[
     "registrationTimeout",
     "queueBound",
     "maxMessageSize",
+    "flowWindow",
     "keepaliveInterval",
     "keepaliveTimeout",
     "certReloadRetry",
@@ -142,6 +150,9 @@ pub struct Settings {
     pub queue_bound: usize,
     /// Largest message accepted from an SM, bytes (`maxMessageSize`); at least 1 KiB.
     pub max_message_size: usize,
+    /// HTTP/2 flow-control window of each stream and connection, bytes (`flowWindow`). It
+    /// bounds what an SM whose stream is paused (full queue) can have buffered in the server.
+    pub flow_window: u32,
     /// Interval of the server's HTTP/2 keepalive pings (`keepaliveInterval`).
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped
@@ -166,6 +177,7 @@ impl Default for Settings {
             registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
             queue_bound: DEFAULT_QUEUE_BOUND,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            flow_window: DEFAULT_FLOW_WINDOW,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             cert_reload_retry: DEFAULT_CERT_RELOAD_RETRY,
@@ -375,6 +387,7 @@ fn from_map(origin: &str, map: &Map<String, Value>) -> Result<Settings, ConfigEr
             "registrationTimeout" => settings.registration_timeout = field.duration()?,
             "queueBound" => settings.queue_bound = field.size(1)?,
             "maxMessageSize" => settings.max_message_size = field.size(MIN_MAX_MESSAGE_SIZE)?,
+            "flowWindow" => settings.flow_window = field.window()?,
             "keepaliveInterval" => settings.keepalive_interval = field.duration()?,
             "keepaliveTimeout" => settings.keepalive_timeout = field.duration()?,
             "certReloadRetry" => settings.cert_reload_retry = field.duration()?,
@@ -435,6 +448,19 @@ impl<'a> Field<'a> {
     }
 
     /// A whole number of at least `min`.
+    /// An HTTP/2 window size: 65,535 to 2^31 - 1 bytes.
+    fn window(&self) -> Result<u32, ConfigError> {
+        let n = self.size(MIN_FLOW_WINDOW)?;
+        u32::try_from(n)
+            .ok()
+            .filter(|&n| n as usize <= MAX_FLOW_WINDOW)
+            .ok_or_else(|| {
+                self.invalid(format_args!(
+                    "is larger than HTTP/2 allows ({MAX_FLOW_WINDOW})"
+                ))
+            })
+    }
+
     fn size(&self, min: usize) -> Result<usize, ConfigError> {
         let problem = || self.invalid(format_args!("is not a whole number of at least {min}"));
         let n = self.value.as_u64().ok_or_else(problem)?;
@@ -662,6 +688,7 @@ mod tests {
             "registrationTimeout": "3s",
             "queueBound": 1024,
             "maxMessageSize": 2048,
+            "flowWindow": 131072,
             "keepaliveInterval": "1m",
             "keepaliveTimeout": "500ms",
             "certReloadRetry": "PT0.5S",
@@ -679,6 +706,7 @@ mod tests {
                 registration_timeout: Duration::from_secs(3),
                 queue_bound: 1024,
                 max_message_size: 2048,
+                flow_window: 131_072,
                 keepalive_interval: Duration::from_secs(60),
                 keepalive_timeout: Duration::from_millis(500),
                 cert_reload_retry: Duration::from_millis(500),
@@ -924,6 +952,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!((s.queue_bound, s.max_message_size), (1, 1024));
+    }
+
+    #[test]
+    fn flow_window_is_bounded_by_what_http2_allows() {
+        let s = load_str(
+            "config.json",
+            r#"{"flowWindow": 65535, "insecure": true}"#,
+            &Cli::default(),
+        )
+        .unwrap();
+        assert_eq!(s.flow_window, 65_535);
+        for (bad, why) in [
+            ("65534", "is not a whole number of at least 65535"),
+            ("2147483648", "is larger than HTTP/2 allows (2147483647)"),
+            ("\"1MiB\"", "is not a whole number of at least 65535"),
+        ] {
+            let json = format!(r#"{{"flowWindow": {bad}, "insecure": true}}"#);
+            let e = load_str("config.json", &json, &Cli::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("flowWindow") && e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub struct ServerSettings {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped. Default 5 s.
     pub keepalive_timeout: Duration,
+    /// HTTP/2 flow-control window of each stream and each connection, bytes. It bounds what a
+    /// paused SM (R-TEL-3) can have buffered in the server beyond its queue. Default 256 KiB
+    /// (hyper's own default is 1 MiB per connection).
+    pub flow_window: u32,
 }
 
 impl Default for ServerSettings {
@@ -28,6 +32,7 @@ impl Default for ServerSettings {
             max_message_size: 16 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
+            flow_window: 256 * 1024,
         }
     }
 }
@@ -88,6 +93,8 @@ pub async fn serve_insecure(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .initial_stream_window_size(Some(settings.flow_window))
+        .initial_connection_window_size(Some(settings.flow_window))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
