@@ -142,12 +142,8 @@ impl Controller {
         link.send_cloud(self.inner.cloud.load(Ordering::SeqCst));
         let inner = self.inner.clone();
         let handle = self.inner.tracker.spawn(session::run(inner, link, inbound));
-        self.track(id, handle.abort_handle());
+        self.inner.track(id, handle.abort_handle());
         Ok(out_rx)
-    }
-
-    pub(crate) fn track(&self, session: u64, handle: AbortHandle) {
-        self.inner.track(session, handle);
     }
 
     /// The registered nodes, sorted.
