@@ -18,12 +18,7 @@ async fn r_reg_1_the_current_cloud_status_is_the_first_message() {
     h.controller.set_cloud_connected(true);
     let mut sm = TestSm::open_raw(&h.url()).await;
     // Sent before the SM says anything.
-    assert_eq!(
-        sm.recv().await,
-        SmIncomingMessage::ConnectionStatus(pb::ConnectionStatus {
-            cloud_status: pb::ConnectionEnum::Connected as i32
-        })
-    );
+    assert_eq!(sm.recv().await, support::cloud_status(true));
     h.stop().await;
 }
 

@@ -376,16 +376,8 @@ async fn r_cloud_1_cloud_changes_reach_every_registered_node() {
     h.controller.set_cloud_connected(true);
     h.controller.set_cloud_connected(false);
     for sm in &mut nodes {
-        for expected in [
-            pb::ConnectionEnum::Connected,
-            pb::ConnectionEnum::Disconnected,
-        ] {
-            assert_eq!(
-                sm.recv().await,
-                SmIncomingMessage::ConnectionStatus(pb::ConnectionStatus {
-                    cloud_status: expected as i32
-                })
-            );
+        for connected in [true, false] {
+            assert_eq!(sm.recv().await, support::cloud_status(connected));
         }
     }
     h.stop().await;
@@ -401,12 +393,7 @@ async fn r_cloud_1_the_controller_follows_a_cloud_connection_publisher() {
     cloud.expect_subscribe().return_once(move || rx);
     h.controller.follow_cloud(&cloud);
     tx.send(true).unwrap();
-    assert_eq!(
-        sm.recv().await,
-        SmIncomingMessage::ConnectionStatus(pb::ConnectionStatus {
-            cloud_status: pb::ConnectionEnum::Connected as i32
-        })
-    );
+    assert_eq!(sm.recv().await, support::cloud_status(true));
     h.stop().await;
 }
 

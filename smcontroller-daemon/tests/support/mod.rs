@@ -492,3 +492,15 @@ impl tonic::codec::Encoder for RawEncoder {
         Ok(())
     }
 }
+
+/// The `connection_status` command the controller sends for a cloud state.
+pub fn cloud_status(connected: bool) -> SmIncomingMessage {
+    let status = if connected {
+        pb::ConnectionEnum::Connected
+    } else {
+        pb::ConnectionEnum::Disconnected
+    };
+    SmIncomingMessage::ConnectionStatus(pb::ConnectionStatus {
+        cloud_status: status as i32,
+    })
+}
