@@ -28,7 +28,10 @@ pub trait NodeConfigHandler: Send + Sync {
     /// [`Error::Failed`](crate::Error::Failed).
     async fn update_node_config(&self, node: &NodeId, config: &NodeConfig) -> Result<()>;
 
-    /// The node's configuration state and version.
+    /// The node's configuration status whole: state, version and the node's error. A node whose
+    /// configuration failed answers with state `failed` and its error inside the status; that is
+    /// a normal answer, not an `Err` (contract R-SYNC-1, as the reference does). `Err` means the
+    /// node could not be asked: not registered, no answer in time, or gone while waiting.
     async fn get_node_config_status(&self, node: &NodeId) -> Result<NodeConfigStatus>;
 }
 

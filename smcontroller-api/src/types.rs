@@ -8,7 +8,10 @@ use std::{fmt, str::FromStr, sync::Arc, time::Duration, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+mod config_json;
 pub mod iso8601;
+
+pub use config_json::NodeConfigJsonError;
 
 /// The id of a node: the `node_id` its SM sends in `sm_info`. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,7 +59,15 @@ impl std::borrow::Borrow<str> for NodeId {
     }
 }
 
-/// A failure reported by a node: `common.v2.ErrorInfo` (its absence means success).
+/// A failure reported by a node: `common.v2.ErrorInfo`.
+///
+/// In the domain, `Option<ErrorInfo>` is `None` on success. On the wire the real SM puts an
+/// `ErrorInfo` on every status, also when nothing failed: the transport turns an absent one, and
+/// one with `aos_code` 0 and `exit_code` 0, into `None`. So a `Some` always means a failure:
+/// `aos_code` non-zero is a failure of that Aos error kind, `aos_code` 0 with a non-zero
+/// `exit_code` is a failure with that process exit code. An `ErrorInfo` whose codes are both 0
+/// cannot say "failed" to the reference; the transport sends it as the generic Aos failure
+/// ([`ErrorInfo::AOS_FAILED`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErrorInfo {
     /// The Aos error kind, as a number.
@@ -65,6 +76,25 @@ pub struct ErrorInfo {
     pub exit_code: i32,
     /// What went wrong, in words.
     pub message: String,
+}
+
+impl ErrorInfo {
+    /// The Aos error kind "failed" (`eFailed`), the generic failure.
+    pub const AOS_FAILED: i32 = 1;
+
+    /// A failure of the Aos error kind `aos_code` with `message`.
+    pub fn new(aos_code: i32, message: impl Into<String>) -> Self {
+        Self {
+            aos_code,
+            exit_code: 0,
+            message: message.into(),
+        }
+    }
+
+    /// Whether these codes say "failed" on the wire: `aos_code` or `exit_code` is not 0.
+    pub fn is_failure(&self) -> bool {
+        self.aos_code != 0 || self.exit_code != 0
+    }
 }
 
 /// Declares a closed string vocabulary of the protocol: an enum with its wire spelling,
@@ -303,8 +333,10 @@ pub struct NodeConfigStatus {
 }
 
 /// A node configuration: the JSON document that `CheckNodeConfig`/`SetNodeConfig` carry
-/// (camelCase keys, ISO 8601 durations).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// (camelCase keys, ISO 8601 durations). Build one with [`NodeConfig::new`]: the node group
+/// subject has no default. [`NodeConfig::to_json`] writes the keys as the reference controller
+/// does; [`NodeConfig::from_json`] reads keys case-insensitively, as a real SM does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeConfig {
     /// The configuration version; also sent beside the document.
@@ -312,9 +344,10 @@ pub struct NodeConfig {
     /// The node this configuration is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<Codename>,
-    /// The node group (node type) this configuration is for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_group_subject: Option<Codename>,
+    /// The node group (node type) this configuration is for. Required: the reference
+    /// controller always writes it, and a real SM cannot parse a configuration without it (it
+    /// then sends no reply at all).
+    pub node_group_subject: Codename,
     /// Thresholds that raise alerts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert_rules: Option<AlertRules>,
@@ -358,7 +391,11 @@ pub struct ResourceRatios {
 #[serde(rename_all = "camelCase")]
 pub struct AlertRulePercents {
     /// How long the value must stay over the threshold (`duration` on the wire).
-    #[serde(with = "iso8601::serde_duration", default)]
+    #[serde(
+        with = "iso8601::serde_duration",
+        default,
+        skip_serializing_if = "Duration::is_zero"
+    )]
     pub min_timeout: Duration,
     /// Lower threshold.
     pub min_threshold: f64,
@@ -371,7 +408,11 @@ pub struct AlertRulePercents {
 #[serde(rename_all = "camelCase")]
 pub struct AlertRulePoints {
     /// How long the value must stay over the threshold (`duration` on the wire).
-    #[serde(with = "iso8601::serde_duration", default)]
+    #[serde(
+        with = "iso8601::serde_duration",
+        default,
+        skip_serializing_if = "Duration::is_zero"
+    )]
     pub min_timeout: Duration,
     /// Lower threshold.
     pub min_threshold: u64,
@@ -386,7 +427,11 @@ pub struct PartitionAlertRule {
     /// Partition name.
     pub name: String,
     /// How long the value must stay over the threshold (`duration` on the wire).
-    #[serde(with = "iso8601::serde_duration", default)]
+    #[serde(
+        with = "iso8601::serde_duration",
+        default,
+        skip_serializing_if = "Duration::is_zero"
+    )]
     pub min_timeout: Duration,
     /// Lower threshold, percent.
     pub min_threshold: f64,
@@ -403,15 +448,15 @@ pub struct AlertRules {
     /// CPU usage rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<AlertRulePercents>,
-    /// Partition usage rules.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub partitions: Vec<PartitionAlertRule>,
     /// Download traffic rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<AlertRulePoints>,
     /// Upload traffic rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<AlertRulePoints>,
+    /// Partition usage rules (always written, also when empty, as the reference does).
+    #[serde(default)]
+    pub partitions: Vec<PartitionAlertRule>,
 }
 
 /// An environment variable of an instance (`EnvVarInfo`).

@@ -348,9 +348,9 @@ fn node_config() -> NodeConfig {
         node: Some(Codename {
             codename: NODE.into(),
         }),
-        node_group_subject: Some(Codename {
+        node_group_subject: Codename {
             codename: "mainType".into(),
-        }),
+        },
         alert_rules: Some(AlertRules {
             ram: Some(percents(1, 0.1, 0.2)),
             cpu: Some(percents(2, 0.3, 0.4)),

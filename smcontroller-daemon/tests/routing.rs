@@ -17,10 +17,9 @@ use tonic::Code;
 
 fn config(version: &str) -> NodeConfig {
     NodeConfig {
-        version: version.into(),
         priority: 1,
         labels: vec!["mainNode".into()],
-        ..NodeConfig::default()
+        ..NodeConfig::new(version, "main")
     }
 }
 

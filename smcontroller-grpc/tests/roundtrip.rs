@@ -73,15 +73,19 @@ fn duration() -> impl Strategy<Value = Duration> {
     (0_u64..10_000_000_000, 0_u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n))
 }
 
+/// `None` (success) or a failure as the wire can say it: at least one code non-zero. A domain
+/// error with both codes 0 is normalised on the way out (see `error_info_*` below).
 fn error_info() -> impl Strategy<Value = Option<api::ErrorInfo>> {
     option::of(
-        (any::<i32>(), any::<i32>(), text()).prop_map(|(aos_code, exit_code, message)| {
-            api::ErrorInfo {
+        (any::<i32>(), any::<i32>(), text())
+            .prop_filter("a failure has a non-zero code", |(a, e, _)| {
+                *a != 0 || *e != 0
+            })
+            .prop_map(|(aos_code, exit_code, message)| api::ErrorInfo {
                 aos_code,
                 exit_code,
                 message,
-            }
-        }),
+            }),
     )
 }
 
@@ -174,8 +178,8 @@ fn alert_rules(f: BoxedStrategy<f64>) -> impl Strategy<Value = api::AlertRules> 
         })
 }
 
-fn codename() -> impl Strategy<Value = Option<api::Codename>> {
-    option::of(text().prop_map(|codename| api::Codename { codename }))
+fn codename() -> impl Strategy<Value = api::Codename> {
+    text().prop_map(|codename| api::Codename { codename })
 }
 
 fn node_config() -> impl Strategy<Value = api::NodeConfig> {
@@ -193,7 +197,7 @@ fn node_config() -> impl Strategy<Value = api::NodeConfig> {
         });
     (
         text(),
-        codename(),
+        option::of(codename()),
         codename(),
         option::of(alert_rules(json_float())),
         option::of(ratios),

@@ -323,18 +323,15 @@ fn unknown_fields_from_a_newer_sm_are_skipped() {
 
 #[test]
 fn node_config_goes_as_json_with_its_version() {
-    let config = api::NodeConfig {
-        version: "1.0.0".into(),
-        priority: 1,
-        ..Default::default()
-    };
+    let mut config = api::NodeConfig::new("1.0.0", "main");
+    config.priority = 1;
     let message = pb::SmIncomingMessages::from(Outbound::SetNodeConfig(config));
-    let json = br#"{"version":"1.0.0","priority":1}"#;
-    assert_eq!(json.len(), 32);
+    let json = br#"{"version":"1.0.0","nodeGroupSubject":{"codename":"main"},"priority":1}"#;
+    assert_eq!(json.len(), 71);
     let mut expected = vec![
         0x1A, // SMIncomingMessages.set_node_config: field 3, wire type 2
-        0x29, // 41 bytes: 2 + 32 (node_config) + 2 + 5 (version)
-        0x0A, 0x20, // SetNodeConfig.node_config: field 1, wire type 2, 32 bytes
+        0x50, // 80 bytes: 2 + 71 (node_config) + 2 + 5 (version)
+        0x0A, 0x47, // SetNodeConfig.node_config: field 1, wire type 2, 71 bytes
     ];
     expected.extend_from_slice(json);
     expected.extend_from_slice(&[0x12, 0x05]); // version: field 2, wire type 2, 5 bytes

@@ -283,6 +283,7 @@ impl Controller {
         }
     }
 
+    /// Sends a node config command and waits for its `node_config_status`, whole (R-SYNC-1).
     async fn node_config_call(
         &self,
         node: &NodeId,
@@ -293,11 +294,24 @@ impl Controller {
             .call(node, command, ReplyKind::NodeConfig(version))
             .await?
         {
-            Reply::NodeConfig(status) => match status.error {
-                Some(error) => Err(error.into()),
-                None => Ok(status),
-            },
+            Reply::NodeConfig(status) => Ok(status),
             Reply::AverageMonitoring(_) => unreachable!("waiters only take matching replies"),
+        }
+    }
+
+    /// Check and set: a node-reported error is `Failed` (R-SYNC-1).
+    async fn node_config_change(
+        &self,
+        node: &NodeId,
+        command: Outbound,
+        version: &str,
+    ) -> Result<()> {
+        let status = self
+            .node_config_call(node, command, Some(version.to_owned()))
+            .await?;
+        match status.error {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
         }
     }
 }
@@ -305,19 +319,19 @@ impl Controller {
 #[async_trait]
 impl NodeConfigHandler for Controller {
     async fn check_node_config(&self, node: &NodeId, config: &NodeConfig) -> Result<()> {
-        let version = Some(config.version.clone());
-        self.node_config_call(node, Outbound::CheckNodeConfig(config.clone()), version)
+        let command = Outbound::CheckNodeConfig(config.clone());
+        self.node_config_change(node, command, &config.version)
             .await
-            .map(drop)
     }
 
     async fn update_node_config(&self, node: &NodeId, config: &NodeConfig) -> Result<()> {
-        let version = Some(config.version.clone());
-        self.node_config_call(node, Outbound::SetNodeConfig(config.clone()), version)
+        let command = Outbound::SetNodeConfig(config.clone());
+        self.node_config_change(node, command, &config.version)
             .await
-            .map(drop)
     }
 
+    /// The node's status whole, its error included: a node whose configuration failed answers
+    /// with state `failed` and the error, and that is a normal answer (R-SYNC-1).
     async fn get_node_config_status(&self, node: &NodeId) -> Result<NodeConfigStatus> {
         self.node_config_call(node, Outbound::GetNodeConfigStatus, None)
             .await

@@ -15,16 +15,40 @@ pub struct DurationError {
     pub reason: &'static str,
 }
 
-/// Formats a duration as `PT<seconds>S`, with a fraction only when needed (`PT1S`, `PT0.25S`).
+/// Formats a duration in the largest exact units, as the reference controller writes node
+/// configurations: `PT0S`, `PT1M`, `PT1M30S`, `P1DT2H`, `P2W`, `PT0.25S` (a fraction only on
+/// the seconds, only when needed). Years and months are never written: they have no fixed
+/// length, and [`parse`] refuses them.
 pub fn format(duration: Duration) -> String {
-    let secs = duration.as_secs();
-    let nanos = duration.subsec_nanos();
-    if nanos == 0 {
-        format!("PT{secs}S")
-    } else {
-        let frac = format!("{nanos:09}");
-        format!("PT{secs}.{}S", frac.trim_end_matches('0'))
+    if duration.is_zero() {
+        return "PT0S".to_owned();
     }
+    let mut secs = duration.as_secs();
+    let nanos = duration.subsec_nanos();
+    let mut out = String::from("P");
+    for (unit, length) in [('W', 7 * 86_400), ('D', 86_400)] {
+        if secs >= length {
+            out.push_str(&format!("{}{unit}", secs / length));
+            secs %= length;
+        }
+    }
+    if secs == 0 && nanos == 0 {
+        return out;
+    }
+    out.push('T');
+    for (unit, length) in [('H', 3_600), ('M', 60)] {
+        if secs >= length {
+            out.push_str(&format!("{}{unit}", secs / length));
+            secs %= length;
+        }
+    }
+    if nanos != 0 {
+        let frac = format!("{nanos:09}");
+        out.push_str(&format!("{secs}.{}S", frac.trim_end_matches('0')));
+    } else if secs != 0 {
+        out.push_str(&format!("{secs}S"));
+    }
+    out
 }
 
 /// Parses `P[nW][nD][T[nH][nM][n[.f]S]]`.
@@ -171,6 +195,12 @@ mod tests {
             assert_eq!(parse(&format(d)), Ok(d), "{}", format(d));
         }
         assert_eq!(format(Duration::from_secs(1)), "PT1S");
+        assert_eq!(format(Duration::ZERO), "PT0S");
+        assert_eq!(format(Duration::from_secs(60)), "PT1M");
+        assert_eq!(format(Duration::from_secs(61)), "PT1M1S");
+        assert_eq!(format(Duration::from_secs(86_400 + 7_200)), "P1DT2H");
+        assert_eq!(format(Duration::from_secs(14 * 86_400)), "P2W");
+        assert_eq!(format(Duration::new(60, 32_000)), "PT1M0.000032S");
         assert_eq!(format(Duration::from_millis(250)), "PT0.25S");
     }
 }

@@ -227,10 +227,9 @@ async fn drive_node(
 ) {
     let name = node.as_str();
     let config = NodeConfig {
-        version: "1.0.0".into(),
         labels: vec!["demo".into()],
         priority: 1,
-        ..NodeConfig::default()
+        ..NodeConfig::new("1.0.0", "demo")
     };
     calls.push(
         timed(name, "get_node_config_status", async {

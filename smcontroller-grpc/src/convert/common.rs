@@ -5,24 +5,42 @@ use smcontroller_api as api;
 use super::{ConvertError, unknown_number};
 use crate::proto::common::v2 as pb;
 
-impl From<api::ErrorInfo> for pb::ErrorInfo {
-    fn from(e: api::ErrorInfo) -> Self {
-        Self {
-            aos_code: e.aos_code,
-            exit_code: e.exit_code,
-            message: e.message,
-        }
-    }
+/// The `error` of a status as the domain reads it (wire spec, "Conventions of the protocol").
+///
+/// The real SM puts an `ErrorInfo` on every `node_config_status`, `InstanceStatus`,
+/// `EnvVarStatus` and `LogData`, also when nothing failed. Absent, or `aos_code` 0 and
+/// `exit_code` 0, is success: `None`, whatever the `message` says. `aos_code` non-zero is a
+/// failure of that Aos error kind; `aos_code` 0 with a non-zero `exit_code` is a failure with that
+/// exit code. This is the only place an `ErrorInfo` is read.
+pub(super) fn error_from_proto(error: Option<pb::ErrorInfo>) -> Option<api::ErrorInfo> {
+    let error = error?;
+    let error = api::ErrorInfo {
+        aos_code: error.aos_code,
+        exit_code: error.exit_code,
+        message: error.message,
+    };
+    error.is_failure().then_some(error)
 }
 
-impl From<pb::ErrorInfo> for api::ErrorInfo {
-    fn from(e: pb::ErrorInfo) -> Self {
-        Self {
-            aos_code: e.aos_code,
-            exit_code: e.exit_code,
-            message: e.message,
-        }
-    }
+/// The `error` of a status as a real SM writes it, so that the reference reads it the same way.
+///
+/// Success goes as an empty `ErrorInfo`, as the real SM sends it. A failure whose codes are both
+/// 0 would read as success, so it goes as the generic Aos failure
+/// ([`ErrorInfo::AOS_FAILED`](api::ErrorInfo::AOS_FAILED)) with its message. This is the only
+/// place an `ErrorInfo` is written.
+pub(super) fn error_to_proto(error: Option<api::ErrorInfo>) -> Option<pb::ErrorInfo> {
+    Some(match error {
+        None => pb::ErrorInfo::default(),
+        Some(error) => pb::ErrorInfo {
+            aos_code: if error.is_failure() {
+                error.aos_code
+            } else {
+                api::ErrorInfo::AOS_FAILED
+            },
+            exit_code: error.exit_code,
+            message: error.message,
+        },
+    })
 }
 
 impl From<api::ItemType> for pb::ItemType {

@@ -5,8 +5,9 @@ use smcontroller_api as api;
 use smcontroller_routing::Inbound;
 
 use super::{
-    ConvertError, common::required_ident, required, required_timestamp, timestamp_to_proto,
-    vocabulary,
+    ConvertError,
+    common::{error_from_proto, error_to_proto, required_ident},
+    required, required_timestamp, timestamp_to_proto, vocabulary,
 };
 use crate::proto::servicemanager::v5::{
     self as pb, alert::AlertItem, sm_outgoing_messages::SmOutgoingMessage,
@@ -174,7 +175,7 @@ impl From<api::NodeConfigStatus> for pb::NodeConfigStatus {
         Self {
             state: s.state.as_str().to_owned(),
             version: s.version,
-            error: s.error.map(Into::into),
+            error: error_to_proto(s.error),
         }
     }
 }
@@ -186,7 +187,7 @@ impl TryFrom<pb::NodeConfigStatus> for api::NodeConfigStatus {
         Ok(Self {
             state: vocabulary("node_config_status.state", s.state)?,
             version: s.version,
-            error: s.error.map(Into::into),
+            error: error_from_proto(s.error),
         })
     }
 }
@@ -195,7 +196,7 @@ impl From<api::EnvVarStatus> for pb::EnvVarStatus {
     fn from(s: api::EnvVarStatus) -> Self {
         Self {
             name: s.name,
-            error: s.error.map(Into::into),
+            error: error_to_proto(s.error),
         }
     }
 }
@@ -204,7 +205,7 @@ impl From<pb::EnvVarStatus> for api::EnvVarStatus {
     fn from(s: pb::EnvVarStatus) -> Self {
         Self {
             name: s.name,
-            error: s.error.map(Into::into),
+            error: error_from_proto(s.error),
         }
     }
 }
@@ -218,7 +219,7 @@ impl From<api::InstanceStatus> for pb::InstanceStatus {
             manifest_digest: s.manifest_digest,
             env_vars: s.env_vars.into_iter().map(Into::into).collect(),
             state: s.state.as_str().to_owned(),
-            error: s.error.map(Into::into),
+            error: error_to_proto(s.error),
         }
     }
 }
@@ -235,7 +236,7 @@ impl TryFrom<pb::InstanceStatus> for api::InstanceStatus {
             manifest_digest: s.manifest_digest,
             env_vars: s.env_vars.into_iter().map(Into::into).collect(),
             state: vocabulary("instance_status.state", s.state)?,
-            error: s.error.map(Into::into),
+            error: error_from_proto(s.error),
         })
     }
 }
@@ -256,7 +257,7 @@ impl From<api::LogPart> for pb::LogData {
             part: p.part,
             data: p.data,
             status: p.status.as_str().to_owned(),
-            error: p.error.map(Into::into),
+            error: error_to_proto(p.error),
         }
     }
 }
@@ -274,7 +275,7 @@ impl TryFrom<pb::LogData> for api::LogPart {
             part_count: l.part_count,
             data: l.data,
             status: vocabulary("log_data.status", l.status)?,
-            error: l.error.map(Into::into),
+            error: error_from_proto(l.error),
         })
     }
 }

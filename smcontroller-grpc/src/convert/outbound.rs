@@ -119,15 +119,13 @@ impl TryFrom<pb::SmIncomingMessages> for Outbound {
 
 /// The JSON document and the version that `check_node_config`/`set_node_config` carry.
 fn node_config_to_json(config: &api::NodeConfig) -> (String, String) {
-    // A `NodeConfig` has string keys only and its duration serializer cannot fail, so
-    // serialization cannot fail either.
-    let json = serde_json::to_string(config).expect("a NodeConfig always serializes to JSON");
-    (json, config.version.clone())
+    (config.to_json(), config.version.clone())
 }
 
-/// Parses a node configuration document.
+/// Parses a node configuration document as a real SM does (keys case-insensitively,
+/// `nodeGroupSubject` required).
 fn node_config_from_json(field: &'static str, json: &str) -> Result<api::NodeConfig, ConvertError> {
-    serde_json::from_str(json).map_err(|e| ConvertError::InvalidNodeConfig {
+    api::NodeConfig::from_json(json).map_err(|e| ConvertError::InvalidNodeConfig {
         field,
         reason: e.to_string(),
     })
