@@ -8,7 +8,7 @@ use std::{
 
 use futures::{Stream, StreamExt, stream};
 use smcontroller_api::ItemInfoProvider;
-use smcontroller_routing::{Controller, EndCode, EndStatus, InboundEvent, Outgoing};
+use smcontroller_routing::{Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -110,7 +110,7 @@ fn inbound_event(message: SmOutgoingMessages) -> InboundEvent {
     let name = message
         .sm_outgoing_message
         .as_ref()
-        .map_or("SMOutgoingMessages", message_name);
+        .map_or("SMOutgoingMessages", |m| kind(m).name());
     match message.try_into() {
         Ok(message) => InboundEvent::Message(message),
         Err(error @ ConvertError::EmptyOneof(_)) => InboundEvent::Rejected {
@@ -124,16 +124,17 @@ fn inbound_event(message: SmOutgoingMessages) -> InboundEvent {
     }
 }
 
-fn message_name(message: &SmOutgoingMessage) -> &'static str {
+/// Which message a oneof member is, before it converts (the names live with [`InboundKind`]).
+fn kind(message: &SmOutgoingMessage) -> InboundKind {
     match message {
-        SmOutgoingMessage::SmInfo(_) => "sm_info",
-        SmOutgoingMessage::NodeConfigStatus(_) => "node_config_status",
-        SmOutgoingMessage::UpdateInstancesStatus(_) => "update_instances_status",
-        SmOutgoingMessage::NodeInstancesStatus(_) => "node_instances_status",
-        SmOutgoingMessage::Log(_) => "log",
-        SmOutgoingMessage::InstantMonitoring(_) => "instant_monitoring",
-        SmOutgoingMessage::AverageMonitoring(_) => "average_monitoring",
-        SmOutgoingMessage::Alert(_) => "alert",
+        SmOutgoingMessage::SmInfo(_) => InboundKind::SmInfo,
+        SmOutgoingMessage::NodeConfigStatus(_) => InboundKind::NodeConfigStatus,
+        SmOutgoingMessage::UpdateInstancesStatus(_) => InboundKind::UpdateInstancesStatus,
+        SmOutgoingMessage::NodeInstancesStatus(_) => InboundKind::NodeInstancesStatus,
+        SmOutgoingMessage::Log(_) => InboundKind::Log,
+        SmOutgoingMessage::InstantMonitoring(_) => InboundKind::InstantMonitoring,
+        SmOutgoingMessage::AverageMonitoring(_) => InboundKind::AverageMonitoring,
+        SmOutgoingMessage::Alert(_) => InboundKind::Alert,
     }
 }
 

@@ -1,12 +1,9 @@
 //! The controller: node registry, command routing and sync calls, cloud status relay,
 //! shutdown. Implements every provided interface of `smcontroller-api`.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use async_trait::async_trait;
@@ -16,85 +13,51 @@ use smcontroller_api::{
     LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
     NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
 };
-use tokio::{sync::mpsc, task::AbortHandle};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
     Receivers, Settings,
-    message::{InboundEvent, LogQuery, Outbound},
-    session::{self, Link},
+    lifecycle::{Link, Registry},
+    message::{InboundEvent, LogQuery, Outbound, Outgoing},
+    session::{self, Context},
     waiters::{Reply, ReplyKind},
 };
-
-/// What the router gives the transport to write on one SM stream, in order.
-// Commands are nearly every item; `Close` comes once per stream, so boxing the large variant
-// would add an allocation per command to save nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Outgoing {
-    /// A command to send.
-    Command(Outbound),
-    /// The stream is over: finish the response, with this error status if `Some`. Nothing
-    /// follows it.
-    Close(Option<EndStatus>),
-}
-
-/// Why the controller ended a stream, for the transport to turn into a status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndStatus {
-    /// The kind of end.
-    pub code: EndCode,
-    /// Words for the SM's log.
-    pub message: String,
-}
-
-/// The kinds of stream end the controller causes (mapped to gRPC codes by the transport).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndCode {
-    /// The SM broke the protocol (no `sm_info` first, empty or changed node id).
-    InvalidArgument,
-    /// No `sm_info` within the registration timeout.
-    DeadlineExceeded,
-    /// A newer stream of the same node replaced this one.
-    Aborted,
-    /// The controller is stopping or restarting.
-    Unavailable,
-}
 
 /// The router is stopping; no new streams are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the SM controller is shutting down")]
 pub struct ShuttingDown;
 
-pub(crate) struct Inner {
-    pub(crate) settings: Settings,
-    pub(crate) receivers: Receivers,
-    pub(crate) nodes: RwLock<HashMap<NodeId, Arc<Link>>>,
-    /// Serialises cloud status changes so the last one set is the last one sent.
-    cloud_lock: Mutex<()>,
-    pub(crate) cloud: AtomicBool,
-    pub(crate) shutdown: CancellationToken,
-    tracker: TaskTracker,
-    next_session: AtomicU64,
-    /// Abort handles of live session tasks, for a shutdown whose grace runs out.
-    tasks: Mutex<HashMap<u64, Vec<AbortHandle>>>,
+/// What the controller can tell of one registered node's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The stream's session number (unique per controller, increasing).
+    pub session: u64,
+    /// How often its inbound queue was full, pausing the stream (R-TEL-2).
+    pub stalls: u64,
+    /// Whether the stream is paused right now, waiting for the receivers.
+    pub stalled: bool,
 }
 
 /// The SM controller's router. Cheap to clone; all clones are one controller.
 ///
 /// A transport calls [`attach`](Self::attach) for each new SM stream; CM modules call the
 /// provided traits (`NodeConfigHandler`, `InstanceRunner`, ...); [`shutdown`](Self::shutdown)
-/// ends everything.
+/// ends everything. Which stream a node id's commands go to, and in which order the receivers
+/// hear of its streams, is decided in one place: the registry of `lifecycle.rs`.
 #[derive(Clone)]
 pub struct Controller {
-    inner: Arc<Inner>,
+    ctx: Arc<Context>,
+    settings: Arc<Settings>,
+    next_session: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
-            .field("settings", &self.inner.settings)
+            .field("settings", &self.settings)
             .field("nodes", &self.node_count())
             .finish_non_exhaustive()
     }
@@ -104,23 +67,23 @@ impl Controller {
     /// A controller with no nodes; the cloud is taken as disconnected until told otherwise.
     pub fn new(settings: Settings, receivers: Receivers) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                settings,
+            ctx: Arc::new(Context {
+                registry: Arc::new(Registry::default()),
                 receivers,
-                nodes: RwLock::new(HashMap::new()),
-                cloud_lock: Mutex::new(()),
-                cloud: AtomicBool::new(false),
+                registration_timeout: settings.registration_timeout,
+                queue_bound: settings.queue_bound,
                 shutdown: CancellationToken::new(),
+                cut: CancellationToken::new(),
                 tracker: TaskTracker::new(),
-                next_session: AtomicU64::new(0),
-                tasks: Mutex::new(HashMap::new()),
             }),
+            settings: Arc::new(settings),
+            next_session: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
-        &self.inner.settings
+        &self.settings
     }
 
     /// Takes a new SM stream. `inbound` is what the SM sends, converted by the transport; the
@@ -133,49 +96,52 @@ impl Controller {
     where
         S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
     {
-        if self.inner.shutdown.is_cancelled() {
+        if self.ctx.shutdown.is_cancelled() {
             return Err(ShuttingDown);
         }
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        let link = Arc::new(Link::new(id, out_tx));
-        link.send_cloud(self.inner.cloud.load(Ordering::SeqCst));
-        let inner = self.inner.clone();
-        let handle = self.inner.tracker.spawn(session::run(inner, link, inbound));
-        self.inner.track(id, handle.abort_handle());
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let link = Arc::new(Link::new(id, out_tx, self.settings.reply_expiry()));
+        link.send_cloud(self.ctx.registry.cloud_connected());
+        self.ctx
+            .spawn(session::run(self.ctx.clone(), link, inbound));
         Ok(out_rx)
     }
 
     /// The registered nodes, sorted.
     pub fn nodes(&self) -> Vec<NodeId> {
-        let mut nodes: Vec<_> = read(&self.inner.nodes).keys().cloned().collect();
+        let mut nodes = self.ctx.registry.nodes();
         nodes.sort();
         nodes
     }
 
     /// How many nodes are registered.
     pub fn node_count(&self) -> usize {
-        read(&self.inner.nodes).len()
+        self.ctx.registry.nodes().len()
+    }
+
+    /// How many node ids the controller holds state for: registered ones, and ones whose last
+    /// stream has ended but whose *disconnected* is still being reported. It returns to 0 once
+    /// every stream has ended, however many ids came and went (N-LEAK-1).
+    pub fn node_slots(&self) -> usize {
+        self.ctx.registry.slot_count()
+    }
+
+    /// What the controller can tell of a registered node's stream; `None` if not registered.
+    pub fn node_status(&self, node: &NodeId) -> Option<NodeStatus> {
+        let link = self.ctx.registry.link(node)?;
+        Some(NodeStatus {
+            session: link.session,
+            stalls: link.stalls.load(Ordering::Relaxed),
+            stalled: link.stalled.load(Ordering::Relaxed),
+        })
     }
 
     /// Sets the unit's cloud connection state and forwards it as `connection_status` to every
     /// registered node (R-CLOUD-1). Nodes that already have that state are not told twice.
     pub fn set_cloud_connected(&self, connected: bool) {
-        let _order = self
-            .inner
-            .cloud_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.inner.cloud.store(connected, Ordering::SeqCst);
-        let links: Vec<Arc<Link>> = read(&self.inner.nodes).values().cloned().collect();
-        for link in &links {
-            link.send_cloud(connected);
-        }
-        info!(
-            connected,
-            nodes = links.len(),
-            "cloud connection status relayed"
-        );
+        let nodes = self.ctx.registry.set_cloud(connected);
+        info!(connected, nodes, "cloud connection status relayed");
     }
 
     /// Follows a [`CloudConnection`]: takes its current state, then relays every change
@@ -184,8 +150,8 @@ impl Controller {
         let mut changes = cloud.subscribe();
         self.set_cloud_connected(cloud.is_connected());
         let this = self.clone();
-        let stop = self.inner.shutdown.clone();
-        self.inner.tracker.spawn(async move {
+        let stop = self.ctx.shutdown.clone();
+        self.ctx.spawn(async move {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -202,84 +168,74 @@ impl Controller {
         });
     }
 
-    /// Stops: refuses new streams, closes every stream (each registered node's disconnect is
-    /// reported), and returns once every task of the router has ended (R-STOP-1). Tasks still
-    /// running after the shutdown grace (a receiver that never returns) are aborted.
+    /// Stops: refuses new streams, closes every stream (each node the receivers heard of as
+    /// connected is reported disconnected), and returns once every task of the router has ended
+    /// (R-STOP-1). Tasks still running after the shutdown grace (a receiver that never returns)
+    /// are cut.
     pub async fn shutdown(&self) {
-        self.inner.shutdown.cancel();
-        self.inner.tracker.close();
-        if tokio::time::timeout(
-            self.inner.settings.shutdown_grace,
-            self.inner.tracker.wait(),
-        )
-        .await
-        .is_err()
+        self.ctx.shutdown.cancel();
+        self.ctx.tracker.close();
+        let grace = self.settings.shutdown_grace;
+        if tokio::time::timeout(grace, self.ctx.tracker.wait())
+            .await
+            .is_err()
         {
-            let stuck: Vec<AbortHandle> = lock(&self.inner.tasks)
-                .drain()
-                .flat_map(|(_, handles)| handles)
-                .collect();
             warn!(
-                tasks = stuck.len(),
-                "sessions did not finish within the shutdown grace; aborting them"
+                tasks = self.ctx.tracker.len(),
+                ?grace,
+                "sessions did not finish within the shutdown grace; cutting them"
             );
-            for handle in stuck {
-                handle.abort();
-            }
-            self.inner.tracker.wait().await;
+            self.ctx.cut.cancel();
+            self.ctx.tracker.wait().await;
         }
         info!("SM controller router stopped");
     }
 
     /// Whether [`shutdown`](Self::shutdown) has begun.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutdown.is_cancelled()
+        self.ctx.shutdown.is_cancelled()
     }
 
     fn link(&self, node: &NodeId) -> Result<Arc<Link>> {
-        read(&self.inner.nodes)
-            .get(node)
-            .cloned()
+        self.ctx
+            .registry
+            .link(node)
             .ok_or_else(|| Error::not_found(node.clone()))
     }
 
     fn send(&self, node: &NodeId, command: Outbound) -> Result<()> {
-        let name = command.name();
+        let request = command.name();
         self.link(node)?
             .send(command)
-            .map_err(|()| Error::Disconnected {
+            .map_err(|_| Error::Disconnected {
                 node: node.clone(),
-                request: name,
+                request,
             })
     }
 
-    /// Sends `command` and waits for the reply of `kind` (R-SYNC-1).
+    /// Sends `command` and waits for the reply of `kind` (R-SYNC-1, R-SYNC-3).
     async fn call(&self, node: &NodeId, command: Outbound, kind: ReplyKind) -> Result<Reply> {
         let request = command.name();
         let disconnected = || Error::Disconnected {
             node: node.clone(),
             request,
         };
-        let link = self.link(node)?;
-        // The waiter exists before the command leaves, so no reply can outrun it.
-        let mut waiter = link.wait_for(kind).ok_or_else(disconnected)?;
-        link.send(command).map_err(|()| disconnected())?;
-        let after = self.inner.settings.response_timeout;
-        match tokio::time::timeout(after, &mut waiter.rx).await {
+        // The reply's place is taken with the command, so no reply can outrun it, and a caller
+        // that gives up leaves the place to absorb its own late reply.
+        let mut rx = self
+            .link(node)?
+            .send_sync(command, kind)
+            .map_err(|_| disconnected())?;
+        let after = self.settings.response_timeout;
+        match tokio::time::timeout(after, &mut rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(disconnected()),
-            Err(_) => {
-                waiter.forget();
-                // The reply may have landed between the deadline and forgetting the waiter.
-                match waiter.rx.try_recv() {
-                    Ok(reply) => Ok(reply),
-                    Err(_) => Err(Error::Timeout {
-                        node: node.clone(),
-                        request,
-                        after,
-                    }),
-                }
-            }
+            // The reply may have landed just as the deadline passed.
+            Err(_) => rx.try_recv().map_err(|_| Error::Timeout {
+                node: node.clone(),
+                request,
+                after,
+            }),
         }
     }
 
@@ -399,27 +355,11 @@ impl LogProvider for Controller {
             )));
         }
         // Look every node up first, under one lock: either all are there or nothing is sent.
-        let links: Vec<(NodeId, Arc<Link>)> = {
-            let nodes = read(&self.inner.nodes);
-            if request.node_ids.is_empty() {
-                nodes.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
-            } else {
-                let missing: Vec<NodeId> = request
-                    .node_ids
-                    .iter()
-                    .filter(|n| !nodes.contains_key(*n))
-                    .cloned()
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(Error::NotFound { nodes: missing });
-                }
-                request
-                    .node_ids
-                    .iter()
-                    .map(|n| (n.clone(), nodes[n].clone()))
-                    .collect()
-            }
-        };
+        let links = self
+            .ctx
+            .registry
+            .links(&request.node_ids)
+            .map_err(|nodes| Error::NotFound { nodes })?;
         let query = LogQuery {
             correlation_id: request.correlation_id.clone(),
             filter: request.instance_filter.clone(),
@@ -446,36 +386,4 @@ impl LogProvider for Controller {
             }),
         }
     }
-}
-
-impl Inner {
-    pub(crate) fn tracker_spawn<F>(&self, task: F) -> AbortHandle
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn(task).abort_handle()
-    }
-
-    pub(crate) fn track(&self, session: u64, handle: AbortHandle) {
-        lock(&self.tasks).entry(session).or_default().push(handle);
-    }
-
-    pub(crate) fn untrack(&self, session: u64) {
-        lock(&self.tasks).remove(&session);
-    }
-}
-
-pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    lock.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

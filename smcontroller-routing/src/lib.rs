@@ -6,16 +6,22 @@
 //! [`InboundEvent`]s, and writes out the [`Outgoing`] items it gets back. CM modules use the
 //! [`Controller`] through the provided traits of `smcontroller-api`.
 //!
-//! Start reading at [`Controller`], then `session.rs` (one stream's reader and dispatcher).
+//! Read top-down: [`Controller`] (`controller.rs`: the api, cloud relay, shutdown), then
+//! `session.rs` (one stream's reader and dispatcher), then `lifecycle.rs` (the one owner of each
+//! node id: which stream its commands go to, and the order its streams are reported in), and
+//! `waiters.rs` (sync replies matched by send order).
 
 mod controller;
+mod lifecycle;
 pub mod message;
 mod receivers;
 mod session;
 mod settings;
 mod waiters;
 
-pub use controller::{Controller, EndCode, EndStatus, Outgoing, ShuttingDown};
-pub use message::{Inbound, InboundEvent, LogQuery, Outbound};
+pub use controller::{Controller, NodeStatus, ShuttingDown};
+pub use message::{
+    EndCode, EndStatus, Inbound, InboundEvent, InboundKind, LogQuery, Outbound, Outgoing,
+};
 pub use receivers::Receivers;
 pub use settings::Settings;

@@ -92,17 +92,60 @@ pub enum Inbound {
 }
 
 impl Inbound {
+    /// Which message this is.
+    pub fn kind(&self) -> InboundKind {
+        match self {
+            Self::SmInfo(_) => InboundKind::SmInfo,
+            Self::NodeConfigStatus(_) => InboundKind::NodeConfigStatus,
+            Self::UpdateInstancesStatus(_) => InboundKind::UpdateInstancesStatus,
+            Self::NodeInstancesStatus(_) => InboundKind::NodeInstancesStatus,
+            Self::Log(_) => InboundKind::Log,
+            Self::InstantMonitoring(_) => InboundKind::InstantMonitoring,
+            Self::AverageMonitoring(_) => InboundKind::AverageMonitoring,
+            Self::Alert(_) => InboundKind::Alert,
+        }
+    }
+
     /// The wire name of the message (its oneof field), for logs.
     pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+}
+
+/// The kinds of [`Inbound`] message, without their bodies: what a transport can name before a
+/// message converts (or when it does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InboundKind {
+    /// `sm_info`.
+    SmInfo,
+    /// `node_config_status`.
+    NodeConfigStatus,
+    /// `update_instances_status`.
+    UpdateInstancesStatus,
+    /// `node_instances_status`.
+    NodeInstancesStatus,
+    /// `log`.
+    Log,
+    /// `instant_monitoring`.
+    InstantMonitoring,
+    /// `average_monitoring`.
+    AverageMonitoring,
+    /// `alert`.
+    Alert,
+}
+
+impl InboundKind {
+    /// The wire name (the oneof field of `SMOutgoingMessages`). The one list of these names.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::SmInfo(_) => "sm_info",
-            Self::NodeConfigStatus(_) => "node_config_status",
-            Self::UpdateInstancesStatus(_) => "update_instances_status",
-            Self::NodeInstancesStatus(_) => "node_instances_status",
-            Self::Log(_) => "log",
-            Self::InstantMonitoring(_) => "instant_monitoring",
-            Self::AverageMonitoring(_) => "average_monitoring",
-            Self::Alert(_) => "alert",
+            Self::SmInfo => "sm_info",
+            Self::NodeConfigStatus => "node_config_status",
+            Self::UpdateInstancesStatus => "update_instances_status",
+            Self::NodeInstancesStatus => "node_instances_status",
+            Self::Log => "log",
+            Self::InstantMonitoring => "instant_monitoring",
+            Self::AverageMonitoring => "average_monitoring",
+            Self::Alert => "alert",
         }
     }
 }
@@ -122,4 +165,39 @@ pub enum InboundEvent {
     },
     /// The stream failed (reset, decode error, over-size message, keepalive timeout); it ends.
     Failed(String),
+}
+
+/// What the router gives the transport to write on one SM stream, in order.
+// Commands are nearly every item; `Close` comes once per stream, so boxing the large variant
+// would add an allocation per command to save nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A command to send.
+    Command(Outbound),
+    /// The stream is over: finish the response, with this error status if `Some`. Nothing
+    /// follows it.
+    Close(Option<EndStatus>),
+}
+
+/// Why the controller ended a stream, for the transport to turn into a status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndStatus {
+    /// The kind of end.
+    pub code: EndCode,
+    /// Words for the SM's log.
+    pub message: String,
+}
+
+/// The kinds of stream end the controller causes (mapped to gRPC codes by the transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCode {
+    /// The SM broke the protocol (no `sm_info` first, empty or changed node id).
+    InvalidArgument,
+    /// No `sm_info` within the registration timeout.
+    DeadlineExceeded,
+    /// A newer stream of the same node replaced this one.
+    Aborted,
+    /// The controller is stopping or restarting.
+    Unavailable,
 }

@@ -1,115 +1,101 @@
-//! One SM stream: its link in the registry, its reader task and its dispatcher task.
+//! One SM stream: its reader task and, once the SM has registered, its dispatcher task.
 //!
-//! The reader takes what the transport hands over: it registers the node on `sm_info`, matches
-//! sync replies to their callers on the spot (R-TEL-2), and queues everything else to the
-//! dispatcher through a bounded queue. When the queue is full the reader waits, so the stream
-//! is no longer read and HTTP/2 flow control slows the SM down: nothing is dropped (R-TEL-3).
+//! The reader takes what the transport hands over. It registers the node on `sm_info`, matches
+//! sync replies to their commands on the spot (R-TEL-2), and queues everything else to the
+//! dispatcher through a bounded queue. When the queue is full the reader waits, so the stream is
+//! not read and HTTP/2 flow control slows the SM down: nothing is dropped (R-TEL-3); each such
+//! stall is logged and counted.
+//!
 //! The dispatcher hands the queued messages to the receivers in the order the SM sent them
-//! (R-TEL-1), framed by *connected* and *disconnected* (R-REG-3, R-REG-4, R-DISC-1).
+//! (R-TEL-1), framed by *connected* and *disconnected*. It reports *connected* only once the
+//! node id's previous session has finished (see `lifecycle`), and every receiver call is
+//! contained: a receiver that panics loses that one event, logged, and nothing else (R-REC-1).
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    any::Any,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    controller::{EndCode, EndStatus, Inner, Outgoing, lock, write},
-    message::{Inbound, InboundEvent, Outbound},
-    waiters::{Reply, ReplyKind, Waiters},
+    Receivers,
+    lifecycle::{Link, Registry, SessionEnd},
+    message::{EndCode, EndStatus, Inbound, InboundEvent},
+    waiters::{Delivery, Reply},
 };
 
-/// One stream's handle: what the registry holds and callers send through.
-pub(crate) struct Link {
-    pub(crate) session: u64,
-    out: mpsc::UnboundedSender<Outgoing>,
-    closed: AtomicBool,
-    /// The cloud status last queued to this SM.
-    cloud_sent: Mutex<Option<bool>>,
-    waiters: Mutex<Waiters>,
-    /// Cancelled when a newer stream of the same node replaces this one.
-    replaced: CancellationToken,
-    /// Set once the dispatcher has reported *disconnected*: the successor waits for it.
-    dispatched_all: watch::Sender<bool>,
+/// What every session of one controller shares.
+pub(crate) struct Context {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) receivers: Receivers,
+    pub(crate) registration_timeout: Duration,
+    pub(crate) queue_bound: usize,
+    /// Cancelled when the controller stops: streams end, queued telemetry is dropped.
+    pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace has run out: every task still running is cut.
+    pub(crate) cut: CancellationToken,
+    pub(crate) tracker: TaskTracker,
 }
 
-impl Link {
-    pub(crate) fn new(session: u64, out: mpsc::UnboundedSender<Outgoing>) -> Self {
-        Self {
-            session,
-            out,
-            closed: AtomicBool::new(false),
-            cloud_sent: Mutex::new(None),
-            waiters: Mutex::new(Waiters::default()),
-            replaced: CancellationToken::new(),
-            dispatched_all: watch::Sender::new(false),
+impl Context {
+    /// Spawns a task of the controller: tracked for shutdown, and cut when the grace runs out.
+    /// Nothing per task is kept beyond the task itself.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let cut = self.cut.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                () = cut.cancelled() => {}
+                () = task => {}
+            }
+        });
+    }
+}
+
+/// A message for the receivers: everything an SM sends but `sm_info` at registration and the
+/// sync replies, which the reader matches itself.
+enum Telemetry {
+    SmInfo(SmInfo),
+    UpdateInstancesStatus(Vec<smcontroller_api::InstanceStatus>),
+    NodeInstancesStatus(Vec<smcontroller_api::InstanceStatus>),
+    Log(smcontroller_api::LogPart),
+    InstantMonitoring(smcontroller_api::NodeMonitoringData),
+    Alert(smcontroller_api::Alert),
+}
+
+/// What the reader does with one message.
+enum Read {
+    Reply(Reply),
+    Telemetry(Telemetry),
+}
+
+impl From<Inbound> for Read {
+    fn from(message: Inbound) -> Self {
+        match message {
+            Inbound::NodeConfigStatus(status) => Self::Reply(Reply::NodeConfig(status)),
+            Inbound::AverageMonitoring(data) => Self::Reply(Reply::AverageMonitoring(data)),
+            Inbound::SmInfo(info) => Self::Telemetry(Telemetry::SmInfo(info)),
+            Inbound::UpdateInstancesStatus(s) => {
+                Self::Telemetry(Telemetry::UpdateInstancesStatus(s))
+            }
+            Inbound::NodeInstancesStatus(s) => Self::Telemetry(Telemetry::NodeInstancesStatus(s)),
+            Inbound::Log(part) => Self::Telemetry(Telemetry::Log(part)),
+            Inbound::InstantMonitoring(data) => Self::Telemetry(Telemetry::InstantMonitoring(data)),
+            Inbound::Alert(alert) => Self::Telemetry(Telemetry::Alert(alert)),
         }
     }
-
-    /// Queues a command to the SM, in call order (R-ASYNC-1). `Err` once the stream is closed.
-    pub(crate) fn send(&self, command: Outbound) -> Result<(), ()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(());
-        }
-        self.out.send(Outgoing::Command(command)).map_err(drop)
-    }
-
-    /// Queues `connection_status` unless the SM was already told this state.
-    pub(crate) fn send_cloud(&self, connected: bool) {
-        let mut sent = lock(&self.cloud_sent);
-        if *sent != Some(connected) && self.send(Outbound::ConnectionStatus(connected)).is_ok() {
-            *sent = Some(connected);
-        }
-    }
-
-    /// Registers a caller waiting for a reply of `kind`; `None` once the stream is closed.
-    pub(crate) fn wait_for(&self, kind: ReplyKind) -> Option<Waiter<'_>> {
-        let (id, rx) = lock(&self.waiters).push(kind)?;
-        Some(Waiter { link: self, id, rx })
-    }
-
-    /// Ends the stream: later sends fail, waiters fail with `Disconnected` at once, and the
-    /// transport is told to finish the response.
-    fn close(&self, status: Option<EndStatus>) {
-        self.closed.store(true, Ordering::Release);
-        lock(&self.waiters).close();
-        let _ = self.out.send(Outgoing::Close(status));
-    }
-
-    /// A newer stream took this node id: stop reading, fail the waiters now.
-    fn replace(&self) {
-        lock(&self.waiters).close();
-        self.replaced.cancel();
-    }
 }
 
-/// A caller's place among a link's waiters; leaves it when dropped.
-pub(crate) struct Waiter<'a> {
-    link: &'a Link,
-    id: u64,
-    pub(crate) rx: oneshot::Receiver<Reply>,
-}
-
-impl Waiter<'_> {
-    /// Leaves the queue now (the caller gave up).
-    pub(crate) fn forget(&mut self) {
-        lock(&self.link.waiters).remove(self.id);
-    }
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        self.forget();
-    }
-}
-
-/// The reader task of one stream (its dispatcher is spawned once the SM registers).
-pub(crate) async fn run<S>(inner: Arc<Inner>, link: Arc<Link>, inbound: S)
+/// The reader task of one stream; it spawns the dispatcher once the SM registers.
+pub(crate) async fn run<S>(ctx: Arc<Context>, link: Arc<Link>, inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
@@ -118,57 +104,49 @@ where
         session = link.session,
         node_id = tracing::field::Empty
     );
-    read(inner.clone(), link.clone(), inbound)
-        .instrument(span)
-        .await;
+    read(ctx, link, inbound).instrument(span).await;
 }
 
-async fn read<S>(inner: Arc<Inner>, link: Arc<Link>, mut inbound: S)
+async fn read<S>(ctx: Arc<Context>, link: Arc<Link>, mut inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
-    let info = match registration(&inner, &mut inbound).await {
+    let info = match registration(&ctx, &mut inbound).await {
         Ok(info) => info,
         Err(end) => {
             if let Some(end) = &end {
                 warn!(reason = %end.message, "SM stream refused before registration");
             }
             link.close(end);
-            inner.untrack(link.session);
             return;
         }
     };
     let node = info.node_id.clone();
     tracing::Span::current().record("node_id", tracing::field::display(&node));
 
-    // Register, displacing an older stream of the same node (R-REG-4).
-    let predecessor = write(&inner.nodes).insert(node.clone(), link.clone());
-    let predecessor = predecessor.map(|old| {
+    let (registration, session_end) = ctx.registry.register(&node, &link);
+    if registration.replaced {
         info!("a new stream replaces the node's older one");
-        old.replace();
-        old.dispatched_all.subscribe()
-    });
-    link.send_cloud(inner.cloud.load(Ordering::SeqCst));
+    }
     info!(runtimes = info.runtimes.len(), "node registered");
 
-    let (queue, queued) = mpsc::channel(inner.settings.queue_bound.max(1));
+    let (queue, queued) = mpsc::channel(ctx.queue_bound.max(1));
     let (reason_tx, reason_rx) = oneshot::channel();
-    let dispatcher = inner.tracker_spawn(
+    ctx.spawn(
         dispatch(
-            inner.clone(),
-            link.clone(),
+            ctx.clone(),
             info,
             queued,
-            predecessor,
+            registration.predecessor,
             reason_rx,
+            session_end,
         )
         .in_current_span(),
     );
-    inner.track(link.session, dispatcher);
 
     // Made once per stream, not per message: every stream shares the shutdown token, so a fresh
     // `cancelled()` per message would contend on its lock.
-    let shutdown = inner.shutdown.cancelled();
+    let shutdown = ctx.shutdown.cancelled();
     let replaced = link.replaced.cancelled();
     tokio::pin!(shutdown, replaced);
     let reason = loop {
@@ -187,43 +165,67 @@ where
             }
             Some(InboundEvent::Message(message)) => message,
         };
-        let message = match message {
-            Inbound::NodeConfigStatus(status) => {
-                reply(&link, Reply::NodeConfig(status));
+        if let Inbound::SmInfo(info) = &message
+            && info.node_id != node
+        {
+            break DisconnectReason::ProtocolViolation(format!(
+                "sm_info changed the node id from {node:?} to {:?} on one stream",
+                info.node_id.as_str()
+            ));
+        }
+        let telemetry = match Read::from(message) {
+            Read::Reply(reply) => {
+                match link.deliver(reply) {
+                    Delivery::Answered => {}
+                    Delivery::Absorbed(after) => {
+                        info!(?after, "late reply to a call that gave up; dropped");
+                    }
+                    Delivery::Unwanted(reply) => {
+                        warn!(reply = reply.name(), "reply nobody waits for; dropped");
+                    }
+                }
                 continue;
             }
-            Inbound::AverageMonitoring(data) => {
-                reply(&link, Reply::AverageMonitoring(data));
-                continue;
-            }
-            Inbound::SmInfo(info) if info.node_id != node => {
-                break DisconnectReason::ProtocolViolation(format!(
-                    "sm_info changed the node id from {node:?} to {:?} on one stream",
-                    info.node_id.as_str()
-                ));
-            }
-            other => other,
+            Read::Telemetry(telemetry) => telemetry,
         };
         // Lossless backpressure: while the queue is full the stream is not read.
+        let telemetry = match queue.try_send(telemetry) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                break DisconnectReason::Error("dispatcher stopped".into());
+            }
+            Err(mpsc::error::TrySendError::Full(telemetry)) => telemetry,
+        };
+        let stalls = link.stalls.fetch_add(1, Ordering::Relaxed) + 1;
+        link.stalled.store(true, Ordering::Relaxed);
+        warn!(
+            stalls,
+            bound = ctx.queue_bound,
+            "receivers are behind: inbound queue full, stream paused"
+        );
         let queued = tokio::select! {
             biased;
             () = &mut shutdown => break DisconnectReason::Shutdown,
             () = &mut replaced => break DisconnectReason::Replaced,
-            queued = queue.send(message) => queued,
+            queued = queue.send(telemetry) => queued,
         };
+        link.stalled.store(false, Ordering::Relaxed);
         if queued.is_err() {
             break DisconnectReason::Error("dispatcher stopped".into());
         }
     };
 
-    // Leave the registry, unless a newer stream of this node already took the place.
-    {
-        let mut nodes = write(&inner.nodes);
-        if nodes.get(&node).is_some_and(|l| Arc::ptr_eq(l, &link)) {
-            nodes.remove(&node);
-        }
-    }
-    let status = match &reason {
+    ctx.registry.leave(&node, &link);
+    let status = end_status(&node, &reason);
+    info!(%reason, "node stream ended");
+    link.close(status);
+    drop(inbound);
+    let _ = reason_tx.send(reason);
+}
+
+/// The status the transport ends the response with, for the end we caused.
+fn end_status(node: &NodeId, reason: &DisconnectReason) -> Option<EndStatus> {
+    match reason {
         DisconnectReason::Closed | DisconnectReason::Error(_) => None,
         DisconnectReason::Replaced => Some(EndStatus {
             code: EndCode::Aborted,
@@ -237,22 +239,18 @@ where
             code: EndCode::Unavailable,
             message: "the SM controller is stopping".into(),
         }),
-    };
-    info!(%reason, "node stream ended");
-    link.close(status);
-    drop(inbound);
-    let _ = reason_tx.send(reason);
+    }
 }
 
 /// Waits for the first message: it must be `sm_info` with a node id (R-REG-2). `Err(None)`:
 /// the stream ended quietly; `Err(Some(..))`: end it with that status.
-async fn registration<S>(inner: &Inner, inbound: &mut S) -> Result<SmInfo, Option<EndStatus>>
+async fn registration<S>(ctx: &Context, inbound: &mut S) -> Result<SmInfo, Option<EndStatus>>
 where
     S: Stream<Item = InboundEvent> + Unpin,
 {
-    let timeout = inner.settings.registration_timeout;
+    let timeout = ctx.registration_timeout;
     let first = tokio::select! {
-        () = inner.shutdown.cancelled() => {
+        () = ctx.shutdown.cancelled() => {
             return Err(Some(EndStatus {
                 code: EndCode::Unavailable,
                 message: "the SM controller is stopping".into(),
@@ -293,35 +291,41 @@ where
     }
 }
 
-fn reply(link: &Link, reply: Reply) {
-    if let Err(unwanted) = lock(&link.waiters).deliver(reply) {
-        warn!(reply = ?unwanted, "reply nobody waits for; dropped");
-    }
-}
-
 /// The dispatcher task of one registered stream.
 async fn dispatch(
-    inner: Arc<Inner>,
-    link: Arc<Link>,
+    ctx: Arc<Context>,
     info: SmInfo,
-    mut queued: mpsc::Receiver<Inbound>,
-    predecessor: Option<watch::Receiver<bool>>,
+    mut queued: mpsc::Receiver<Telemetry>,
+    predecessor: Option<watch::Receiver<()>>,
     reason: oneshot::Receiver<DisconnectReason>,
+    session_end: SessionEnd,
 ) {
     let node = info.node_id.clone();
-    let receivers = &inner.receivers;
-    // Connected and disconnected alternate per node id: the older stream's disconnect is
-    // reported before this one's connect (R-REG-4).
+    let receivers = &ctx.receivers;
+    // The previous session of this node id reports *disconnected* first (R-REG-4, R-REG-5). No
+    // short cut at shutdown: the predecessor ends then too (or is cut with every other task).
     if let Some(mut predecessor) = predecessor {
-        tokio::select! {
-            () = inner.shutdown.cancelled() => {}
-            _ = predecessor.wait_for(|done| *done) => {}
-        }
+        // Only the sender's end (drop) wakes this; nothing is ever sent on it.
+        let _ = predecessor.changed().await;
     }
-    receivers.sm_info.on_node_connected(&node).await;
-    receivers.sm_info.on_sm_info_received(&info).await;
+    if ctx.shutdown.is_cancelled() {
+        // Stopping before the receivers heard of this stream: they hear nothing of it.
+        debug!("controller stopping before the node was reported connected");
+        let _ = reason.await;
+        drop(session_end);
+        return;
+    }
+    contained(&node, "SmInfoReceiver::on_node_connected", async {
+        receivers.sm_info.on_node_connected(&node).await;
+    })
+    .await;
+    contained(&node, "SmInfoReceiver::on_sm_info_received", async {
+        receivers.sm_info.on_sm_info_received(&info).await;
+    })
+    .await;
+    drop(info);
 
-    let shutdown = inner.shutdown.cancelled();
+    let shutdown = ctx.shutdown.cancelled();
     tokio::pin!(shutdown);
     loop {
         let message = tokio::select! {
@@ -337,25 +341,62 @@ async fn dispatch(
                 None => break,
             },
         };
-        deliver(&inner, &node, message).await;
+        deliver(receivers, &node, message).await;
     }
+    drop(queued);
 
     let reason = reason.await.unwrap_or(DisconnectReason::Shutdown);
-    receivers.sm_info.on_node_disconnected(&node, &reason).await;
-    link.dispatched_all.send_replace(true);
-    inner.untrack(link.session);
+    contained(&node, "SmInfoReceiver::on_node_disconnected", async {
+        receivers.sm_info.on_node_disconnected(&node, &reason).await;
+    })
+    .await;
+    drop(session_end);
 }
 
-async fn deliver(inner: &Inner, node: &NodeId, message: Inbound) {
-    let receivers = &inner.receivers;
+/// Runs one receiver call; a panic in it is logged with the node and the receiver, and the
+/// session goes on (R-REC-1).
+async fn contained(node: &NodeId, receiver: &'static str, call: impl Future<Output = ()>) {
+    if let Err(panic) = AssertUnwindSafe(call).catch_unwind().await {
+        error!(
+            node_id = %node,
+            receiver,
+            panic = panic_message(panic.as_ref()),
+            "receiver panicked; its event is lost, the stream goes on"
+        );
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(text) = panic.downcast_ref::<&'static str>() {
+        text
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text
+    } else {
+        "(not a string)"
+    }
+}
+
+async fn deliver(receivers: &Receivers, node: &NodeId, message: Telemetry) {
     match message {
-        Inbound::SmInfo(info) => receivers.sm_info.on_sm_info_received(&info).await,
-        Inbound::UpdateInstancesStatus(statuses) => {
+        Telemetry::SmInfo(info) => {
+            contained(node, "SmInfoReceiver::on_sm_info_received", async {
+                receivers.sm_info.on_sm_info_received(&info).await;
+            })
+            .await;
+        }
+        Telemetry::UpdateInstancesStatus(statuses) => {
             for status in &statuses {
-                receivers
-                    .instance_status
-                    .on_instance_status_received(node, status)
-                    .await;
+                contained(
+                    node,
+                    "InstanceStatusReceiver::on_instance_status_received",
+                    async {
+                        receivers
+                            .instance_status
+                            .on_instance_status_received(node, status)
+                            .await;
+                    },
+                )
+                .await;
             }
             let env_vars: Vec<InstanceEnvVarsStatus> = statuses
                 .into_iter()
@@ -366,31 +407,49 @@ async fn deliver(inner: &Inner, node: &NodeId, message: Inbound) {
                 })
                 .collect();
             if !env_vars.is_empty() {
-                receivers
-                    .env_vars
-                    .send_env_vars_statuses(node, &env_vars)
-                    .await;
+                contained(node, "EnvVarsStatusSender::send_env_vars_statuses", async {
+                    receivers
+                        .env_vars
+                        .send_env_vars_statuses(node, &env_vars)
+                        .await;
+                })
+                .await;
             }
         }
-        Inbound::NodeInstancesStatus(statuses) => {
-            receivers
-                .instance_status
-                .on_node_instances_statuses_received(node, &statuses)
-                .await;
+        Telemetry::NodeInstancesStatus(statuses) => {
+            contained(
+                node,
+                "InstanceStatusReceiver::on_node_instances_statuses_received",
+                async {
+                    receivers
+                        .instance_status
+                        .on_node_instances_statuses_received(node, &statuses)
+                        .await;
+                },
+            )
+            .await;
         }
-        Inbound::Log(mut part) => {
+        Telemetry::Log(mut part) => {
             part.node_id = node.clone();
-            receivers.logs.send_log(&part).await;
+            contained(node, "LogSender::send_log", async {
+                receivers.logs.send_log(&part).await;
+            })
+            .await;
         }
-        Inbound::InstantMonitoring(data) => {
-            receivers
-                .monitoring
-                .on_monitoring_received(node, &data)
-                .await;
+        Telemetry::InstantMonitoring(data) => {
+            contained(node, "MonitoringReceiver::on_monitoring_received", async {
+                receivers
+                    .monitoring
+                    .on_monitoring_received(node, &data)
+                    .await;
+            })
+            .await;
         }
-        Inbound::Alert(alert) => receivers.alerts.on_alert_received(node, &alert).await,
-        Inbound::NodeConfigStatus(_) | Inbound::AverageMonitoring(_) => {
-            debug!("sync reply reached the dispatcher; replies are matched by the reader");
+        Telemetry::Alert(alert) => {
+            contained(node, "AlertsReceiver::on_alert_received", async {
+                receivers.alerts.on_alert_received(node, &alert).await;
+            })
+            .await;
         }
     }
 }

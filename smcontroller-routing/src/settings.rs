@@ -12,6 +12,11 @@ pub struct Settings {
     /// Messages each node's inbound queue holds before the controller stops reading that
     /// stream (R-TEL-3). Default 256.
     pub queue_bound: usize,
+    /// How long a sync command that got no reply keeps its place in the reply matching
+    /// (R-SYNC-3): its late reply is absorbed within that time, and after it the command no
+    /// longer shifts the matching. `None`: twice the response timeout. Never shorter than the
+    /// response timeout.
+    pub reply_expiry: Option<Duration>,
     /// How long [`Controller::shutdown`](crate::Controller::shutdown) waits for sessions to
     /// finish before it aborts them (R-STOP-1). Default 500 ms.
     pub shutdown_grace: Duration,
@@ -23,7 +28,18 @@ impl Default for Settings {
             response_timeout: Duration::from_secs(5),
             registration_timeout: Duration::from_secs(10),
             queue_bound: 256,
+            reply_expiry: None,
             shutdown_grace: Duration::from_millis(500),
         }
+    }
+}
+
+impl Settings {
+    /// The reply expiry in force: [`reply_expiry`](Self::reply_expiry), or twice the response
+    /// timeout, and at least the response timeout.
+    pub fn reply_expiry(&self) -> Duration {
+        self.reply_expiry
+            .unwrap_or(self.response_timeout.saturating_mul(2))
+            .max(self.response_timeout)
     }
 }

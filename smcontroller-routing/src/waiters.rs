@@ -1,19 +1,36 @@
-//! Callers waiting for a sync reply from one node, matched on the read path (R-SYNC-2).
+//! Sync commands of one stream waiting for their replies, matched by send order (R-SYNC-2,
+//! R-SYNC-3).
 //!
-//! The protocol carries no correlation id on `node_config_status` or `average_monitoring`: a
-//! reply is recognised by its kind and its place on the stream. A reply goes to the first waiter,
-//! in call order, that it can answer: any waiter of its kind, except that a reply to
-//! `check_node_config`/`set_node_config` must carry the version that request sent.
+//! The protocol carries no correlation id on `node_config_status` or `average_monitoring`. What
+//! identifies a reply is its kind, its place on the stream and, for node config replies, the
+//! version it carries. A real SM handles its stream serially, so it answers its commands in the
+//! order it received them, and it answers some of them never (a check/set whose JSON it cannot
+//! parse, a status read that fails). Hence:
+//!
+//! - Every sync command sent is a [`Pending`] entry, in send order, whether or not its caller
+//!   still waits. A reply answers the oldest entry that can take it (same kind; for a check/set,
+//!   the same version). A caller that timed out or gave up leaves its entry behind, which then
+//!   absorbs its own late reply: it is never handed to a newer caller.
+//! - When a reply answers an entry, every older entry is known to be unanswered (the SM has moved
+//!   past it): those stop taking part in the matching at once. Their callers keep waiting until
+//!   their timeout, which is the SM's only signal.
+//! - An entry that nothing answers stops taking part in the matching after the reply expiry
+//!   (twice the response timeout by default), so one lost reply cannot shift all later ones.
+//!
+//! What evidence cannot tell apart: a status read left unanswered followed by a check whose
+//! answer then arrives. The status read takes any version, so it takes that answer. The real SM
+//! leaves a status read unanswered only when it cannot read its own status.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, time::Duration};
 
 use smcontroller_api::{NodeConfigStatus, NodeMonitoringData};
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
-/// What a waiter accepts.
+/// What a pending command accepts as its reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ReplyKind {
-    /// A `node_config_status`; with `Some(version)` only one that carries that version.
+    /// A `node_config_status`; with `Some(version)` (check/set) only one that carries that
+    /// version, with `None` (status read) any.
     NodeConfig(Option<String>),
     /// An `average_monitoring`.
     AverageMonitoring,
@@ -37,74 +54,145 @@ impl Reply {
             _ => false,
         }
     }
+
+    /// The wire name of the reply, for logs.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::NodeConfig(_) => "node_config_status",
+            Self::AverageMonitoring(_) => "average_monitoring",
+        }
+    }
 }
 
-struct Waiter {
-    id: u64,
+/// One sync command sent on the stream.
+struct Pending {
     kind: ReplyKind,
+    sent: Instant,
+    /// `false` once a newer command was answered: the SM will not answer this one.
+    answerable: bool,
+    /// Closed once the caller has gone (timed out or cancelled): the reply is then absorbed.
     tx: oneshot::Sender<Reply>,
 }
 
-/// The waiters of one node's stream.
-#[derive(Default)]
+/// What became of a reply.
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// Its caller has it.
+    Answered,
+    /// It answered a command whose caller had gone; dropped. Carries how long after the command
+    /// it came.
+    Absorbed(Duration),
+    /// No pending command can take it.
+    Unwanted(Reply),
+}
+
+/// The pending sync commands of one stream.
 pub(crate) struct Waiters {
-    next_id: u64,
+    /// How long an unanswered command takes part in the matching.
+    expiry: Duration,
     closed: bool,
-    queue: VecDeque<Waiter>,
+    pending: VecDeque<Pending>,
 }
 
 impl Waiters {
-    /// Adds a waiter; `None` once the stream is closed.
-    pub(crate) fn push(&mut self, kind: ReplyKind) -> Option<(u64, oneshot::Receiver<Reply>)> {
+    pub(crate) fn new(expiry: Duration) -> Self {
+        Self {
+            expiry,
+            closed: false,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Records a command about to be sent; `None` once the stream is closed.
+    pub(crate) fn push(
+        &mut self,
+        kind: ReplyKind,
+        now: Instant,
+    ) -> Option<oneshot::Receiver<Reply>> {
         if self.closed {
             return None;
         }
+        self.expire(now);
         let (tx, rx) = oneshot::channel();
-        self.next_id += 1;
-        let id = self.next_id;
-        self.queue.push_back(Waiter { id, kind, tx });
-        Some((id, rx))
+        self.pending.push_back(Pending {
+            kind,
+            sent: now,
+            answerable: true,
+            tx,
+        });
+        Some(rx)
     }
 
-    /// Forgets a waiter (timed out or its caller went away).
-    pub(crate) fn remove(&mut self, id: u64) {
-        if let Some(pos) = self.queue.iter().position(|w| w.id == id) {
-            self.queue.remove(pos);
-        }
+    /// Takes back the newest entry: its command could not be sent after all.
+    pub(crate) fn pop_unsent(&mut self) {
+        self.pending.pop_back();
     }
 
-    /// Hands the reply to the first waiter it answers; gives it back when nobody waits for it.
-    pub(crate) fn deliver(&mut self, reply: Reply) -> Result<(), Reply> {
-        let mut reply = reply;
-        while let Some(pos) = self.queue.iter().position(|w| reply.answers(&w.kind)) {
-            let waiter = self.queue.remove(pos).expect("position is in range");
-            match waiter.tx.send(reply) {
-                Ok(()) => return Ok(()),
-                // That caller has gone; the next matching waiter may still want it.
-                Err(back) => reply = back,
+    /// Hands `reply` to the oldest pending command it can answer.
+    pub(crate) fn deliver(&mut self, reply: Reply, now: Instant) -> Delivery {
+        self.expire(now);
+        let Some(pos) = self
+            .pending
+            .iter()
+            .position(|p| p.answerable && reply.answers(&p.kind))
+        else {
+            return Delivery::Unwanted(reply);
+        };
+        // The SM answers in order: the commands before this one will not be answered. Forget
+        // those whose caller has gone; keep the others out of the matching until their callers
+        // time out.
+        let mut index = 0;
+        self.pending.retain_mut(|p| {
+            let older = index < pos;
+            index += 1;
+            if older {
+                p.answerable = false;
+                !p.tx.is_closed()
+            } else {
+                true
             }
+        });
+        let first = self
+            .pending
+            .iter()
+            .position(|p| p.answerable)
+            .expect("the answered entry is still there");
+        let entry = self.pending.remove(first).expect("position is in range");
+        match entry.tx.send(reply) {
+            Ok(()) => Delivery::Answered,
+            Err(_) => Delivery::Absorbed(now.saturating_duration_since(entry.sent)),
         }
-        Err(reply)
     }
 
-    /// Closes: every waiter fails now (its receiver sees the sender dropped), no new ones.
+    /// Drops entries past the expiry, and entries out of the matching whose caller has gone.
+    fn expire(&mut self, now: Instant) {
+        let expiry = self.expiry;
+        self.pending.retain(|p| {
+            now.saturating_duration_since(p.sent) < expiry && (p.answerable || !p.tx.is_closed())
+        });
+    }
+
+    /// Closes: every caller fails now (its receiver sees the sender dropped), no new entries.
     pub(crate) fn close(&mut self) {
         self.closed = true;
-        self.queue.clear();
+        self.pending.clear();
     }
 
-    /// How many callers are waiting.
+    /// How many entries are kept (for tests of the bounds).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.queue.len()
+        self.pending.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use smcontroller_api::NodeConfigState;
+    use tokio::sync::oneshot::error::TryRecvError;
 
     use super::*;
+
+    const EXPIRY: Duration = Duration::from_secs(10);
 
     fn status(version: &str) -> Reply {
         Reply::NodeConfig(NodeConfigStatus {
@@ -121,55 +209,125 @@ mod tests {
         }
     }
 
+    fn check(version: &str) -> ReplyKind {
+        ReplyKind::NodeConfig(Some(version.into()))
+    }
+
     #[test]
-    fn r_sync_2_replies_go_first_come_first_served_among_matching_waiters() {
-        let mut w = Waiters::default();
-        let (_, mut check_v2) = w.push(ReplyKind::NodeConfig(Some("2".into()))).unwrap();
-        let (_, mut get_a) = w.push(ReplyKind::NodeConfig(None)).unwrap();
-        let (_, mut get_b) = w.push(ReplyKind::NodeConfig(None)).unwrap();
-
-        // A reply carrying version 1 cannot answer the check for version 2: it goes to the
-        // first get.
-        w.deliver(status("1")).unwrap();
-        assert!(check_v2.try_recv().is_err());
+    fn r_sync_2_replies_answer_commands_in_send_order() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        let mut get_a = w.push(ReplyKind::NodeConfig(None), now).unwrap();
+        let mut get_b = w.push(ReplyKind::NodeConfig(None), now).unwrap();
+        assert!(matches!(w.deliver(status("1"), now), Delivery::Answered));
         assert_eq!(version_of(get_a.try_recv().unwrap()), "1");
-
-        w.deliver(status("2")).unwrap();
-        assert_eq!(version_of(check_v2.try_recv().unwrap()), "2");
         assert!(get_b.try_recv().is_err());
-        assert_eq!(w.len(), 1);
+        assert!(matches!(w.deliver(status("2"), now), Delivery::Answered));
+        assert_eq!(version_of(get_b.try_recv().unwrap()), "2");
+        assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn r_sync_3_a_late_reply_is_absorbed_by_its_own_command() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        let first = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        drop(first); // the caller timed out
+        let mut second = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let late = Reply::AverageMonitoring(monitoring(1));
+        assert!(matches!(w.deliver(late, now), Delivery::Absorbed(_)));
+        assert!(matches!(second.try_recv(), Err(TryRecvError::Empty)));
+        let own = Reply::AverageMonitoring(monitoring(2));
+        assert!(matches!(w.deliver(own, now), Delivery::Answered));
+        let Reply::AverageMonitoring(data) = second.try_recv().unwrap() else {
+            panic!("wrong kind");
+        };
+        assert_eq!(data.node.ram, 2);
+    }
+
+    #[test]
+    fn r_sync_3_a_late_check_reply_never_reaches_a_set_of_the_same_version() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        drop(w.push(check("2"), now).unwrap()); // check 2 timed out
+        let mut set = w.push(check("2"), now).unwrap();
+        assert!(matches!(w.deliver(status("2"), now), Delivery::Absorbed(_)));
+        assert!(matches!(set.try_recv(), Err(TryRecvError::Empty)));
+        assert!(matches!(w.deliver(status("2"), now), Delivery::Answered));
+        assert_eq!(version_of(set.try_recv().unwrap()), "2");
+    }
+
+    #[test]
+    fn r_sync_3_the_version_shows_a_check_went_unanswered() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        // The SM could not parse check 3 and said nothing; then answered the status read.
+        let mut unparsed = w.push(check("3"), now).unwrap();
+        let mut get = w.push(ReplyKind::NodeConfig(None), now).unwrap();
+        assert!(matches!(w.deliver(status("1"), now), Delivery::Answered));
+        assert_eq!(version_of(get.try_recv().unwrap()), "1");
+        // The check is out of the matching, but its caller still waits for its own timeout.
+        assert!(matches!(unparsed.try_recv(), Err(TryRecvError::Empty)));
+        assert!(matches!(w.deliver(status("3"), now), Delivery::Unwanted(_)));
+    }
+
+    #[test]
+    fn r_sync_3_a_reply_of_another_kind_shows_older_commands_went_unanswered() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        drop(w.push(ReplyKind::NodeConfig(None), now).unwrap());
+        let mut monitoring_rx = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let reply = Reply::AverageMonitoring(monitoring(5));
+        assert!(matches!(w.deliver(reply, now), Delivery::Answered));
+        assert!(monitoring_rx.try_recv().is_ok());
+        // The abandoned status read was dropped with the evidence; nothing is left.
+        assert_eq!(w.len(), 0);
+        assert!(matches!(w.deliver(status("1"), now), Delivery::Unwanted(_)));
+    }
+
+    #[test]
+    fn r_sync_3_an_unanswered_command_stops_shifting_the_match_after_the_expiry() {
+        let start = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        drop(w.push(ReplyKind::AverageMonitoring, start).unwrap()); // never answered
+        let later = start + EXPIRY;
+        let mut next = w.push(ReplyKind::AverageMonitoring, later).unwrap();
+        let reply = Reply::AverageMonitoring(monitoring(3));
+        assert!(matches!(w.deliver(reply, later), Delivery::Answered));
+        assert!(next.try_recv().is_ok());
+        assert_eq!(w.len(), 0);
     }
 
     #[test]
     fn r_sync_2_a_reply_nobody_waits_for_is_given_back() {
-        let mut w = Waiters::default();
-        let (_, _monitoring) = w.push(ReplyKind::AverageMonitoring).unwrap();
-        assert!(w.deliver(status("1")).is_err());
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        let _monitoring = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        assert!(matches!(w.deliver(status("1"), now), Delivery::Unwanted(_)));
         assert_eq!(w.len(), 1);
     }
 
     #[test]
-    fn a_removed_or_abandoned_waiter_does_not_swallow_a_reply() {
-        let mut w = Waiters::default();
-        let (gone, rx_gone) = w.push(ReplyKind::NodeConfig(None)).unwrap();
-        let (_, rx_dropped) = w.push(ReplyKind::NodeConfig(None)).unwrap();
-        let (_, mut live) = w.push(ReplyKind::NodeConfig(None)).unwrap();
-        w.remove(gone);
-        drop(rx_gone);
-        drop(rx_dropped);
-        w.deliver(status("7")).unwrap();
-        assert_eq!(version_of(live.try_recv().unwrap()), "7");
+    fn r_sync_1_close_fails_every_waiter_and_refuses_new_ones() {
+        let now = Instant::now();
+        let mut w = Waiters::new(EXPIRY);
+        let mut rx = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        w.close();
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Closed)));
+        assert!(w.push(ReplyKind::AverageMonitoring, now).is_none());
     }
 
-    #[test]
-    fn r_sync_1_close_fails_every_waiter_and_refuses_new_ones() {
-        let mut w = Waiters::default();
-        let (_, mut rx) = w.push(ReplyKind::AverageMonitoring).unwrap();
-        w.close();
-        assert!(matches!(
-            rx.try_recv(),
-            Err(oneshot::error::TryRecvError::Closed)
-        ));
-        assert!(w.push(ReplyKind::AverageMonitoring).is_none());
+    fn monitoring(ram: u64) -> NodeMonitoringData {
+        NodeMonitoringData {
+            node: smcontroller_api::MonitoringData {
+                timestamp: std::time::SystemTime::UNIX_EPOCH,
+                ram,
+                cpu: 0,
+                partitions: Vec::new(),
+                download: 0,
+                upload: 0,
+            },
+            instances: Vec::new(),
+        }
     }
 }
