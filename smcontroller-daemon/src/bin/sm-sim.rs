@@ -1,6 +1,11 @@
 //! `sm-sim`: simulated Service Managers that connect to an SM controller, register, answer its
-//! commands and send monitoring and alerts, as real SMs do. Logs via `RUST_LOG`; prints a
-//! summary of what was sent and received on exit (Ctrl-C or `--duration-secs`).
+//! commands and send monitoring and alerts, as real SMs do. Like a real SM, each node handles
+//! its commands one at a time and replies in their order, sets an empty `error` on what it
+//! reports when nothing failed, sends no reply to a node config it cannot read (one without
+//! `nodeGroupSubject`), resolves manifests with `GetBlobsInfos` before it reports instances
+//! started, ignores a repeated cloud status and reconnects after a fixed delay. Logs via
+//! `RUST_LOG`; prints a summary of what was sent and received on exit (Ctrl-C or
+//! `--duration-secs`).
 
 use std::time::Duration;
 
@@ -34,7 +39,8 @@ struct Args {
     /// Instances each node reports.
     #[arg(long, default_value_t = 3)]
     instances: usize,
-    /// Pause before reconnecting after a stream ends, in milliseconds.
+    /// Fixed pause before every reconnect (after a stream ends or an attempt fails), in
+    /// milliseconds; no backoff, as in a real SM, whose delay is 10000 unless configured.
     #[arg(long, default_value_t = 1000)]
     reconnect_delay_ms: u64,
     /// Pause between the first connection attempts of consecutive nodes, in milliseconds.
@@ -43,7 +49,8 @@ struct Args {
     /// Never answer the sync requests (config status, check, set, average monitoring).
     #[arg(long, conflicts_with = "answer_delay_ms")]
     never_answer: bool,
-    /// Send every reply this many milliseconds late.
+    /// Take this many milliseconds to handle each command that gets a reply. Commands are
+    /// handled one at a time, so the ones after it wait behind it.
     #[arg(long)]
     answer_delay_ms: Option<u64>,
     /// Send garbage: bad vocabulary values, alerts without timestamp, empty messages.

@@ -15,6 +15,9 @@ use tonic::transport::Endpoint;
 pub type EndpointHook =
     Arc<dyn Fn(Endpoint) -> Result<Endpoint, tonic::transport::Error> + Send + Sync>;
 
+/// The reconnect delay of a real SM by default: fixed (no backoff), configurable on the SM.
+pub const REAL_SM_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+
 /// Configuration of a [`Simulator`](super::Simulator) run.
 #[derive(Clone)]
 pub struct SimConfig {
@@ -31,7 +34,10 @@ pub struct SimConfig {
     /// Messages of `instant_monitoring` each node sends as fast as flow control allows right
     /// after each registration (0 = off). See also [`NodeHandle::burst`](super::NodeHandle::burst).
     pub burst: u64,
-    /// Pause after a stream ends (or a connection attempt fails) before the next attempt.
+    /// Pause after a stream ends (or a connection attempt fails) before the next attempt. It is
+    /// fixed, as a real SM's reconnect timeout is: the same pause before every attempt, no
+    /// backoff. A real SM waits [`REAL_SM_RECONNECT_DELAY`] unless configured otherwise; the
+    /// default here is 1 s, so that demos and tests see a reconnect soon.
     pub reconnect_delay: Duration,
     /// Delay between the first connection attempts of consecutive nodes (0 = all at once).
     pub start_stagger: Duration,
@@ -188,15 +194,20 @@ impl Behaviour {
 }
 
 /// How a node answers commands.
+///
+/// Whatever the variant, a node handles its stream as a real SM does: one command at a time,
+/// in the order they arrive, so its replies come in the order of the commands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Answers {
-    /// Every command gets its reply at once (a real SM).
+    /// Every command gets its reply as soon as it is handled (a real SM).
     #[default]
     Normal,
     /// The sync requests (`get_node_config_status`, `check_node_config`, `set_node_config`,
     /// `get_average_monitoring`) never get a reply; instance updates and logs still do.
     Never,
-    /// Every reply is sent this late (replies keep their order).
+    /// Handling each command that gets a reply takes this long: the reply goes out this late,
+    /// and the commands after it wait behind it (never overtaking), so the reply to the n-th of
+    /// a burst of commands comes at least n times this late.
     Delayed(Duration),
 }
 

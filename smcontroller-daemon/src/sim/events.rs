@@ -8,12 +8,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use smcontroller_grpc::proto::servicemanager::v5::{SmIncomingMessages, SmOutgoingMessages};
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 /// Something that happened to a node, for tests that assert exactly what went over the wire.
 #[derive(Clone, Debug)]
 pub struct SimEvent {
     /// The node it happened to.
     pub node_id: Arc<str>,
+    /// When it happened (Tokio's clock, so paused time in tests applies).
+    pub at: Instant,
     /// What happened.
     pub kind: SimEventKind,
 }
@@ -69,6 +72,7 @@ impl EventBus {
             // Fails only when the last listener just left, which is fine.
             let _ = self.tx.send(SimEvent {
                 node_id: node_id.clone(),
+                at: Instant::now(),
                 kind,
             });
         }

@@ -30,8 +30,23 @@ pub const CORE_COMPONENTS: [&str; 5] = ["CM", "SM", "IAM", "MP", "unknown"];
 /// Quota alert parameters the simulator uses.
 pub const QUOTA_PARAMETERS: [&str; 4] = ["cpu", "ram", "download", "upload"];
 
-/// Aos error code the simulator reports for a config it cannot install (`eFailed`).
+/// Aos error code the simulator reports for a failure (`eFailed`).
 pub const AOS_CODE_FAILED: i32 = 1;
+
+/// The `error` a real SM sets on every `node_config_status`, `InstanceStatus`, `EnvVarStatus`
+/// and `LogData` when nothing failed: present, both codes 0, no message.
+pub fn no_error() -> ErrorInfo {
+    ErrorInfo::default()
+}
+
+/// A failure of kind [`AOS_CODE_FAILED`] that says `message`.
+pub fn failure(message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo {
+        aos_code: AOS_CODE_FAILED,
+        exit_code: 0,
+        message: message.into(),
+    }
+}
 
 /// Wraps `msg` into an `SMOutgoingMessages`.
 pub fn outgoing(msg: SmOutgoingMessage) -> SmOutgoingMessages {
@@ -125,7 +140,7 @@ pub fn initial_instances(count: usize) -> Vec<InstanceStatus> {
             manifest_digest: format!("sha256:{n:064x}"),
             env_vars: Vec::new(),
             state: "active".to_owned(),
-            error: None,
+            error: Some(no_error()),
         })
         .collect()
 }
@@ -139,7 +154,8 @@ pub fn node_instances_status(instances: &[InstanceStatus]) -> SmOutgoingMessages
     ))
 }
 
-/// A `node_config_status` reply.
+/// A `node_config_status` reply; `error` `None` means nothing failed and is sent as a real SM
+/// sends it, as [`no_error`].
 pub fn node_config_status(
     state: &str,
     version: &str,
@@ -148,12 +164,18 @@ pub fn node_config_status(
     outgoing(SmOutgoingMessage::NodeConfigStatus(NodeConfigStatus {
         state: state.to_owned(),
         version: version.to_owned(),
-        error,
+        error: Some(error.unwrap_or_else(no_error)),
     }))
 }
 
-/// The status of a started instance: `active` (or `state`), each env var without error.
-pub fn started_status(info: &InstanceInfo, state: &str) -> InstanceStatus {
+/// The status of an instance the node was asked to start, in state `state` (`active`, or
+/// `failed` with `error`); each env var with [`no_error`], and `error` `None` sent as
+/// [`no_error`], as a real SM does.
+pub fn instance_status(
+    info: &InstanceInfo,
+    state: &str,
+    error: Option<ErrorInfo>,
+) -> InstanceStatus {
     InstanceStatus {
         instance: info.instance.clone(),
         version: info.version.clone(),
@@ -164,20 +186,11 @@ pub fn started_status(info: &InstanceInfo, state: &str) -> InstanceStatus {
             .iter()
             .map(|e| EnvVarStatus {
                 name: e.name.clone(),
-                error: None,
+                error: Some(no_error()),
             })
             .collect(),
         state: state.to_owned(),
-        error: None,
-    }
-}
-
-/// The status of a stopped instance: `inactive` (or `state`).
-pub fn stopped_status(ident: &InstanceIdent, state: &str) -> InstanceStatus {
-    InstanceStatus {
-        instance: Some(ident.clone()),
-        state: state.to_owned(),
-        ..InstanceStatus::default()
+        error: Some(error.unwrap_or_else(no_error)),
     }
 }
 
@@ -188,7 +201,8 @@ pub fn update_instances_status(instances: Vec<InstanceStatus>) -> SmOutgoingMess
     ))
 }
 
-/// The `part_count` parts of a log answer to request `correlation_id`, with status `status`.
+/// The `part_count` parts of a log answer to request `correlation_id`, with status `status`,
+/// each with [`no_error`].
 pub fn log_parts(correlation_id: &str, part_count: u64, status: &str) -> Vec<SmOutgoingMessages> {
     (1..=part_count)
         .map(|part| {
@@ -198,7 +212,7 @@ pub fn log_parts(correlation_id: &str, part_count: u64, status: &str) -> Vec<SmO
                 part,
                 data: format!("log of {correlation_id}, part {part}/{part_count}\n").into_bytes(),
                 status: status.to_owned(),
-                error: None,
+                error: Some(no_error()),
             }))
         })
         .collect()

@@ -4,7 +4,18 @@
 //! Each simulated node has its own HTTP/2 connection (HTTP/2 keepalive every 10 s, 3 s timeout,
 //! also while idle), calls `RegisterSM`, sends `sm_info` and `node_instances_status`, answers
 //! every command, sends `instant_monitoring` and `alert`s at configured rates, and reconnects
-//! after a delay whenever its stream ends. [`Behaviour`] makes single nodes misbehave.
+//! after a fixed delay whenever its stream ends. [`Behaviour`] makes single nodes misbehave.
+//!
+//! Where the recordings of the real Aos SM (`shared/fixtures/real-aos`) show how it behaves, a
+//! node does the same: it handles its stream serially, one command at a time, so its replies
+//! come in command order (also with [`Answers::Delayed`]: later commands wait behind); every
+//! `node_config_status`, `InstanceStatus`, `EnvVarStatus` and `LogData` carries an `error`,
+//! empty when nothing failed; a check or set of a node config it cannot read (no
+//! `nodeGroupSubject`) gets no reply at all; on `update_instances` it resolves the manifest
+//! digests of the instances to start with `GetBlobsInfos` on its own connection before it
+//! reports them (`failed` if that fails), and a stop alone gets an `update_instances_status`
+//! without instances; it ignores a `connection_status` that repeats its cloud status; its
+//! reconnect delay is fixed ([`SimConfig::reconnect_delay`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), smcontroller_daemon::sim::SimError> {
@@ -43,7 +54,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-pub use config::{Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig};
+pub use config::{
+    Answers, Behaviour, EndpointHook, Garbage, REAL_SM_RECONNECT_DELAY, Registration, SimConfig,
+};
 pub use events::{SimEvent, SimEventKind, SimEvents};
 pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats};
 

@@ -1,12 +1,20 @@
 //! One simulated node: its connection loop, its stream session and what it answers.
+//!
+//! A node handles its stream as a real SM does: serially, one command at a time, so its replies
+//! come in the order of the commands. Everything it reports carries an `error`, empty when
+//! nothing failed. A node config it cannot read gets no reply at all. Before it reports an
+//! instance started it resolves the instance's manifest digest with `GetBlobsInfos` on its own
+//! connection. Its reconnect delay is fixed. It ignores a `connection_status` that repeats the
+//! cloud status it has.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use smcontroller_grpc::proto::common::v2::{ErrorInfo, InstanceIdent};
+use serde_json::Value;
+use smcontroller_grpc::proto::common::v2::InstanceIdent;
 use smcontroller_grpc::proto::servicemanager::v5::{
-    InstanceStatus, SmIncomingMessages, SmOutgoingMessages,
+    BlobsInfosRequest, InstanceStatus, SmIncomingMessages, SmOutgoingMessages, UpdateInstances,
     sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
 };
 use tokio::sync::{mpsc, watch};
@@ -28,6 +36,9 @@ const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 /// Most messages one pacing tick sends; a backlog beyond it is dropped, not caught up.
 const MAX_BATCH: u64 = 1_000;
+
+/// Longest wait for the controller's answer to `GetBlobsInfos`.
+const BLOBS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What all nodes of one simulation share.
 pub(crate) struct SimContext {
@@ -187,7 +198,8 @@ enum SessionEnd {
     Ended(String),
 }
 
-/// Runs node `node` until the simulation stops: connect, register, serve, reconnect.
+/// Runs node `node` until the simulation stops: connect, register, serve, reconnect after the
+/// fixed [`SimConfig::reconnect_delay`] (the same every time, as a real SM's: no backoff).
 pub(crate) async fn run_node(node: Arc<NodeShared>, ctx: Arc<SimContext>) {
     let stagger = ctx
         .config
@@ -261,26 +273,18 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
     node.connected.store(true, Ordering::Relaxed);
     *lock(&node.link) = Some(Link {
         tx: out.tx.clone(),
-        channel,
+        channel: channel.clone(),
         session: token.clone(),
     });
     debug!(node = %node.id, connects, "stream open");
     ctx.emit(node, SimEventKind::Connected { connects });
 
     let producer = tokio::spawn(produce(out.clone(), ctx.clone()));
-    let (replies, delayer) = match node.behaviour.answers {
-        Answers::Delayed(delay) => {
-            let (dtx, drx) = mpsc::channel(1024);
-            let task = tokio::spawn(delay_replies(out.clone(), drx));
-            (Replies::Delayed(dtx, delay), Some(task))
-        }
-        Answers::Normal | Answers::Never => (Replies::Direct, None),
-    };
     let mut serve = Serve {
         node: node.clone(),
         ctx: ctx.clone(),
         out,
-        replies,
+        channel,
     };
     let end = serve.read_loop(&mut inbound).await;
 
@@ -291,9 +295,6 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
     drop(serve);
     drop(inbound);
     let _ = producer.await;
-    if let Some(task) = delayer {
-        let _ = task.await;
-    }
     let reason = match &end {
         SessionEnd::Stopped => "simulator stopped".to_owned(),
         SessionEnd::Failed(r) | SessionEnd::Ended(r) => r.clone(),
@@ -327,40 +328,13 @@ async fn send_registration(node: &NodeShared, out: &Outbound) -> Result<(), SimE
     Ok(())
 }
 
-/// Where replies go.
-enum Replies {
-    /// Straight onto the stream.
-    Direct,
-    /// Through the delay queue.
-    Delayed(mpsc::Sender<(Instant, SmOutgoingMessages)>, Duration),
-}
-
-/// Sends queued replies once they are due, in order.
-async fn delay_replies(out: Outbound, mut rx: mpsc::Receiver<(Instant, SmOutgoingMessages)>) {
-    loop {
-        let (due, msg) = tokio::select! {
-            () = out.session.cancelled() => return,
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        tokio::select! {
-            () = out.session.cancelled() => return,
-            () = tokio::time::sleep_until(due) => {}
-        }
-        if out.send(msg).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// The reading side of one open stream.
+/// The reading side of one open stream: it handles one command at a time, in order.
 struct Serve {
     node: Arc<NodeShared>,
     ctx: Arc<SimContext>,
     out: Outbound,
-    replies: Replies,
+    /// The node's connection, for the unary calls a real SM makes on it (`GetBlobsInfos`).
+    channel: Channel,
 }
 
 impl Serve {
@@ -404,24 +378,52 @@ impl Serve {
         }
     }
 
-    async fn reply(&self, msg: SmOutgoingMessages) -> Result<(), SimError> {
-        match &self.replies {
-            Replies::Direct => self.out.send(msg).await,
-            Replies::Delayed(tx, delay) => {
-                let due = Instant::now() + *delay;
-                tokio::select! {
-                    () = self.out.session.cancelled() => Err(SimError::NotConnected(self.node.id.to_string())),
-                    r = tx.send((due, msg)) => r.map_err(|_| SimError::NotConnected(self.node.id.to_string())),
-                }
-            }
-        }
+    fn not_connected(&self) -> SimError {
+        SimError::NotConnected(self.node.id.to_string())
     }
 
-    async fn reply_sync(&self, msg: SmOutgoingMessages) -> Result<(), SimError> {
+    /// Waits as long as handling one command takes ([`Answers::Delayed`]; no time otherwise).
+    /// The read loop awaits the handling, so the next command waits behind this one.
+    async fn handling_time(&self) -> Result<(), SimError> {
+        if let Answers::Delayed(delay) = self.node.behaviour.answers {
+            tokio::select! {
+                () = self.out.session.cancelled() => return Err(self.not_connected()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the replies to the command being handled, once its handling time has passed.
+    async fn answer(&self, replies: Vec<SmOutgoingMessages>) -> Result<(), SimError> {
+        self.handling_time().await?;
+        for reply in replies {
+            self.out.send(reply).await?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Serve::answer`] for a sync request, which [`Answers::Never`] leaves unanswered.
+    async fn answer_sync(&self, reply: SmOutgoingMessages) -> Result<(), SimError> {
         if self.node.behaviour.answers == Answers::Never {
             return Ok(());
         }
-        self.reply(msg).await
+        self.answer(vec![reply]).await
+    }
+
+    /// Whether the node can read the node config `document` of a `command`. When it cannot it
+    /// logs why, and the command gets no reply at all, as from a real SM.
+    fn readable_config(&self, command: &str, version: &str, document: &str) -> bool {
+        match node_group_subject(document) {
+            Ok(subject) => {
+                debug!(node = %self.node.id, command, version, node_group_subject = %subject, "node config read");
+                true
+            }
+            Err(why) => {
+                warn!(node = %self.node.id, command, version, %why, "cannot parse the node config: no reply, as from a real SM");
+                false
+            }
+        }
     }
 
     fn vocabulary<'a>(&self, value: &'a str) -> &'a str {
@@ -447,82 +449,49 @@ impl Serve {
             SmIncomingMessage::GetNodeConfigStatus(_) => {
                 let (state, version) = self.node.config_status();
                 let reply = messages::node_config_status(self.vocabulary(&state), &version, None);
-                self.reply_sync(reply).await
+                self.answer_sync(reply).await
             }
             SmIncomingMessage::CheckNodeConfig(req) => {
-                if !valid_node_config(&req.node_config) {
-                    // A real SM sends nothing back for a config it cannot parse.
-                    warn!(node = %self.node.id, version = %req.version, "unparseable node config: no answer");
+                if !self.readable_config("check_node_config", &req.version, &req.node_config) {
                     return Ok(());
                 }
                 let (state, _) = self.node.config_status();
                 let reply =
                     messages::node_config_status(self.vocabulary(&state), &req.version, None);
-                self.reply_sync(reply).await
+                self.answer_sync(reply).await
             }
             SmIncomingMessage::SetNodeConfig(req) => {
-                let reply = if valid_node_config(&req.node_config) {
+                if !self.readable_config("set_node_config", &req.version, &req.node_config) {
+                    return Ok(());
+                }
+                {
                     let mut state = lock(&self.node.state);
                     "installed".clone_into(&mut state.config_state);
                     state.config_version.clone_from(&req.version);
-                    drop(state);
-                    messages::node_config_status(self.vocabulary("installed"), &req.version, None)
-                } else {
-                    let error = ErrorInfo {
-                        aos_code: messages::AOS_CODE_FAILED,
-                        exit_code: 0,
-                        message: "can't parse node config".to_owned(),
-                    };
-                    messages::node_config_status(
-                        self.vocabulary("failed"),
-                        &req.version,
-                        Some(error),
-                    )
-                };
-                self.reply_sync(reply).await
+                }
+                let reply =
+                    messages::node_config_status(self.vocabulary("installed"), &req.version, None);
+                self.answer_sync(reply).await
             }
             SmIncomingMessage::GetAverageMonitoring(_) => {
                 let (_, instances) = self.node.instances();
                 let seq = self.node.next_monitoring_seq();
-                self.reply_sync(messages::average_monitoring(&instances, seq))
+                self.answer_sync(messages::average_monitoring(&instances, seq))
                     .await
             }
-            SmIncomingMessage::UpdateInstances(req) => {
-                let mut statuses =
-                    Vec::with_capacity(req.stop_instances.len() + req.start_instances.len());
-                {
-                    let mut state = lock(&self.node.state);
-                    for ident in &req.stop_instances {
-                        state
-                            .instances
-                            .retain(|s| !same_instance(s.instance.as_ref(), ident));
-                        statuses.push(messages::stopped_status(ident, self.vocabulary("inactive")));
-                    }
-                    for info in &req.start_instances {
-                        let status = messages::started_status(info, self.vocabulary("active"));
-                        if let Some(ident) = &info.instance {
-                            state
-                                .instances
-                                .retain(|s| !same_instance(s.instance.as_ref(), ident));
-                        }
-                        state.instances.push(status.clone());
-                        statuses.push(status);
-                    }
-                    self.node
-                        .instances_generation
-                        .fetch_add(1, Ordering::Release);
-                }
-                self.reply(messages::update_instances_status(statuses))
-                    .await
-            }
+            SmIncomingMessage::UpdateInstances(req) => self.update_instances(req).await,
             SmIncomingMessage::SystemLogRequest(req) => self.send_log(&req.correlation_id).await,
             SmIncomingMessage::InstanceLogRequest(req) => self.send_log(&req.correlation_id).await,
             SmIncomingMessage::InstanceCrashLogRequest(req) => {
                 self.send_log(&req.correlation_id).await
             }
             SmIncomingMessage::ConnectionStatus(status) => {
-                self.node.counters.set_cloud_status(status.cloud_status);
-                debug!(node = %self.node.id, cloud_status = status.cloud_status, "cloud status");
+                let cloud_status = status.cloud_status;
+                if self.node.counters.set_cloud_status(cloud_status) {
+                    debug!(node = %self.node.id, cloud_status, "cloud status changed");
+                } else {
+                    debug!(node = %self.node.id, cloud_status, "cloud status repeated: ignored");
+                }
                 Ok(())
             }
             SmIncomingMessage::UpdateNetworks(req) => {
@@ -535,20 +504,125 @@ impl Serve {
         }
     }
 
-    async fn send_log(&self, correlation_id: &str) -> Result<(), SimError> {
-        for part in messages::log_parts(correlation_id, 2, self.vocabulary("ok")) {
-            self.reply(part).await?;
+    /// Stops and starts instances as a real SM does. It first resolves the manifest digests
+    /// of the instances to start with `GetBlobsInfos` on the node's connection, and only then
+    /// reports. The `update_instances_status` lists the started instances alone: `active`, or
+    /// `failed` with an error naming the digest when the call failed; after a stop alone it
+    /// lists none.
+    async fn update_instances(&self, req: UpdateInstances) -> Result<(), SimError> {
+        let mut statuses = Vec::with_capacity(req.start_instances.len());
+        if !req.start_instances.is_empty() {
+            let digests = req
+                .start_instances
+                .iter()
+                .map(|info| info.manifest_digest.clone())
+                .collect();
+            let resolved = self.resolve_blobs(digests).await?;
+            for info in &req.start_instances {
+                let status = match &resolved {
+                    Ok(()) => messages::instance_status(info, self.vocabulary("active"), None),
+                    Err(why) => {
+                        let error = messages::failure(format!(
+                            "can't resolve manifest {}: {why}",
+                            info.manifest_digest
+                        ));
+                        messages::instance_status(info, self.vocabulary("failed"), Some(error))
+                    }
+                };
+                statuses.push(status);
+            }
         }
-        Ok(())
+        {
+            let mut state = lock(&self.node.state);
+            for ident in &req.stop_instances {
+                state
+                    .instances
+                    .retain(|s| !same_instance(s.instance.as_ref(), ident));
+            }
+            for status in &statuses {
+                if let Some(ident) = &status.instance {
+                    state
+                        .instances
+                        .retain(|s| !same_instance(s.instance.as_ref(), ident));
+                }
+                state.instances.push(status.clone());
+            }
+            self.node
+                .instances_generation
+                .fetch_add(1, Ordering::Release);
+        }
+        self.answer(vec![messages::update_instances_status(statuses)])
+            .await
+    }
+
+    /// Calls `GetBlobsInfos` with `digests` on the node's connection: `Ok(Ok(()))` when it
+    /// answers one URL per digest, `Ok(Err(why))` when it fails, `Err` when the stream ends
+    /// first.
+    async fn resolve_blobs(&self, digests: Vec<String>) -> Result<Result<(), String>, SimError> {
+        let count = digests.len();
+        let mut client = SmServiceClient::new(self.channel.clone());
+        let call = tokio::time::timeout(
+            BLOBS_TIMEOUT,
+            client.get_blobs_infos(BlobsInfosRequest { digests }),
+        );
+        let result = tokio::select! {
+            () = self.out.session.cancelled() => return Err(self.not_connected()),
+            r = call => r,
+        };
+        let resolved = match result {
+            Err(_) => Err(format!(
+                "GetBlobsInfos got no answer within {BLOBS_TIMEOUT:?}"
+            )),
+            Ok(Err(status)) => Err(format!(
+                "GetBlobsInfos failed: {:?}: {}",
+                status.code(),
+                status.message()
+            )),
+            Ok(Ok(reply)) => match reply.into_inner().urls.len() {
+                n if n == count => Ok(()),
+                n => Err(format!(
+                    "GetBlobsInfos answered {n} URLs for {count} digests"
+                )),
+            },
+        };
+        if let Err(why) = &resolved {
+            warn!(node = %self.node.id, %why, "manifests not resolved: instances failed");
+        }
+        Ok(resolved)
+    }
+
+    async fn send_log(&self, correlation_id: &str) -> Result<(), SimError> {
+        self.answer(messages::log_parts(
+            correlation_id,
+            2,
+            self.vocabulary("ok"),
+        ))
+        .await
     }
 }
 
-/// A node config is valid when it is a JSON object.
-fn valid_node_config(text: &str) -> bool {
-    matches!(
-        serde_json::from_str::<serde_json::Value>(text),
-        Ok(serde_json::Value::Object(_))
-    )
+/// Reads a node config document as far as a real SM needs to accept it: a JSON object with
+/// `nodeGroupSubject.codename` a string, keys matched regardless of case (`node` and the rest
+/// are optional). Returns the node group subject, or why the document cannot be read.
+///
+/// Written here rather than taken from the api crate, so that the simulator checks the
+/// documents the controller writes with code of its own.
+fn node_group_subject(document: &str) -> Result<String, String> {
+    fn key<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
+        value
+            .as_object()?
+            .iter()
+            .find_map(|(k, v)| k.eq_ignore_ascii_case(name).then_some(v))
+    }
+    let value: Value = serde_json::from_str(document).map_err(|e| format!("not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("not a JSON object".to_owned());
+    }
+    let subject = key(&value, "nodeGroupSubject").ok_or("no nodeGroupSubject")?;
+    match key(subject, "codename").and_then(Value::as_str) {
+        Some(codename) => Ok(codename.to_owned()),
+        None => Err("nodeGroupSubject has no codename string".to_owned()),
+    }
 }
 
 fn same_instance(a: Option<&InstanceIdent>, b: &InstanceIdent) -> bool {

@@ -172,6 +172,7 @@ pub(crate) struct NodeCounters {
     pub(crate) connect_failures: AtomicU64,
     pub(crate) disconnects: AtomicU64,
     pub(crate) networks_received: AtomicU64,
+    cloud_status_changes: AtomicU64,
     commands: [AtomicU64; CommandKind::ALL.len()],
     sent: [AtomicU64; SentKind::ALL.len()],
     /// Last `connection_status.cloud_status`, -1 before the first.
@@ -201,8 +202,15 @@ impl NodeCounters {
         Self::bump(&self.sent[kind.index()]);
     }
 
-    pub(crate) fn set_cloud_status(&self, status: i32) {
-        self.last_cloud_status.0.store(status, Ordering::Relaxed);
+    /// Records `connection_status.cloud_status`; false when it repeats the value the node
+    /// already has (a real SM ignores such a status). The value outlives the stream, as a real
+    /// SM's does: the first status after a reconnect may be a repeat.
+    pub(crate) fn set_cloud_status(&self, status: i32) -> bool {
+        let changed = self.last_cloud_status.0.swap(status, Ordering::Relaxed) != status;
+        if changed {
+            Self::bump(&self.cloud_status_changes);
+        }
+        changed
     }
 
     pub(crate) fn last_cloud_status(&self) -> Option<i32> {
@@ -225,6 +233,7 @@ impl NodeCounters {
             connect_failures: load(&self.connect_failures),
             disconnects: load(&self.disconnects),
             networks_received: load(&self.networks_received),
+            cloud_status_changes: load(&self.cloud_status_changes),
             commands,
             sent,
         }
@@ -376,6 +385,9 @@ pub struct Counters {
     pub disconnects: u64,
     /// Network entries received in `update_networks` commands.
     pub networks_received: u64,
+    /// `connection_status` commands that changed the cloud status; the others repeated the
+    /// value the node had and were ignored, as a real SM ignores them.
+    pub cloud_status_changes: u64,
     /// Commands received, by kind.
     pub commands: CommandCounts,
     /// Messages sent, by kind.
@@ -388,6 +400,7 @@ impl Counters {
         self.connect_failures += other.connect_failures;
         self.disconnects += other.disconnects;
         self.networks_received += other.networks_received;
+        self.cloud_status_changes += other.cloud_status_changes;
         for kind in CommandKind::ALL {
             self.commands.add(kind, other.commands.get(kind));
         }
@@ -476,7 +489,11 @@ impl fmt::Display for SimStats {
                 write!(f, " {}={n}", kind.name())?;
             }
         }
-        writeln!(f, " (networks: {})", t.networks_received)?;
+        writeln!(
+            f,
+            " (networks: {}, cloud status changes: {})",
+            t.networks_received, t.cloud_status_changes
+        )?;
         write!(f, "sent {} messages:", t.sent.total())?;
         for kind in SentKind::ALL {
             let n = t.sent.get(kind);

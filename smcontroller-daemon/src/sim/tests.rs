@@ -1,34 +1,63 @@
 //! Tests of the simulator against a tiny in-process `SMService` on 127.0.0.1.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use smcontroller_grpc::proto::common::v2::{InstanceFilter, InstanceIdent};
+use smcontroller_grpc::proto::common::v2::{ErrorInfo, InstanceFilter, InstanceIdent};
 use smcontroller_grpc::proto::servicemanager::v5::{
     BlobsInfos, BlobsInfosRequest, CheckNodeConfig, ConnectionEnum, ConnectionStatus, EnvVarInfo,
     GetAverageMonitoring, GetNodeConfigStatus, InstanceCrashLogRequest, InstanceInfo,
-    NodeConfigStatus, SetNodeConfig, SmIncomingMessages, SmOutgoingMessages, SystemLogRequest,
-    UpdateInstances, UpdateNetworkParameters, UpdateNetworks,
+    InstanceStatus, LogData, NodeConfigStatus, SetNodeConfig, SmIncomingMessages,
+    SmOutgoingMessages, SystemLogRequest, UpdateInstances, UpdateInstancesStatus,
+    UpdateNetworkParameters, UpdateNetworks,
     alert::AlertItem,
     sm_incoming_messages::SmIncomingMessage,
     sm_outgoing_messages::SmOutgoingMessage,
     sm_service_server::{SmService, SmServiceServer},
 };
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::messages::{BOGUS, CORE_COMPONENTS, QUOTA_STATUSES};
 use super::node::Pacer;
 use super::{
-    Answers, Behaviour, Garbage, Registration, SimConfig, SimEvent, SimEventKind, SimEvents,
-    Simulator,
+    Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig, SimEvent, SimEventKind,
+    SimEvents, Simulator,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// Digests the test server cannot resolve: `GetBlobsInfos` fails with NOT_FOUND.
+const MISSING: &str = "sha256:missing";
+/// Digests whose `GetBlobsInfos` answer waits for a permit of [`TestServer::hold`].
+const HOLD: &str = "sha256:hold";
+
+/// The `error` a real SM sets when nothing failed: present and empty.
+fn assert_no_error(error: Option<&ErrorInfo>, what: &str) {
+    assert_eq!(
+        error,
+        Some(&ErrorInfo::default()),
+        "{what}: a real SM sets an empty error when nothing failed"
+    );
+}
+
+fn assert_instance_ok(status: &InstanceStatus) {
+    assert_no_error(status.error.as_ref(), "InstanceStatus");
+    for env in &status.env_vars {
+        assert_no_error(env.error.as_ref(), "EnvVarStatus");
+    }
+}
+
+fn assert_log_ok(log: &LogData) {
+    assert_no_error(log.error.as_ref(), "LogData");
+}
 
 /// One `RegisterSM` stream as the test server sees it.
 struct ServerStream {
@@ -62,17 +91,43 @@ impl ServerStream {
             .expect("a message with its oneof set")
     }
 
+    /// The next message, a `node_config_status` reporting no failure (an empty error).
     async fn recv_config_status(&mut self) -> NodeConfigStatus {
         match self.recv_some().await {
-            SmOutgoingMessage::NodeConfigStatus(s) => s,
+            SmOutgoingMessage::NodeConfigStatus(s) => {
+                assert_no_error(s.error.as_ref(), "node_config_status");
+                s
+            }
             other => panic!("expected node_config_status, got {other:?}"),
         }
     }
+
+    async fn recv_instances_status(&mut self) -> UpdateInstancesStatus {
+        match self.recv_some().await {
+            SmOutgoingMessage::UpdateInstancesStatus(s) => s,
+            other => panic!("expected update_instances_status, got {other:?}"),
+        }
+    }
+
+    /// No message from the SM has arrived yet.
+    fn nothing_yet(&mut self) -> bool {
+        self.from_sm.try_recv().is_err()
+    }
 }
 
-/// A minimal controller: sends `connection_status` first, hands each stream to the test.
+/// One `GetBlobsInfos` call as the test server saw it.
+#[derive(Debug)]
+struct BlobsCall {
+    remote: Option<SocketAddr>,
+    digests: Vec<String>,
+}
+
+/// A minimal controller: sends `connection_status` first, hands each stream to the test,
+/// records each `GetBlobsInfos` call and answers it (see [`MISSING`], [`HOLD`]).
 struct TestService {
     streams: mpsc::UnboundedSender<ServerStream>,
+    blobs: mpsc::UnboundedSender<BlobsCall>,
+    hold: Arc<Semaphore>,
 }
 
 #[tonic::async_trait]
@@ -114,9 +169,24 @@ impl SmService for TestService {
         &self,
         request: Request<BlobsInfosRequest>,
     ) -> Result<Response<BlobsInfos>, Status> {
-        let urls = request
-            .into_inner()
-            .digests
+        let remote = request.remote_addr();
+        let digests = request.into_inner().digests;
+        // Recorded before the answer: whoever got the answer finds the call recorded.
+        let _ = self.blobs.send(BlobsCall {
+            remote,
+            digests: digests.clone(),
+        });
+        if digests.iter().any(|d| d.starts_with(HOLD)) {
+            self.hold
+                .acquire()
+                .await
+                .map_err(|_| Status::internal("closed"))?
+                .forget();
+        }
+        if let Some(missing) = digests.iter().find(|d| d.starts_with(MISSING)) {
+            return Err(Status::not_found(format!("no blob {missing}")));
+        }
+        let urls = digests
             .iter()
             .map(|d| format!("http://blobs/{d}"))
             .collect();
@@ -127,6 +197,9 @@ impl SmService for TestService {
 struct TestServer {
     url: String,
     streams: mpsc::UnboundedReceiver<ServerStream>,
+    blobs: mpsc::UnboundedReceiver<BlobsCall>,
+    /// Permits to answer `GetBlobsInfos` calls for [`HOLD`] digests.
+    hold: Arc<Semaphore>,
     task: JoinHandle<()>,
 }
 
@@ -135,7 +208,13 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, streams) = mpsc::unbounded_channel();
-        let service = SmServiceServer::new(TestService { streams: tx });
+        let (blobs_tx, blobs) = mpsc::unbounded_channel();
+        let hold = Arc::new(Semaphore::new(0));
+        let service = SmServiceServer::new(TestService {
+            streams: tx,
+            blobs: blobs_tx,
+            hold: hold.clone(),
+        });
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
@@ -145,8 +224,17 @@ impl TestServer {
         Self {
             url: format!("http://{addr}"),
             streams,
+            blobs,
+            hold,
             task,
         }
+    }
+
+    async fn next_blobs_call(&mut self) -> BlobsCall {
+        timeout(WAIT, self.blobs.recv())
+            .await
+            .expect("a GetBlobsInfos call in time")
+            .expect("server running")
     }
 
     async fn next_stream(&mut self) -> ServerStream {
@@ -190,6 +278,7 @@ async fn expect_registration(stream: &mut ServerStream, node_id: &str) {
         SmOutgoingMessage::NodeInstancesStatus(s) => {
             assert!(!s.instances.is_empty());
             assert!(s.instances.iter().all(|i| i.state == "active"));
+            s.instances.iter().for_each(assert_instance_ok);
         }
         other => panic!("expected node_instances_status second, got {other:?}"),
     }
@@ -211,10 +300,59 @@ fn get_status() -> SmIncomingMessage {
     SmIncomingMessage::GetNodeConfigStatus(GetNodeConfigStatus {})
 }
 
+fn check(version: &str, node_config: &str) -> SmIncomingMessage {
+    SmIncomingMessage::CheckNodeConfig(CheckNodeConfig {
+        node_config: node_config.to_owned(),
+        version: version.to_owned(),
+    })
+}
+
+fn set(version: &str, node_config: &str) -> SmIncomingMessage {
+    SmIncomingMessage::SetNodeConfig(SetNodeConfig {
+        node_config: node_config.to_owned(),
+        version: version.to_owned(),
+    })
+}
+
+fn cloud(status: ConnectionEnum) -> SmIncomingMessage {
+    SmIncomingMessage::ConnectionStatus(ConnectionStatus {
+        cloud_status: status as i32,
+    })
+}
+
+/// An instance to start, with one env var and manifest digest `digest`.
+fn instance_info(item_id: &str, digest: &str) -> InstanceInfo {
+    InstanceInfo {
+        instance: Some(InstanceIdent {
+            item_id: item_id.to_owned(),
+            subject_id: "subject-2".to_owned(),
+            instance: 7,
+            ..InstanceIdent::default()
+        }),
+        version: "2.0.0".to_owned(),
+        manifest_digest: digest.to_owned(),
+        runtime_id: "runc".to_owned(),
+        env_vars: vec![EnvVarInfo {
+            name: "A".to_owned(),
+            value: "1".to_owned(),
+        }],
+        ..InstanceInfo::default()
+    }
+}
+
+fn update_instances(start: Vec<InstanceInfo>, stop: Vec<InstanceIdent>) -> SmIncomingMessage {
+    SmIncomingMessage::UpdateInstances(UpdateInstances {
+        start_instances: start,
+        stop_instances: stop,
+    })
+}
+
 #[tokio::test]
 async fn registers_answers_config_requests_and_reconnects() {
     let mut server = TestServer::start().await;
-    let (sim, mut events) = Simulator::start_with_events(server.config(1)).expect("start");
+    let config = server.config(1);
+    let reconnect_delay = config.reconnect_delay;
+    let (sim, mut events) = Simulator::start_with_events(config).expect("start");
     assert_eq!(sim.node_ids(), vec!["node-0".to_owned()]);
 
     let mut stream = server.next_stream().await;
@@ -228,41 +366,18 @@ async fn registers_answers_config_requests_and_reconnects() {
         (status.state.as_str(), status.version.as_str()),
         ("absent", "")
     );
-    assert!(status.error.is_none());
 
-    // Unparseable config: no answer at all; the next message answers the next request.
-    stream
-        .send(SmIncomingMessage::CheckNodeConfig(CheckNodeConfig {
-            node_config: "{not json".to_owned(),
-            version: "9.9.9".to_owned(),
-        }))
-        .await;
-    stream.send(get_status()).await;
-    let status = stream.recv_config_status().await;
-    assert_eq!(
-        status.version, "",
-        "an unparseable check must get no answer"
-    );
-
-    let config = r#"{"version":"2.0.0","node":{"codename":"node-0"},"priority":1}"#;
-    stream
-        .send(SmIncomingMessage::CheckNodeConfig(CheckNodeConfig {
-            node_config: config.to_owned(),
-            version: "2.0.0".to_owned(),
-        }))
-        .await;
+    let config = r#"{"version":"2.0.0","node":{"codename":"node-0"},"nodeGroupSubject":{"codename":"main"},"priority":1}"#;
+    stream.send(check("2.0.0", config)).await;
     let status = stream.recv_config_status().await;
     assert_eq!(
         (status.state.as_str(), status.version.as_str()),
         ("absent", "2.0.0")
     );
 
-    stream
-        .send(SmIncomingMessage::SetNodeConfig(SetNodeConfig {
-            node_config: config.to_owned(),
-            version: "2.0.0".to_owned(),
-        }))
-        .await;
+    // Keys are read regardless of case, as a real SM reads them.
+    let shouting = r#"{"VERSION":"2.0.0","NodeGroupSubject":{"CODENAME":"main"}}"#;
+    stream.send(set("2.0.0", shouting)).await;
     let status = stream.recv_config_status().await;
     assert_eq!(
         (status.state.as_str(), status.version.as_str()),
@@ -271,28 +386,35 @@ async fn registers_answers_config_requests_and_reconnects() {
 
     let node = sim.stats().nodes[0].clone();
     assert_eq!(node.cloud_status(), Some(ConnectionEnum::Connected));
-    assert_eq!(node.counters.commands.get_node_config_status, 2);
-    assert_eq!(node.counters.commands.check_node_config, 2);
+    assert_eq!(node.counters.commands.get_node_config_status, 1);
+    assert_eq!(node.counters.commands.check_node_config, 1);
     assert_eq!(node.counters.commands.set_node_config, 1);
     assert_eq!(node.counters.commands.connection_status, 1);
+    assert_eq!(node.counters.cloud_status_changes, 1);
     assert_eq!(node.counters.sent.sm_info, 1);
     assert_eq!(
         (node.config_state.as_str(), node.config_version.as_str()),
         ("installed", "2.0.0")
     );
 
-    // The server drops the stream: the node reconnects with the same id and its state.
+    // The server drops the stream: the node reconnects after its fixed delay, with the same id
+    // and its state.
     drop(stream);
-    wait_event(&mut events, |e| {
+    let gone = wait_event(&mut events, |e| {
         matches!(e.kind, SimEventKind::Disconnected { .. })
     })
     .await;
     let mut stream = server.next_stream().await;
     expect_registration(&mut stream, "node-0").await;
-    wait_event(&mut events, |e| {
+    let back = wait_event(&mut events, |e| {
         matches!(e.kind, SimEventKind::Connected { connects: 2 })
     })
     .await;
+    assert!(
+        back.at - gone.at >= reconnect_delay,
+        "reconnected after {:?}, before the delay {reconnect_delay:?}",
+        back.at - gone.at
+    );
     stream.send(get_status()).await;
     let status = stream.recv_config_status().await;
     assert_eq!(
@@ -302,6 +424,9 @@ async fn registers_answers_config_requests_and_reconnects() {
     let stats = sim.stats();
     assert_eq!(stats.total.connects, 2);
     assert_eq!(stats.total.disconnects, 1);
+    // The new stream's first connection_status repeats the status the node kept: ignored.
+    assert_eq!(stats.total.commands.connection_status, 2);
+    assert_eq!(stats.total.cloud_status_changes, 1);
 
     // Stopping ends the stream: the server sees the SM's side close.
     timeout(WAIT, sim.stop()).await.expect("stop in time");
@@ -312,50 +437,80 @@ async fn registers_answers_config_requests_and_reconnects() {
 }
 
 #[tokio::test]
+async fn an_unreadable_node_config_gets_no_reply() {
+    let mut server = TestServer::start().await;
+    let sim = Simulator::start(server.config(1)).expect("start");
+    let mut stream = server.next_stream().await;
+    expect_registration(&mut stream, "node-0").await;
+
+    // Not JSON; no nodeGroupSubject (the reference's own example of what a real SM cannot
+    // parse); a nodeGroupSubject without codename. Neither check nor set gets a reply, and the
+    // set installs nothing: the next reply answers the next request.
+    for document in [
+        "{not json",
+        r#"{"version":"3.0.0"}"#,
+        r#"{"version":"3.0.0","node":{"codename":"node-0"},"nodeGroupSubject":{}}"#,
+        r#"["nodeGroupSubject"]"#,
+    ] {
+        stream.send(check("3.0.0", document)).await;
+        stream.send(set("3.0.0", document)).await;
+    }
+    stream.send(get_status()).await;
+    let status = stream.recv_config_status().await;
+    assert_eq!(
+        (status.state.as_str(), status.version.as_str()),
+        ("absent", ""),
+        "an unreadable config must get no reply and change nothing"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats.total.commands.check_node_config, 4);
+    assert_eq!(stats.total.commands.set_node_config, 4);
+    assert_eq!(stats.total.sent.node_config_status, 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn answers_instances_logs_monitoring_and_records_networks() {
     let mut server = TestServer::start().await;
     let (sim, mut events) = Simulator::start_with_events(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
     expect_registration(&mut stream, "node-0").await;
 
-    let started = InstanceIdent {
-        item_id: "new-service".to_owned(),
-        subject_id: "subject-2".to_owned(),
-        instance: 7,
-        ..InstanceIdent::default()
-    };
+    let start = instance_info("new-service", "sha256:aaaa");
+    let started = start.instance.clone().expect("ident");
     let stopped = super::messages::instance_ident(0);
     stream
-        .send(SmIncomingMessage::UpdateInstances(UpdateInstances {
-            start_instances: vec![InstanceInfo {
-                instance: Some(started.clone()),
-                version: "2.0.0".to_owned(),
-                runtime_id: "runc".to_owned(),
-                env_vars: vec![EnvVarInfo {
-                    name: "A".to_owned(),
-                    value: "1".to_owned(),
-                }],
-                ..InstanceInfo::default()
-            }],
-            stop_instances: vec![stopped.clone()],
-        }))
+        .send(update_instances(vec![start], vec![stopped.clone()]))
         .await;
-    match stream.recv_some().await {
-        SmOutgoingMessage::UpdateInstancesStatus(s) => {
-            assert_eq!(s.instances.len(), 2);
-            let stop = &s.instances[0];
-            assert_eq!(stop.instance.as_ref(), Some(&stopped));
-            assert_eq!(stop.state, "inactive");
-            let start = &s.instances[1];
-            assert_eq!(start.instance.as_ref(), Some(&started));
-            assert_eq!(start.state, "active");
-            assert_eq!(start.version, "2.0.0");
-            assert_eq!(start.env_vars.len(), 1);
-            assert_eq!(start.env_vars[0].name, "A");
-            assert!(start.env_vars[0].error.is_none());
-        }
-        other => panic!("expected update_instances_status, got {other:?}"),
-    }
+    let status = stream.recv_instances_status().await;
+    // The manifest was resolved on the node's own connection before the status was sent.
+    let call = server
+        .blobs
+        .try_recv()
+        .expect("GetBlobsInfos before the status");
+    assert_eq!(call.digests, vec!["sha256:aaaa"]);
+    assert_eq!(
+        call.remote, stream.remote,
+        "GetBlobsInfos on the node's connection"
+    );
+    // Only the started instance is reported, as by a real SM.
+    assert_eq!(status.instances.len(), 1);
+    let start = &status.instances[0];
+    assert_eq!(start.instance.as_ref(), Some(&started));
+    assert_eq!(start.state, "active");
+    assert_eq!(start.version, "2.0.0");
+    assert_eq!(start.manifest_digest, "sha256:aaaa");
+    assert_eq!(start.env_vars.len(), 1);
+    assert_eq!(start.env_vars[0].name, "A");
+    assert_instance_ok(start);
+
+    // A stop alone: an update_instances_status without instances, and no GetBlobsInfos.
+    stream
+        .send(update_instances(vec![], vec![started.clone()]))
+        .await;
+    let status = stream.recv_instances_status().await;
+    assert!(status.instances.is_empty(), "{status:?}");
+    assert!(server.blobs.try_recv().is_err(), "nothing to resolve");
 
     stream
         .send(SmIncomingMessage::SystemLogRequest(SystemLogRequest {
@@ -383,6 +538,7 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
                     assert_eq!((log.part, log.part_count), (part, 2));
                     assert_eq!(log.status, "ok");
                     assert!(!log.data.is_empty());
+                    assert_log_ok(&log);
                 }
                 other => panic!("expected log, got {other:?}"),
             }
@@ -412,13 +568,13 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
         SmOutgoingMessage::AverageMonitoring(m) => {
             let node = m.node_monitoring.expect("node monitoring");
             assert!(node.timestamp.is_some());
-            // Instance 0 stopped, "new-service" started: still two instances.
-            assert_eq!(m.instances_monitoring.len(), 2);
-            assert!(
-                m.instances_monitoring
-                    .iter()
-                    .any(|i| i.instance.as_ref() == Some(&started))
-            );
+            // Of instances 0 and 1, 0 stopped; "new-service" started, then stopped.
+            let running: Vec<_> = m
+                .instances_monitoring
+                .iter()
+                .map(|i| i.instance.clone())
+                .collect();
+            assert_eq!(running, vec![Some(super::messages::instance_ident(1))]);
         }
         other => panic!("expected average_monitoring, got {other:?}"),
     }
@@ -447,6 +603,190 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
 }
 
 #[tokio::test]
+async fn a_manifest_that_cannot_be_resolved_fails_its_instances() {
+    let mut server = TestServer::start().await;
+    let sim = Simulator::start(server.config(1)).expect("start");
+    let mut stream = server.next_stream().await;
+    expect_registration(&mut stream, "node-0").await;
+
+    let digests = ["sha256:cccc", "sha256:missing-1"];
+    let start = vec![
+        instance_info("service-c", digests[0]),
+        instance_info("service-m", digests[1]),
+    ];
+    stream.send(update_instances(start, vec![])).await;
+    let status = stream.recv_instances_status().await;
+    assert_eq!(server.next_blobs_call().await.digests, digests);
+    // The call failed as a whole: each instance is failed, its error naming its digest.
+    assert_eq!(status.instances.len(), 2);
+    for (instance, digest) in status.instances.iter().zip(digests) {
+        assert_eq!(instance.state, "failed");
+        let error = instance.error.as_ref().expect("an error");
+        assert_ne!(error.aos_code, 0, "{error:?}");
+        assert!(error.message.contains(digest), "{error:?}");
+        assert!(error.message.contains("NotFound"), "{error:?}");
+        // The env vars themselves did not fail.
+        assert_no_error(instance.env_vars[0].error.as_ref(), "EnvVarStatus");
+    }
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn commands_wait_behind_get_blobs_infos() {
+    let mut server = TestServer::start().await;
+    let sim = Simulator::start(server.config(1)).expect("start");
+    let mut stream = server.next_stream().await;
+    expect_registration(&mut stream, "node-0").await;
+
+    // The server holds its answer to GetBlobsInfos; meanwhile another command arrives.
+    stream
+        .send(update_instances(
+            vec![instance_info("held", "sha256:hold-1")],
+            vec![],
+        ))
+        .await;
+    stream.send(get_status()).await;
+    let call = server.next_blobs_call().await;
+    assert_eq!(call.digests, vec!["sha256:hold-1"]);
+    assert!(
+        stream.nothing_yet(),
+        "no status before GetBlobsInfos answers"
+    );
+    server.hold.add_permits(1);
+    // One command at a time: the instance status first, then the config status.
+    let status = stream.recv_instances_status().await;
+    assert_eq!(status.instances.len(), 1);
+    assert_eq!(status.instances[0].state, "active");
+    stream.recv_config_status().await;
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn delayed_answers_keep_command_order_and_wait_behind_each_other() {
+    let mut server = TestServer::start().await;
+    let delay = Duration::from_millis(150);
+    let sim = Simulator::start(SimConfig {
+        behaviour: Behaviour::answer_delay(delay),
+        ..server.config(1)
+    })
+    .expect("start");
+    let mut stream = server.next_stream().await;
+    expect_registration(&mut stream, "node-0").await;
+
+    let asked = Instant::now();
+    let config = r#"{"version":"1.0.0","nodeGroupSubject":{"codename":"main"}}"#;
+    stream.send(get_status()).await;
+    stream.send(check("1.0.0", r#"{"version":"1.0.0"}"#)).await; // no reply
+    stream.send(check("1.0.0", config)).await;
+    stream
+        .send(SmIncomingMessage::GetAverageMonitoring(
+            GetAverageMonitoring {},
+        ))
+        .await;
+    stream
+        .send(SmIncomingMessage::SystemLogRequest(SystemLogRequest {
+            correlation_id: "log-1".to_owned(),
+            ..SystemLogRequest::default()
+        }))
+        .await;
+    stream.send(set("1.0.0", config)).await;
+
+    let first = stream.recv_config_status().await;
+    assert_eq!(
+        (first.state.as_str(), first.version.as_str()),
+        ("absent", "")
+    );
+    assert!(asked.elapsed() >= delay);
+    let second = stream.recv_config_status().await;
+    assert_eq!(second.version, "1.0.0");
+    assert!(matches!(
+        stream.recv_some().await,
+        SmOutgoingMessage::AverageMonitoring(_)
+    ));
+    for part in 1..=2 {
+        match stream.recv_some().await {
+            SmOutgoingMessage::Log(log) => assert_eq!(log.part, part),
+            other => panic!("expected log part {part}, got {other:?}"),
+        }
+    }
+    let last = stream.recv_config_status().await;
+    assert_eq!(last.state, "installed");
+    // Five commands with a reply, each handled after the one before: none overtook.
+    let took = asked.elapsed();
+    assert!(
+        took >= delay * 5,
+        "five delayed replies came after {took:?}: the commands did not wait behind each other"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_repeated_connection_status_is_ignored() {
+    let mut server = TestServer::start().await;
+    let sim = Simulator::start(server.config(1)).expect("start");
+    let mut stream = server.next_stream().await;
+    expect_registration(&mut stream, "node-0").await;
+
+    // The server's first command was CONNECTED.
+    use ConnectionEnum::{Connected, Disconnected};
+    for status in [Connected, Disconnected, Disconnected, Connected, Connected] {
+        stream.send(cloud(status)).await;
+    }
+    // Commands are handled in order: once this is answered, every status above was handled.
+    stream.send(get_status()).await;
+    stream.recv_config_status().await;
+    let node = sim.stats().nodes[0].clone();
+    assert_eq!(node.counters.commands.connection_status, 6);
+    assert_eq!(
+        node.counters.cloud_status_changes, 3,
+        "connected, disconnected, connected: the repeats are ignored"
+    );
+    assert_eq!(node.cloud_status(), Some(Connected));
+    sim.stop().await;
+}
+
+/// A hook that lets the first endpoint through (the configuration check at start) and fails
+/// every connection attempt after it, without any I/O.
+fn failing_attempts() -> EndpointHook {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |endpoint| {
+        if calls.fetch_add(1, Ordering::Relaxed) == 0 {
+            Ok(endpoint)
+        } else {
+            Endpoint::from_shared("not a uri".to_owned())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reconnect_delay_is_fixed() {
+    let delay = Duration::from_millis(700);
+    let config = SimConfig {
+        reconnect_delay: delay,
+        endpoint_hook: Some(failing_attempts()),
+        ..SimConfig::new("http://127.0.0.1:1", 1)
+    };
+    let (sim, mut events) = Simulator::start_with_events(config).expect("start");
+    let mut attempts = Vec::new();
+    while attempts.len() < 6 {
+        let ev = wait_event(&mut events, |e| {
+            matches!(e.kind, SimEventKind::ConnectFailed { .. })
+        })
+        .await;
+        attempts.push(ev.at);
+    }
+    // Paused time: the clock moves only when every task waits, so the gaps are exact.
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        gaps,
+        vec![delay; 5],
+        "the same delay before every attempt, no backoff"
+    );
+    assert!(sim.stats().total.connect_failures >= 6);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn misbehaving_nodes() {
     let mut server = TestServer::start().await;
     let config = SimConfig {
@@ -467,21 +807,6 @@ async fn misbehaving_nodes() {
         matches!(stream.recv_some().await, SmOutgoingMessage::Log(l) if l.correlation_id == "after"),
         "a never-answering node must not answer get_node_config_status"
     );
-    sim.stop().await;
-
-    let delay = Duration::from_millis(200);
-    let sim = Simulator::start(SimConfig {
-        behaviour: Behaviour::answer_delay(delay),
-        ..server.config(1)
-    })
-    .expect("start");
-    let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
-    let asked = Instant::now();
-    stream.send(get_status()).await;
-    let status = stream.recv_config_status().await;
-    assert_eq!(status.state, "absent");
-    assert!(asked.elapsed() >= delay);
     sim.stop().await;
 
     let sim = Simulator::start(
