@@ -1,23 +1,33 @@
 //! `smcontroller-demo` (run it with `cargo xtask demo`): the SM controller on loopback in
 //! insecure mode with three simulated SMs. Drives every provided interface once against each
-//! node, then prints what happened: the nodes and their runtimes, each call's answer and round
-//! trip, and the telemetry received. Exits 0 when every call got the expected answer.
+//! node, then prints what happened: the nodes and their runtimes, the node config documents
+//! each SM accepted, each call's answer and round trip, and the telemetry received. Exits 0 when
+//! every call got the expected answer.
+//!
+//! The simulated SMs read node configs as a real SM does: one without `nodeGroupSubject` gets
+//! no answer at all. The demo prints each JSON document it sends, so that what they accepted
+//! is visible. Like real SMs they resolve the manifests of instances to start with
+//! `GetBlobsInfos` first; a blob store that knows every digest answers them here.
 
 use std::{
     process::ExitCode,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, ensure};
+use async_trait::async_trait;
 use clap::Parser;
 use smcontroller_api::{
-    EnvVarInfo, InstanceFilter, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider,
-    LogRequest, LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigState,
-    NodeId, NodeNetwork, UpdateNetworkParameters,
+    Codename, EnvVarInfo, InstanceFilter, InstanceIdent, InstanceInfo, InstanceRunner,
+    ItemInfoProvider, LogProvider, LogRequest, LogType, MonitoringProvider, NodeConfig,
+    NodeConfigHandler, NodeConfigState, NodeId, NodeNetwork, UpdateNetworkParameters,
 };
 use smcontroller_daemon::{
-    app::{self, NoBlobStore},
+    app,
     config::Settings,
     receivers::{Counts, Recorder, RecorderSnapshot},
     sim::{SimConfig, Simulator},
@@ -44,8 +54,33 @@ struct Args {
 struct Call {
     node: String,
     what: &'static str,
+    /// The node config the call sent, if it sent one.
+    config: Option<SentConfig>,
     outcome: Result<String, String>,
     took: Duration,
+}
+
+/// A node config as it went over the wire.
+struct SentConfig {
+    /// The command that carried it.
+    command: &'static str,
+    version: String,
+    /// The JSON document, exactly as sent.
+    json: String,
+}
+
+/// A blob store that knows every digest; counts the digests it resolved.
+#[derive(Default)]
+struct DemoBlobs {
+    resolved: AtomicU64,
+}
+
+#[async_trait]
+impl ItemInfoProvider for DemoBlobs {
+    async fn get_blob_url(&self, digest: &str) -> smcontroller_api::Result<String> {
+        self.resolved.fetch_add(1, Ordering::Relaxed);
+        Ok(format!("https://blobs.demo.invalid/{digest}"))
+    }
 }
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -78,7 +113,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         ..Settings::default()
     };
     let recorder = Recorder::new();
-    let running = app::start(&settings, recorder.clone(), Arc::new(NoBlobStore)).await?;
+    let blobs = Arc::new(DemoBlobs::default());
+    let running = app::start(&settings, recorder.clone(), blobs.clone()).await?;
     let url = format!("http://{}", running.addr);
     println!("SM controller listening on {url} (insecure: plain HTTP/2, loopback only)");
 
@@ -133,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .await;
         calls.push(Call {
             node: "*".into(),
+            config: None,
             what: if connected {
                 "cloud connect"
             } else {
@@ -162,7 +199,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .await;
     let snapshot = recorder.snapshot();
     print_nodes(&snapshot);
-    let all_ok = print_calls(&calls);
+    let configs_ok = print_configs(&calls);
+    let all_ok = print_calls(&calls) && configs_ok;
+    println!(
+        "  GetBlobsInfos: the SMs resolved {} manifest digests before reporting instances",
+        blobs.resolved.load(Ordering::Relaxed)
+    );
     print_telemetry(&snapshot);
     if !async_answers {
         println!(
@@ -204,6 +246,7 @@ where
     Call {
         node: node.to_owned(),
         what,
+        config: None,
         outcome,
         took: started.elapsed(),
     }
@@ -227,9 +270,17 @@ async fn drive_node(
 ) {
     let name = node.as_str();
     let config = NodeConfig {
+        node: Some(Codename {
+            codename: name.into(),
+        }),
         labels: vec!["demo".into()],
         priority: 1,
         ..NodeConfig::new("1.0.0", "demo")
+    };
+    let sent = |command| SentConfig {
+        command,
+        version: config.version.clone(),
+        json: config.to_json(),
     };
     calls.push(
         timed(name, "get_node_config_status", async {
@@ -238,24 +289,24 @@ async fn drive_node(
         })
         .await,
     );
-    calls.push(
-        timed(name, "check_node_config(1.0.0)", async {
-            controller
-                .check_node_config(node, &config)
-                .await
-                .map(|()| "accepted".into())
-        })
-        .await,
-    );
-    calls.push(
-        timed(name, "update_node_config(1.0.0)", async {
-            controller
-                .update_node_config(node, &config)
-                .await
-                .map(|()| "applied".into())
-        })
-        .await,
-    );
+    let mut call = timed(name, "check_node_config(1.0.0)", async {
+        controller
+            .check_node_config(node, &config)
+            .await
+            .map(|()| "accepted".into())
+    })
+    .await;
+    call.config = Some(sent("check_node_config"));
+    calls.push(call);
+    let mut call = timed(name, "update_node_config(1.0.0)", async {
+        controller
+            .update_node_config(node, &config)
+            .await
+            .map(|()| "applied".into())
+    })
+    .await;
+    call.config = Some(sent("set_node_config"));
+    calls.push(call);
     calls.push(
         timed(name, "get_node_config_status", async {
             let s = controller.get_node_config_status(node).await?;
@@ -290,6 +341,7 @@ async fn drive_node(
                 ..InstanceIdent::default()
             },
             version: "1.0.0".into(),
+            manifest_digest: format!("sha256:{:064x}", 0xde30 + i),
             runtime_id: "runc".into(),
             env_vars: vec![EnvVarInfo {
                 name: "DEMO_MODE".into(),
@@ -380,6 +432,32 @@ fn print_nodes(snapshot: &RecorderSnapshot) {
             instances
         );
     }
+}
+
+/// Prints each node config document sent and whether the SM accepted it; true when all were.
+fn print_configs(calls: &[Call]) -> bool {
+    println!(
+        "\nNode configs sent (an SM that cannot read one, e.g. without nodeGroupSubject, does \
+         not answer it)"
+    );
+    let mut all_ok = true;
+    for call in calls {
+        let Some(config) = &call.config else {
+            continue;
+        };
+        let verdict = match &call.outcome {
+            Ok(_) => "accepted".to_owned(),
+            Err(error) => {
+                all_ok = false;
+                format!("NOT accepted: {error}")
+            }
+        };
+        println!(
+            "  {:<8} {:<17} {} {}: {verdict}",
+            call.node, config.command, config.version, config.json
+        );
+    }
+    all_ok
 }
 
 /// Prints the calls; true when all succeeded.
