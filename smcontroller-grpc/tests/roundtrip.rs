@@ -74,7 +74,7 @@ fn duration() -> impl Strategy<Value = Duration> {
 }
 
 /// `None` (success) or a failure as the wire can say it: at least one code non-zero. A domain
-/// error with both codes 0 is normalised on the way out (see `error_info_*` below).
+/// error with both codes 0 is normalised on the way out (see `error_info_*` in recordings.rs).
 fn error_info() -> impl Strategy<Value = Option<api::ErrorInfo>> {
     option::of(
         (any::<i32>(), any::<i32>(), text())
