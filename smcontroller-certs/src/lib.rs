@@ -1,10 +1,76 @@
-//! TLS for the SM controller: builds the server's mTLS credentials and rebuilds them when the
-//! certificate is renewed.
+//! TLS for the SM controller: the server's mTLS credentials, loaded from a certificate storage,
+//! published, and rebuilt when the certificate is renewed (contract R-TLS-1, R-TLS-3).
 //!
-//! This crate will hold: loading the server chain and key through `CertProvider` and
-//! `CertLoader` (from `smcontroller-api`), a client verifier that requires SM certificates
-//! signed by the unit's CA, and a reloader that publishes each new `Arc<rustls::ServerConfig>`
-//! over a `tokio::sync::watch` so the server restarts with new credentials only once they are
-//! built (contract R-TLS-1, R-TLS-3). It depends on the api and rustls, never on tonic.
+//! This crate depends on `smcontroller-api` and rustls (with tokio and tokio-rustls to accept
+//! connections), **never on tonic**: the gRPC crate adapts what it hands out (a stream of
+//! [`TlsConn`]s, byte streams with the peer's certificate) to tonic's `serve_with_incoming`.
 //!
-//! Until then the controller serves plain HTTP/2 in explicit insecure mode only (R-TLS-2).
+//! Start reading at [`CredentialsReloader`]: it holds the current [`ServerCredentials`]
+//! (an `Arc<rustls::ServerConfig>` and a generation number) and publishes each new build over a
+//! `tokio::sync::watch`. The pieces, in the order a server wires them:
+//!
+//! 1. [`FileCertProvider`] (a [`CertProvider`](smcontroller_api::CertProvider)): a storage name
+//!    such as `"sm"` maps to a certificate file and a key file; it notices when they are
+//!    replaced and publishes a renewal.
+//! 2. [`FileCertLoader`] (a [`CertLoader`](smcontroller_api::CertLoader)): PEM chains and
+//!    PKCS#8, SEC1 or PKCS#1 keys from `file://` URLs.
+//! 3. [`CredentialsBuilder`]: from a provider, a loader and the CA file, one
+//!    [`ServerCredentials`]: key checked against the certificate, certificate not expired,
+//!    client certificates required and verified against the CA, TLS 1.2 and 1.3, ALPN `h2`.
+//! 4. [`CredentialsReloader`]: builds at start, rebuilds on each renewal notice, keeps the old
+//!    credentials and retries while a rebuild fails.
+//! 5. [`TlsIncoming`]: accepts TCP connections and runs each handshake with the credentials
+//!    current at that moment, under a timeout; refused handshakes are logged once with the peer
+//!    and the [`HandshakeRefusal`]; the [`TlsConn`]s that pass carry the client's certificate
+//!    and its names ([`PeerIdentity`]) for node identity binding (R-TLS-4).
+//!
+//! ```no_run
+//! # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use smcontroller_certs::{
+//!     AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader,
+//!     FileCertProvider, ReloadSettings, TlsIncoming,
+//! };
+//!
+//! let provider = FileCertProvider::builder()
+//!     .storage("sm", "file:///var/aos/crypt/sm.pem", "file:///var/aos/crypt/sm.key")
+//!     .spawn()?;
+//! let builder = CredentialsBuilder::new(
+//!     Arc::new(provider),
+//!     Arc::new(FileCertLoader::new()),
+//!     "sm",
+//!     "file:///var/aos/crypt/ca.pem",
+//! );
+//! let reloader = CredentialsReloader::start(builder, ReloadSettings::default()).await?;
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8093").await?;
+//! let mut incoming = TlsIncoming::new(listener, reloader.subscribe(), AcceptSettings::default());
+//! while let Some(conn) = incoming.accept().await {
+//!     println!("{} connected as {:?}", conn.info().peer_addr(), conn.info().peer_identity());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `test-util` feature, [`test_util::TestPki`] makes a throwaway CA and certificates
+//! with rcgen, for tests and for `cargo xtask gen-certs`.
+
+mod accept;
+mod credentials;
+mod error;
+mod identity;
+mod loader;
+mod provider;
+mod reload;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+pub use accept::{
+    AcceptSettings, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HandshakeRefusal, TlsConn,
+    TlsConnInfo, TlsIncoming,
+};
+pub use credentials::{ALPN_H2, CredentialsBuilder, ServerCredentials, crypto_provider};
+pub use error::{Error, Report};
+pub use identity::{IdentityField, PeerIdentity};
+pub use loader::{FileCertLoader, path_of_url};
+pub use provider::{DEFAULT_POLL_INTERVAL, FileCertProvider, FileCertProviderBuilder};
+pub use reload::{CredentialsReloader, DEFAULT_RETRY, ReloadSettings};

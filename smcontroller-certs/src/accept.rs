@@ -1,0 +1,495 @@
+//! [`TlsIncoming`]: TCP connections accepted and put through the TLS handshake with the current
+//! credentials, handed on as [`TlsConn`]s.
+
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{CertificateError, pki_types::CertificateDer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tracing::{debug, info, warn};
+
+use crate::{PeerIdentity, ServerCredentials};
+
+/// How long a TLS handshake may take unless told otherwise.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many connections may be open at once unless told otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// The first pause after a failed `accept` (doubling up to [`MAX_ACCEPT_BACKOFF`]).
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The longest pause after failed `accept`s in a row.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How many finished handshakes may wait for the server to take them.
+const QUEUE: usize = 64;
+
+/// Settings of [`TlsIncoming`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcceptSettings {
+    /// How long a connection may take to finish its TLS handshake before it is closed (default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
+    /// How many connections may be open at once, handshaking or handed on (default
+    /// [`DEFAULT_MAX_CONNECTIONS`]). At the cap no more are accepted (they wait in the kernel's
+    /// backlog) until one closes.
+    pub max_connections: usize,
+    /// Whether to set `TCP_NODELAY` on accepted sockets (default `true`: gRPC messages are
+    /// small and latency matters more than packet count).
+    pub nodelay: bool,
+}
+
+impl Default for AcceptSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            nodelay: true,
+        }
+    }
+}
+
+impl AcceptSettings {
+    /// The settings with `timeout` as the handshake timeout.
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The settings with `max` as the cap on open connections (at least 1).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// The settings with `TCP_NODELAY` on or off.
+    pub fn with_nodelay(mut self, nodelay: bool) -> Self {
+        self.nodelay = nodelay;
+        self
+    }
+}
+
+/// Connections accepted on a listener and through the TLS handshake, as a stream of
+/// [`TlsConn`]s to serve (for instance with tonic's `serve_with_incoming`, through a wrapper
+/// that implements tonic's `Connected`: this crate does not depend on tonic).
+///
+/// A background task accepts TCP connections and runs each one's handshake in a task of its own,
+/// with the [`ServerCredentials`] current at that moment, under the handshake timeout. A
+/// connection that fails its handshake is closed and logged once, as a warning with the peer's
+/// address and the reason ([`HandshakeRefusal`]): no client certificate, unknown CA, expired,
+/// not for client authentication, timeout, ... It is never handed on. Failing `accept`s (out of
+/// file descriptors, ...) pause the loop, growing from 10 ms to 1 s, and are logged once per run
+/// of failures.
+///
+/// Dropping the `TlsIncoming` stops accepting and drops the handshakes under way; connections
+/// already handed on are not affected.
+#[derive(Debug)]
+pub struct TlsIncoming {
+    accepted: mpsc::Receiver<TlsConn>,
+    local_addr: Option<SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    /// Starts accepting on `listener` with the credentials `credentials` holds (typically
+    /// [`CredentialsReloader::subscribe`](crate::CredentialsReloader::subscribe)). Must be
+    /// called within a Tokio runtime.
+    ///
+    /// The listener may be shared (`Arc`), so that a server restarted with another
+    /// `TlsIncoming` keeps its port.
+    pub fn new(
+        listener: impl Into<Arc<TcpListener>>,
+        credentials: watch::Receiver<ServerCredentials>,
+        settings: AcceptSettings,
+    ) -> Self {
+        let listener = listener.into();
+        let local_addr = listener.local_addr().ok();
+        let (tx, accepted) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(accept_loop(listener, credentials, settings, tx));
+        Self {
+            accepted,
+            local_addr,
+            task,
+        }
+    }
+
+    /// The next connection that completed its handshake; `None` once accepting has stopped.
+    pub async fn accept(&mut self) -> Option<TlsConn> {
+        self.accepted.recv().await
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl tokio_stream::Stream for TlsIncoming {
+    type Item = TlsConn;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TlsConn>> {
+        self.accepted.poll_recv(cx)
+    }
+}
+
+/// A connection that completed its TLS handshake: a byte stream (`AsyncRead + AsyncWrite`) with
+/// what the handshake established about the peer ([`TlsConnInfo`]).
+///
+/// While it is open it holds one of the [`max_connections`](AcceptSettings::max_connections)
+/// slots.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: TlsConnInfo,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for TlsConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConn")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConn {
+    /// What the handshake established about the peer.
+    pub fn info(&self) -> &TlsConnInfo {
+        &self.info
+    }
+
+    /// The TLS stream, for what [`TlsConnInfo`] does not tell (the negotiated version, ...).
+    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
+        &self.stream
+    }
+}
+
+/// What the handshake of a [`TlsConn`] established. Cheap to clone (a tonic `Connected` wrapper
+/// can hand it to every request).
+#[derive(Debug, Clone)]
+pub struct TlsConnInfo {
+    peer_addr: SocketAddr,
+    generation: u64,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
+    peer_identity: Option<Arc<PeerIdentity>>,
+}
+
+impl TlsConnInfo {
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The generation of the [`ServerCredentials`] the handshake used.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The client's certificate chain as it presented it, leaf first (verified against the CA
+    /// by the handshake).
+    pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.peer_certificates
+    }
+
+    /// The names in the client's leaf certificate (CN and DNS SANs), to bind a node id to
+    /// (contract R-TLS-4). `None` if the leaf could not be parsed for them.
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.peer_identity.as_deref()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Why a TLS handshake was refused, as logged (the `reason` field of the warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeRefusal {
+    /// The client presented no certificate.
+    NoClientCertificate,
+    /// The client's certificate is not signed by the CA.
+    UnknownCa,
+    /// The client's certificate has expired.
+    Expired,
+    /// The client's certificate is not valid yet.
+    NotYetValid,
+    /// The client's certificate is not for client authentication (its extended key usage does
+    /// not include `clientAuth`, e.g. a server-only certificate).
+    NotForClientAuth,
+    /// The client's certificate was refused for another reason (bad signature, revoked,
+    /// unparsable, unsupported algorithm, ...).
+    BadCertificate,
+    /// The client does not speak HTTP/2 (ALPN `h2`).
+    NoCommonProtocol,
+    /// The client offered no TLS version, cipher suite or key exchange the server supports.
+    Incompatible,
+    /// The client sent an alert and gave up (for instance because it does not trust the
+    /// server's certificate).
+    ClientAlert,
+    /// What the client sent is not TLS (a plain-text HTTP/2 client, a port scanner, ...) or
+    /// breaks the protocol.
+    NotTls,
+    /// The connection closed or failed before the handshake was done.
+    ConnectionClosed,
+    /// The handshake did not finish within the handshake timeout.
+    TimedOut,
+    /// Anything else.
+    Other,
+}
+
+impl HandshakeRefusal {
+    /// The reason for a handshake that failed with `error` (as tokio-rustls returns it: an I/O
+    /// error wrapping the rustls error, or a plain I/O error).
+    pub fn of(error: &io::Error) -> Self {
+        let Some(tls) = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return match error.kind() {
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => Self::ConnectionClosed,
+                io::ErrorKind::InvalidData => Self::NotTls,
+                _ => Self::Other,
+            };
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => Self::NoClientCertificate,
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                CertificateError::UnknownIssuer => Self::UnknownCa,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Self::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
+                CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => Self::NotForClientAuth,
+                _ => Self::BadCertificate,
+            },
+            rustls::Error::NoApplicationProtocol => Self::NoCommonProtocol,
+            rustls::Error::PeerIncompatible(_) => Self::Incompatible,
+            rustls::Error::AlertReceived(_) => Self::ClientAlert,
+            rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. }
+            | rustls::Error::InvalidMessage(_)
+            | rustls::Error::PeerMisbehaved(_)
+            | rustls::Error::PeerSentOversizedRecord
+            | rustls::Error::DecryptError => Self::NotTls,
+            _ => Self::Other,
+        }
+    }
+
+    /// The reason in a few words, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoClientCertificate => "no client certificate",
+            Self::UnknownCa => "client certificate not signed by the CA",
+            Self::Expired => "client certificate expired",
+            Self::NotYetValid => "client certificate not valid yet",
+            Self::NotForClientAuth => "client certificate not for client authentication (EKU)",
+            Self::BadCertificate => "bad client certificate",
+            Self::NoCommonProtocol => "client does not offer ALPN h2",
+            Self::Incompatible => "no TLS version, cipher suite or key exchange in common",
+            Self::ClientAlert => "client aborted the handshake",
+            Self::NotTls => "not TLS, or broke the protocol",
+            Self::ConnectionClosed => "connection closed during the handshake",
+            Self::TimedOut => "handshake timed out",
+            Self::Other => "handshake failed",
+        }
+    }
+}
+
+impl fmt::Display for HandshakeRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Accepts connections and spawns their handshakes, until `tx`'s receiver is gone.
+async fn accept_loop(
+    listener: Arc<TcpListener>,
+    credentials: watch::Receiver<ServerCredentials>,
+    settings: AcceptSettings,
+    tx: mpsc::Sender<TlsConn>,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let mut failures: u32 = 0;
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return, // never closed
+            },
+            () = tx.closed() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = tx.closed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_per_connection(&e) => {
+                debug!(error = %e, "a connection failed before it was accepted");
+                continue;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    warn!(error = %e, "cannot accept connections; pausing and retrying \
+                        (further failures logged at debug level)");
+                } else {
+                    debug!(error = %e, failures, "still cannot accept connections");
+                }
+                failures = failures.saturating_add(1);
+                drop(slot);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        if failures > 0 {
+            info!(failures, "accepting connections again");
+            failures = 0;
+            backoff = MIN_ACCEPT_BACKOFF;
+        }
+        if settings.nodelay
+            && let Err(e) = tcp.set_nodelay(true)
+        {
+            debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
+        }
+        let credentials = credentials.borrow().clone();
+        tokio::spawn(handshake(
+            tcp,
+            peer,
+            credentials,
+            settings.handshake_timeout,
+            slot,
+            tx.clone(),
+        ));
+    }
+}
+
+/// Errors of `accept` that concern one connection only: the next `accept` may succeed at once.
+fn is_per_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// One connection's handshake: handed on if it succeeds, logged once if it does not.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    credentials: ServerCredentials,
+    timeout: Duration,
+    slot: OwnedSemaphorePermit,
+    tx: mpsc::Sender<TlsConn>,
+) {
+    let acceptor = TlsAcceptor::from(Arc::clone(&credentials.config));
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let reason = HandshakeRefusal::of(&e);
+            warn!(peer = %peer, reason = %reason, error = %e,
+                generation = credentials.generation, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!(peer = %peer, reason = %HandshakeRefusal::TimedOut, timeout = ?timeout,
+                generation = credentials.generation, "TLS handshake refused");
+            return;
+        }
+    };
+    let peer_certificates: Arc<[CertificateDer<'static>]> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(Arc::from)
+        .unwrap_or_else(|| Arc::from(Vec::new()));
+    let peer_identity = peer_certificates.first().and_then(|leaf| {
+        PeerIdentity::from_der(leaf)
+            .inspect_err(|e| {
+                debug!(peer = %peer, error = %e, "cannot read the names of the client certificate");
+            })
+            .ok()
+            .map(Arc::new)
+    });
+    debug!(peer = %peer, generation = credentials.generation,
+        common_name = ?peer_identity.as_ref().and_then(|id| id.common_name().map(str::to_owned)),
+        "TLS handshake done");
+    let conn = TlsConn {
+        stream,
+        info: TlsConnInfo {
+            peer_addr: peer,
+            generation: credentials.generation,
+            peer_certificates,
+            peer_identity,
+        },
+        _slot: slot,
+    };
+    // If the server is gone, the connection is just closed.
+    let _ = tx.send(conn).await;
+}
