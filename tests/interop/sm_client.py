@@ -4,7 +4,15 @@
 It generates its stubs from the repository's proto/ files at start (with grpc_tools.protoc,
 into a temporary directory), registers with the SM controller at --url as --node, and then
 behaves like the reference SM client on the stream (see shared/spec/wire-protocol.md, "How a
-real SM behaves on the stream").
+real SM behaves on the stream"), and as the recordings of the real Aos SM show
+(shared/fixtures/real-aos):
+
+- it handles its stream serially: each command is handled, and its reply queued, before the next
+  one is read, so replies go out in the order of the commands;
+- every node_config_status, InstanceStatus, EnvVarStatus and LogData it sends carries an
+  `error`, empty (codes 0, no message) when nothing failed;
+- a check_node_config or set_node_config whose JSON it cannot read (no nodeGroupSubject with a
+  codename; keys are matched regardless of case) gets no reply at all.
 
 Output, one line per event on stdout (flushed), for the test to read:
 
@@ -88,12 +96,30 @@ def ts(pair):
     return Timestamp(seconds=seconds, nanos=nanos)
 
 
-def parses(document):
+def _key(obj, name):
+    """The value of key `name` in JSON object `obj`, the key matched regardless of case."""
+    if not isinstance(obj, dict):
+        return None
+    for key, value in obj.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def unreadable(document):
+    """Why a real SM cannot read node config `document`, or None when it can."""
     try:
-        json.loads(document)
-        return True
-    except ValueError:
-        return False
+        config = json.loads(document)
+    except ValueError as e:
+        return "not JSON: %s" % e
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    subject = _key(config, "nodeGroupSubject")
+    if subject is None:
+        return "no nodeGroupSubject"
+    if not isinstance(_key(subject, "codename"), str):
+        return "nodeGroupSubject has no codename"
+    return None
 
 
 def as_json(message):
@@ -164,6 +190,7 @@ class Sm:
             runtime_id="runc-py",
             manifest_digest="sha256:0123",
             state="active",
+            error=self.no_error(),
         )
 
     def monitoring_data(self, stamp, ram):
@@ -204,19 +231,34 @@ class Sm:
             )
         )
 
+    def no_error(self):
+        """The error a real SM sets when nothing failed: present, codes 0, no message."""
+        return self.common.ErrorInfo()
+
     def config_status(self, state, version):
-        self.send(node_config_status=self.pb.NodeConfigStatus(state=state, version=version))
+        self.send(
+            node_config_status=self.pb.NodeConfigStatus(
+                state=state, version=version, error=self.no_error()
+            )
+        )
 
     # --- what comes in -------------------------------------------------------------------
 
     def handle(self, message):
-        """Answers one command like the reference SM; returns the RECV line's summary."""
+        """Answers one command like the reference SM and prints its RECV line.
+
+        Called for one command at a time, in the order they arrive: its replies are queued
+        before the next command is read, so they go out in command order."""
         pb = self.pb
         kind = message.WhichOneof("SMIncomingMessage")
         body = getattr(message, kind)
         summary = "-"
-        if kind in ("check_node_config", "set_node_config") and not parses(body.node_config):
+        why = None
+        if kind in ("check_node_config", "set_node_config"):
+            why = unreadable(body.node_config)
+        if why is not None:
             # Like the reference SM: a config it cannot parse gets no answer at all.
+            log("cannot parse the node config of %s %s (%s): no reply" % (kind, body.version, why))
             summary = "unparsable,version=" + body.version
         elif kind == "get_node_config_status":
             summary = "state=%s,version=%s" % (self.config_state, self.config_version)
@@ -243,8 +285,12 @@ class Sm:
                     version=info.version,
                     runtime_id=info.runtime_id,
                     manifest_digest=info.manifest_digest,
-                    env_vars=[pb.EnvVarStatus(name=env.name) for env in info.env_vars],
+                    env_vars=[
+                        pb.EnvVarStatus(name=env.name, error=self.no_error())
+                        for env in info.env_vars
+                    ],
                     state="active",
+                    error=self.no_error(),
                 )
                 for info in body.start_instances
             ]
@@ -259,6 +305,7 @@ class Sm:
                     part=1,
                     data=data,
                     status="ok",
+                    error=self.no_error(),
                 )
             )
         elif kind == "connection_status":

@@ -983,3 +983,67 @@ fn pacer_sends_whole_messages_at_the_rate() {
         0
     );
 }
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// The simulator's replies are byte for byte what the real Aos SM sent in the recording
+/// `shared/fixtures/real-aos/sm-session.jsonl` (the hex copied from its lines), empty errors
+/// included.
+#[test]
+fn replies_have_the_bytes_of_the_recorded_real_sm() {
+    use super::messages;
+    use prost::Message as _;
+
+    let encode = |msg: &SmOutgoingMessages| msg.encode_to_vec();
+    // `node_config_status` after the valid check_node_config of version 2.0.0.
+    assert_eq!(
+        encode(&messages::node_config_status("installed", "2.0.0", None)),
+        from_hex("12140a09696e7374616c6c65641205322e302e301a00")
+    );
+    // The recorded update_instances (start one instance), and the status the SM sent for it.
+    let command = SmIncomingMessages::decode(
+        &from_hex(
+            "22b4010ab1010a0f0a057376632d3112067375626a2d311205312e302e301a47736861323536\
+             3a61626162616261626162616261626162616261626162616261626162616261626162616261\
+             6261626162616261626162616261626162616261626162616261622a0472756e633089273889\
+             27400a4a162f7661722f616f732f73746f726167652f7376632d3152142f7661722f616f732f\
+             73746174652f7376632d315a120a094c4f475f4c4556454c12056465627567",
+        )[..],
+    )
+    .expect("the recorded update_instances");
+    let Some(SmIncomingMessage::UpdateInstances(update)) = command.sm_incoming_message else {
+        panic!("not update_instances: {command:?}");
+    };
+    let started = messages::instance_status(&update.start_instances[0], "active", None);
+    assert_eq!(
+        encode(&messages::update_instances_status(vec![started])),
+        from_hex(
+            "1a83010a80010a0f0a057376632d3112067375626a2d311205312e302e301a0472756e632247\
+             7368613235363a61626162616261626162616261626162616261626162616261626162616261\
+             6261626162616261626162616261626162616261626162616261626162616261622a0d0a094c\
+             4f475f4c4556454c120032066163746976653a00"
+        )
+    );
+    // After the stop: no instances.
+    assert_eq!(
+        encode(&messages::update_instances_status(vec![])),
+        from_hex("1a00")
+    );
+    // The first log part of `log-sys-1`, with the recorded data.
+    let mut part = messages::log_parts("log-sys-1", 2, "ok").remove(0);
+    if let Some(SmOutgoingMessage::Log(log)) = &mut part.sm_outgoing_message {
+        log.data = b"peer log part 1 from node-a\n".to_vec();
+    }
+    assert_eq!(
+        encode(&part),
+        from_hex(
+            "2a330a096c6f672d7379732d3110021801221c70656572206c6f67207061727420312066726f6d\
+             206e6f64652d610a2a026f6b3200"
+        )
+    );
+}
