@@ -127,6 +127,12 @@ impl Controller {
         self.ctx.registry.slot_count()
     }
 
+    /// How many tasks of the controller are running: two per registered stream (reader and
+    /// dispatcher), one per stream not yet registered, one to follow the cloud connection.
+    pub fn live_tasks(&self) -> usize {
+        self.ctx.tracker.len()
+    }
+
     /// What the controller can tell of a registered node's stream; `None` if not registered.
     pub fn node_status(&self, node: &NodeId) -> Option<NodeStatus> {
         let link = self.ctx.registry.link(node)?;

@@ -1,0 +1,343 @@
+//! The routing core without a network: `Controller::attach` driven with in-memory streams and
+//! a scripted receiver, one test per interleaving that broke the session core (issue 7). Each
+//! names the requirement it proves.
+
+mod support;
+
+use std::time::Duration;
+
+use smcontroller_api::{Error, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeId};
+use smcontroller_routing::{Inbound, Outbound, Settings};
+use support::{Ev, PANIC, SLOW, Sm, assert_alternation, config_status, controller, monitoring};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn node(id: &str) -> NodeId {
+    NodeId::new(id)
+}
+
+/// Waits until `id` is addressable.
+async fn registered(controller: &smcontroller_routing::Controller, id: &str) {
+    tokio::time::timeout(WAIT, async {
+        while controller.node_status(&node(id)).is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the node registers");
+}
+
+/// Item 1: an SM whose stream ended by itself reconnects at once, while the old stream's
+/// telemetry is still with a slow receiver. The new stream's *connected* comes after the old
+/// one's *disconnected*, and nothing of the old stream follows it.
+#[tokio::test]
+async fn r_reg_5_a_reconnect_right_after_the_stream_ended_by_itself_waits_for_its_disconnect() {
+    let (controller, recorder) = controller(Settings::default());
+    let mut old = Sm::register(&controller, "a", "s1");
+    old.monitoring(1000, SLOW);
+    old.monitoring(1001, 0);
+    recorder
+        .wait_for("the old stream's connect", WAIT, |e| e.len() >= 2)
+        .await;
+    old.close();
+    old.closed(WAIT).await;
+
+    let new = Sm::register(&controller, "a", "s2");
+    new.monitoring(2000, 0);
+    // The new stream is addressable at once, although its connect is not reported yet.
+    tokio::time::timeout(WAIT, async {
+        while controller
+            .node_status(&node("a"))
+            .is_none_or(|s| s.session == 0)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the new stream registers");
+    recorder.release();
+    recorder
+        .wait_for("the new stream's telemetry", WAIT, |e| {
+            e.contains(&Ev::Monitoring("a".into(), 2000))
+        })
+        .await;
+    let events = recorder.of("a");
+    assert_alternation(&events);
+    assert_eq!(
+        events,
+        vec![
+            Ev::Connected("a".into()),
+            Ev::SmInfo("a".into(), "s1".into()),
+            Ev::Monitoring("a".into(), 1000),
+            Ev::Monitoring("a".into(), 1001),
+            Ev::Disconnected(
+                "a".into(),
+                "stream ended (closed by the SM, or its connection was lost)".into()
+            ),
+            Ev::Connected("a".into()),
+            Ev::SmInfo("a".into(), "s2".into()),
+            Ev::Monitoring("a".into(), 2000),
+        ]
+    );
+    assert_eq!(controller.nodes(), vec![node("a")]);
+}
+
+/// Item 2: a reply that comes after its caller timed out is absorbed, never handed to the next
+/// caller of the same kind.
+#[tokio::test(start_paused = true)]
+async fn r_sync_3_a_late_average_monitoring_never_reaches_the_next_caller() {
+    let (controller, _recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    let a = node("a");
+    let first = controller.get_average_monitoring(&a);
+    let (first, command) = tokio::join!(first, sm.command(WAIT));
+    assert_eq!(command, Outbound::GetAverageMonitoring);
+    assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+
+    let second = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.get_average_monitoring(&node("a")).await }
+    });
+    assert_eq!(sm.command(WAIT).await, Outbound::GetAverageMonitoring);
+    sm.send(Inbound::AverageMonitoring(monitoring(1, 0))); // late: the first call's
+    sm.send(Inbound::AverageMonitoring(monitoring(2, 0))); // the second call's own
+    let second = second
+        .await
+        .unwrap()
+        .expect("the second call gets its own reply");
+    assert_eq!(second.node.ram, 2);
+}
+
+/// Item 2, check and set: a late check reply of version 2 does not answer a later set of
+/// version 2, and the set's own answer (a failure) reaches the set.
+#[tokio::test(start_paused = true)]
+async fn r_sync_3_a_late_check_reply_does_not_answer_a_set_of_the_same_version() {
+    let (controller, _recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    let config = NodeConfig::new("2", "main");
+    let a = node("a");
+    let (check, command) =
+        tokio::join!(controller.check_node_config(&a, &config), sm.command(WAIT));
+    assert!(matches!(command, Outbound::CheckNodeConfig(_)));
+    assert!(matches!(check, Err(Error::Timeout { .. })), "{check:?}");
+
+    let set = tokio::spawn({
+        let controller = controller.clone();
+        let config = config.clone();
+        async move { controller.update_node_config(&node("a"), &config).await }
+    });
+    assert!(matches!(sm.command(WAIT).await, Outbound::SetNodeConfig(_)));
+    sm.send(config_status("2", false)); // the check's, late
+    sm.send(config_status("2", true)); // the set's: it failed
+    let set = set.await.unwrap();
+    assert!(
+        matches!(set, Err(Error::Failed { aos_code: 1, .. })),
+        "{set:?}"
+    );
+}
+
+/// The real SM sends nothing for a check whose config it cannot parse: its version shows the
+/// next reply is not the check's, so the status read after it gets its own answer.
+#[tokio::test(start_paused = true)]
+async fn r_sync_3_an_unanswered_check_does_not_shift_the_next_reply() {
+    let (controller, _recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    let check = tokio::spawn({
+        let controller = controller.clone();
+        async move {
+            controller
+                .check_node_config(&node("a"), &NodeConfig::new("3", "main"))
+                .await
+        }
+    });
+    assert!(matches!(
+        sm.command(WAIT).await,
+        Outbound::CheckNodeConfig(_)
+    ));
+    let get = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.get_node_config_status(&node("a")).await }
+    });
+    assert_eq!(sm.command(WAIT).await, Outbound::GetNodeConfigStatus);
+    sm.send(config_status("1", false));
+    let status = get.await.unwrap().expect("the status read is answered");
+    assert_eq!(status.version, "1");
+    let check = check.await.unwrap();
+    assert!(matches!(check, Err(Error::Timeout { .. })), "{check:?}");
+}
+
+/// Item 3: a receiver that panics loses that event only: later telemetry is delivered, the
+/// disconnect is reported, and the node leaves the registry (R-REC-1).
+#[tokio::test]
+async fn r_rec_1_a_panicking_receiver_does_not_stop_the_node() {
+    let (controller, recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "a", "s1");
+    sm.monitoring(1000, PANIC);
+    sm.monitoring(1001, 0);
+    recorder
+        .wait_for("telemetry after the panic", WAIT, |e| {
+            e.contains(&Ev::Monitoring("a".into(), 1001))
+        })
+        .await;
+    sm.close();
+    recorder
+        .wait_for("the disconnect", WAIT, |e| {
+            matches!(e.last(), Some(Ev::Disconnected(..)))
+        })
+        .await;
+    let events = recorder.of("a");
+    assert_alternation(&events);
+    assert!(!events.contains(&Ev::Monitoring("a".into(), 1000)));
+    assert_eq!(controller.node_slots(), 0);
+}
+
+/// Item 3, in the connect itself: the panic is contained, sm_info and telemetry still flow.
+#[tokio::test]
+async fn r_rec_1_a_panic_in_on_node_connected_is_contained() {
+    let (controller, recorder) = controller(Settings::default());
+    recorder.panic_on_connect("a");
+    let mut sm = Sm::register(&controller, "a", "s1");
+    sm.monitoring(1000, 0);
+    sm.close();
+    recorder
+        .wait_for("the disconnect", WAIT, |e| {
+            matches!(e.last(), Some(Ev::Disconnected(..)))
+        })
+        .await;
+    assert_eq!(
+        recorder.of("a")[..2],
+        [
+            Ev::SmInfo("a".into(), "s1".into()),
+            Ev::Monitoring("a".into(), 1000)
+        ]
+    );
+}
+
+/// Item 4: shutdown while a replacement waits for the old stream's slow receiver: the old
+/// stream's disconnect is reported, and the new stream, never reported connected, is not
+/// reported at all.
+#[tokio::test]
+async fn r_reg_5_shutdown_during_a_replacement_keeps_the_alternation() {
+    let (controller, recorder) = controller(Settings::default());
+    let old = Sm::register(&controller, "a", "s1");
+    old.monitoring(1000, SLOW);
+    recorder
+        .wait_for("the old stream's connect", WAIT, |e| e.len() >= 2)
+        .await;
+    let _new = Sm::register(&controller, "a", "s2");
+    tokio::time::timeout(WAIT, async {
+        while controller
+            .node_status(&node("a"))
+            .is_none_or(|s| s.session == 0)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the new stream replaces the old");
+    let stop = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.shutdown().await }
+    });
+    recorder.release();
+    tokio::time::timeout(WAIT, stop).await.unwrap().unwrap();
+    let events = recorder.of("a");
+    assert_alternation(&events);
+    assert_eq!(events.first(), Some(&Ev::Connected("a".into())));
+    assert!(
+        matches!(events.last(), Some(Ev::Disconnected(..))),
+        "{events:#?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Ev::Connected(_)))
+            .count(),
+        1,
+        "{events:#?}"
+    );
+    assert_eq!(controller.node_slots(), 0);
+}
+
+/// Item 5: streams that end at once, registered or not, leave nothing behind: no slot, no
+/// task (N-LEAK-1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_leak_1_streams_that_end_at_once_leave_nothing_behind() {
+    let (controller, recorder) = controller(Settings::default());
+    let mut sms = Vec::new();
+    for i in 0..2_000 {
+        let mut sm = if i % 2 == 0 {
+            Sm::attach(&controller)
+        } else {
+            Sm::register(&controller, &format!("n{i}"), "s1")
+        };
+        sm.close();
+        sms.push(sm);
+    }
+    for sm in &mut sms {
+        sm.closed(WAIT).await;
+    }
+    recorder
+        .wait_for("every disconnect", WAIT, |e| {
+            e.iter()
+                .filter(|e| matches!(e, Ev::Disconnected(..)))
+                .count()
+                == 1_000
+        })
+        .await;
+    tokio::time::timeout(WAIT, async {
+        while controller.node_slots() != 0 || controller.live_tasks() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "left behind: {} slots, {} tasks",
+            controller.node_slots(),
+            controller.live_tasks()
+        )
+    });
+}
+
+/// Item 6: a node registering while the cloud status flips is left with the last status set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_cloud_1_a_registration_during_a_status_change_ends_with_the_last_status() {
+    for round in 0..50 {
+        let (controller, _recorder) = controller(Settings::default());
+        let flipper = tokio::spawn({
+            let controller = controller.clone();
+            async move {
+                for i in 0..50 {
+                    controller.set_cloud_connected(i % 2 == 0);
+                    tokio::task::yield_now().await;
+                }
+                controller.set_cloud_connected(round % 2 == 0);
+            }
+        });
+        let mut sms: Vec<Sm> = (0..20)
+            .map(|i| Sm::register(&controller, &format!("n{i}"), "s1"))
+            .collect();
+        flipper.await.unwrap();
+        tokio::time::timeout(WAIT, async {
+            while controller.node_count() != 20 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("all register");
+        controller.set_cloud_connected(round % 2 == 0);
+        for sm in &mut sms {
+            let told = sm.cloud_statuses();
+            assert_eq!(
+                told.last(),
+                Some(&(round % 2 == 0)),
+                "round {round}: {told:?}"
+            );
+        }
+        controller.shutdown().await;
+    }
+}
