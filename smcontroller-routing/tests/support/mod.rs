@@ -206,6 +206,17 @@ impl Sm {
         Self { tx: Some(tx), out }
     }
 
+    /// Attaches a stream the SM has already ended: its reader may finish before `attach`
+    /// returns.
+    pub fn attach_ended(controller: &Controller) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel::<InboundEvent>();
+        drop(tx);
+        let out = controller
+            .attach(UnboundedReceiverStream::new(rx))
+            .expect("controller is running");
+        Self { tx: None, out }
+    }
+
     /// Attaches a stream and registers `node` with `tag` in its `sm_info`.
     pub fn register(controller: &Controller, node: &str, tag: &str) -> Self {
         let sm = Self::attach(controller);
