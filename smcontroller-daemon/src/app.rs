@@ -4,7 +4,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use smcontroller_api::{Error, ItemInfoProvider};
-use smcontroller_grpc::server::{self, ServeError, ServerSettings};
+use smcontroller_grpc::{
+    connections::Connections,
+    server::{self, ServeError, ServerSettings},
+};
 use smcontroller_routing::{Controller, Receivers};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::warn;
@@ -14,6 +17,9 @@ use crate::{config::Settings, receivers::Recorder};
 /// How long [`Running::stop`] lets the server finish its connections after the router has
 /// closed every stream.
 const SERVER_STOP_GRACE: Duration = Duration::from_millis(300);
+
+/// The Aos error kind "not found" (`eNotFound`).
+const AOS_NOT_FOUND: i32 = 5;
 
 /// The router's settings from the daemon's.
 pub fn router_settings(settings: &Settings) -> smcontroller_routing::Settings {
@@ -43,9 +49,11 @@ pub struct NoBlobStore;
 #[async_trait]
 impl ItemInfoProvider for NoBlobStore {
     async fn get_blob_url(&self, digest: &str) -> smcontroller_api::Result<String> {
-        Err(Error::InvalidArgument(format!(
-            "no blob store is configured in this daemon; cannot resolve {digest}"
-        )))
+        Err(Error::Failed {
+            aos_code: AOS_NOT_FOUND,
+            exit_code: 0,
+            message: format!("no blob store is configured in this daemon; cannot resolve {digest}"),
+        })
     }
 }
 
@@ -60,6 +68,7 @@ pub struct Running {
     pub recorder: Recorder,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
+    connections: Connections,
 }
 
 /// Binds `settings.listen` and serves. Insecure (plain HTTP/2) only, for now: mTLS arrives
@@ -79,11 +88,13 @@ pub async fn start(
         source,
     })?;
     let (stop, mut stopped) = watch::channel(false);
-    let server = tokio::spawn(server::serve_insecure(
+    let connections = Connections::new();
+    let server = tokio::spawn(server::serve_insecure_with(
         listener,
         controller.clone(),
         items,
         server_settings(settings),
+        connections.clone(),
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },
@@ -94,6 +105,7 @@ pub async fn start(
         recorder,
         stop,
         server,
+        connections,
     })
 }
 
@@ -104,15 +116,38 @@ impl Running {
         let _ = self.stop.send(true);
         self.controller.shutdown().await;
         let mut server = self.server;
-        match tokio::time::timeout(SERVER_STOP_GRACE, &mut server).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => {
-                warn!(error = %join, "server task failed");
-                Ok(())
-            }
+        let result = match tokio::time::timeout(SERVER_STOP_GRACE, &mut server).await {
+            Ok(result) => result,
             Err(_) => {
-                warn!("connections still open after the stop grace; closing them");
-                server.abort();
+                // Peers that keep their connections open: close them for good, so that no
+                // connection task outlives the stop (R-STOP-1).
+                warn!(
+                    connections = self.connections.live(),
+                    "connections still open after the stop grace; closing them"
+                );
+                self.connections.close_all();
+                match tokio::time::timeout(SERVER_STOP_GRACE, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(SERVER_STOP_GRACE, self.connections.closed())
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = self.connections.live(),
+                "connections still open after the stop"
+            );
+        }
+        match result {
+            Ok(result) => result,
+            Err(join) => {
+                warn!(error = %join, "server task failed");
                 Ok(())
             }
         }

@@ -4,6 +4,7 @@
 //! Start reading at [`convert`] (every message in and out of the controller) and [`service`].
 //! Nothing outside this crate sees a prost or tonic type.
 
+pub mod connections;
 pub mod convert;
 pub mod proto;
 pub mod server;

@@ -5,10 +5,14 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use smcontroller_api::ItemInfoProvider;
 use smcontroller_routing::Controller;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::transport::{Server, server::TcpIncoming};
 use tracing::{info, warn};
 
-use crate::{proto::servicemanager::v5::sm_service_server::SmServiceServer, service::SmService};
+use crate::{
+    connections::Connections, proto::servicemanager::v5::sm_service_server::SmServiceServer,
+    service::SmService,
+};
 
 /// Settings of the gRPC server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +23,11 @@ pub struct ServerSettings {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped. Default 5 s.
     pub keepalive_timeout: Duration,
-    /// HTTP/2 flow-control window of each stream and each connection, bytes. It bounds what a
-    /// paused SM (R-TEL-3) can have buffered in the server beyond its queue. Default 256 KiB
-    /// (hyper's own default is 1 MiB per connection).
+    /// HTTP/2 flow-control window, bytes, used both as each stream's initial window and as each
+    /// connection's. A stream paused for backpressure (R-TEL-3) holds at most this much unread
+    /// in the server beyond its queue; since the connection's window is the same size, it also
+    /// stops the other streams of that SM's connection (`GetBlobsInfos`) until the queue has
+    /// room. Default 256 KiB (hyper's own defaults are 1 MiB for each).
     pub flow_window: u32,
 }
 
@@ -74,12 +80,28 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 /// Serves plain HTTP/2 (insecure mode, R-TLS-2) on `listener` until `shutdown` resolves.
 ///
 /// When `shutdown` resolves the caller should also call [`Controller::shutdown`], which ends
-/// every SM stream; the server then finishes its connections.
+/// every SM stream; the server then finishes its connections. To bound that wait, use
+/// [`serve_insecure_with`] and close the connections after a grace.
 pub async fn serve_insecure(
     listener: TcpListener,
     controller: Controller,
     items: Arc<dyn ItemInfoProvider>,
     settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let connections = Connections::new();
+    serve_insecure_with(listener, controller, items, settings, connections, shutdown).await
+}
+
+/// [`serve_insecure`], with every accepted connection in `connections`: the caller can count
+/// them and, when a stop's grace has run out, [`close_all`](Connections::close_all) so that the
+/// server returns and no connection task is left (R-STOP-1).
+pub async fn serve_insecure_with(
+    listener: TcpListener,
+    controller: Controller,
+    items: Arc<dyn ItemInfoProvider>,
+    settings: ServerSettings,
+    connections: Connections,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     match listener.local_addr() {
@@ -89,7 +111,9 @@ pub async fn serve_insecure(
     let service = sm_service(controller, items, &settings);
     // `Server::tcp_nodelay` only reaches sockets tonic accepts itself; these are ours. Without
     // it, Nagle held small frames back until the peer's delayed ACK (40 ms on Linux).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|socket| connections.track(socket)));
     Server::builder()
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
