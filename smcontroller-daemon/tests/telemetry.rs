@@ -180,6 +180,9 @@ async fn r_tel_2_a_slow_receiver_does_not_delay_a_sync_reply() {
         0,
         "the sample is still held"
     );
+    // The queue had room all along: the stream never paused.
+    let status = h.controller.node_status(&NodeId::new("slow")).unwrap();
+    assert_eq!((status.stalls, status.stalled), (0, false));
     h.log.unblock("slow");
     h.log
         .wait_count("held sample", 1, |e| ram_of(e).is_some())
@@ -231,17 +234,22 @@ async fn r_tel_3_a_full_queue_stops_reading_and_nothing_is_dropped() {
         }
     });
     // 400 x 32 KiB = 12.5 MiB: far more than the queue, the channels and the HTTP/2 windows
-    // hold. While the receiver is blocked the SM cannot get it all out.
-    let stalled = tokio::time::timeout(Duration::from_millis(500), async {
-        while sent.load(Ordering::Relaxed) < N {
+    // hold. Wait (with a deadline) until the reader finds the queue full and pauses.
+    let node = NodeId::new("firehose");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !h.controller.node_status(&node).is_some_and(|s| s.stalled) {
             tokio::task::yield_now().await;
         }
     })
     .await
-    .is_err();
-    assert!(stalled, "the SM sent everything although nothing was read");
-    assert!(sent.load(Ordering::Relaxed) < N);
+    .expect("the stream pauses once the queue is full");
+    // While it is paused the SM cannot get it all out: flow control holds it back.
+    assert!(
+        sent.load(Ordering::Relaxed) < N,
+        "the SM sent everything although nothing was read"
+    );
     assert_eq!(h.controller.node_count(), 1, "the stream stays up");
+    assert!(h.controller.node_status(&node).unwrap().stalls >= 1);
 
     h.log.unblock("firehose");
     sender.await.unwrap();
@@ -250,6 +258,71 @@ async fn r_tel_3_a_full_queue_stops_reading_and_nothing_is_dropped() {
         .await;
     let rams: Vec<u64> = h.log.events().iter().filter_map(ram_of).collect();
     assert_eq!(rams, (0..N as u64).collect::<Vec<_>>(), "all, in order");
+    h.stop().await;
+}
+
+/// The other side of R-TEL-2's line: once the node's queue is full its stream is paused, so a
+/// sync reply behind the queued telemetry cannot be read, the call times out, and the stall is
+/// counted. When the receiver catches up, everything flows again.
+#[tokio::test]
+async fn r_tel_2_a_full_queue_pauses_the_stream_and_a_sync_call_can_time_out() {
+    let settings = Settings {
+        queue_bound: 2,
+        response_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let h = Harness::with(settings, ServerSettings::default()).await;
+    let mut sm = h.sm("full").await;
+    h.log.block("full");
+    let node = NodeId::new("full");
+    let sender = tokio::spawn({
+        let tx = sm.tx.clone();
+        async move {
+            for n in 0..200_u64 {
+                let message = pb::SmOutgoingMessages {
+                    sm_outgoing_message: Some(big_monitoring(n, 32 * 1024)),
+                };
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !h.controller.node_status(&node).is_some_and(|s| s.stalled) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the stream pauses once the queue is full");
+
+    let call = tokio::spawn({
+        let c = h.controller.clone();
+        let node = node.clone();
+        async move { c.get_node_config_status(&node).await }
+    });
+    let answer = tokio::spawn(async move {
+        loop {
+            if let SmIncomingMessage::GetNodeConfigStatus(_) = sm.recv().await {
+                break;
+            }
+        }
+        sm.config_status("installed", "9").await;
+        sm
+    });
+    let result = call.await.unwrap();
+    assert!(
+        matches!(result, Err(smcontroller_api::Error::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(h.controller.node_status(&node).unwrap().stalls >= 1);
+
+    h.log.unblock("full");
+    let _sm = answer.await.unwrap();
+    sender.await.unwrap();
+    h.log
+        .wait_count("every sample", 200, |e| ram_of(e).is_some())
+        .await;
     h.stop().await;
 }
 
