@@ -25,6 +25,7 @@ const AOS_NOT_FOUND: i32 = 5;
 pub fn router_settings(settings: &Settings) -> smcontroller_routing::Settings {
     smcontroller_routing::Settings {
         response_timeout: settings.response_timeout,
+        reply_expiry: settings.reply_expiry,
         registration_timeout: settings.registration_timeout,
         queue_bound: settings.queue_bound,
         ..smcontroller_routing::Settings::default()

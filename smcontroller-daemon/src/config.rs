@@ -15,6 +15,7 @@
 //! | `certStorage` | certificate storage of the server's TLS credentials, e.g. `"sm"` | none |
 //! | `caCert` | path of the CA certificate that verifies SM client certificates | none |
 //! | `responseTimeout` | how long a sync call waits for its reply | `"5s"` |
+//! | `replyExpiry` | how long a sync command left unanswered keeps its place in the reply matching (at least `responseTimeout`) | twice `responseTimeout` |
 //! | `registrationTimeout` | how long a new stream may take to send `sm_info` | `"10s"` |
 //! | `queueBound` | bound of each node's inbound message queue | `256` |
 //! | `maxMessageSize` | largest message accepted, bytes (at least 1024) | `16777216` |
@@ -82,6 +83,7 @@ const KNOWN_KEYS: &[&str] = &[
     "certStorage",
     "caCert",
     "responseTimeout",
+    "replyExpiry",
     "registrationTimeout",
     "queueBound",
     "maxMessageSize",
@@ -144,6 +146,10 @@ pub struct Settings {
     pub ca_cert: Option<PathBuf>,
     /// How long a sync call waits for the node's reply (`responseTimeout`).
     pub response_timeout: Duration,
+    /// How long a sync command left unanswered keeps its place in the reply matching
+    /// (`replyExpiry`): its late reply is absorbed within that time (R-SYNC-3). `None`: twice
+    /// the response timeout. The router never uses less than the response timeout.
+    pub reply_expiry: Option<Duration>,
     /// How long a new stream may take to send its first `sm_info` (`registrationTimeout`).
     pub registration_timeout: Duration,
     /// Bound of each node's inbound queue (`queueBound`); at least 1.
@@ -174,6 +180,7 @@ impl Default for Settings {
             cert_storage: None,
             ca_cert: None,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            reply_expiry: None,
             registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
             queue_bound: DEFAULT_QUEUE_BOUND,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -384,6 +391,7 @@ fn from_map(origin: &str, map: &Map<String, Value>) -> Result<Settings, ConfigEr
             "certStorage" => settings.cert_storage = field.optional_string()?.map(str::to_owned),
             "caCert" => settings.ca_cert = field.optional_string()?.map(PathBuf::from),
             "responseTimeout" => settings.response_timeout = field.duration()?,
+            "replyExpiry" => settings.reply_expiry = Some(field.duration()?),
             "registrationTimeout" => settings.registration_timeout = field.duration()?,
             "queueBound" => settings.queue_bound = field.size(1)?,
             "maxMessageSize" => settings.max_message_size = field.size(MIN_MAX_MESSAGE_SIZE)?,
@@ -685,6 +693,7 @@ mod tests {
             "certStorage": "sm",
             "caCert": "/etc/ssl/certs/Aos_Root_CA.pem",
             "responseTimeout": "PT2S",
+            "replyExpiry": "PT7S",
             "registrationTimeout": "3s",
             "queueBound": 1024,
             "maxMessageSize": 2048,
@@ -703,6 +712,7 @@ mod tests {
                 cert_storage: Some("sm".into()),
                 ca_cert: Some("/etc/ssl/certs/Aos_Root_CA.pem".into()),
                 response_timeout: Duration::from_secs(2),
+                reply_expiry: Some(Duration::from_secs(7)),
                 registration_timeout: Duration::from_secs(3),
                 queue_bound: 1024,
                 max_message_size: 2048,
@@ -897,6 +907,7 @@ mod tests {
         );
         for key in [
             "responseTimeout",
+            "replyExpiry",
             "registrationTimeout",
             "keepaliveInterval",
             "keepaliveTimeout",
