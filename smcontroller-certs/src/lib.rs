@@ -51,7 +51,7 @@
 //! # }
 //! ```
 //!
-//! With the `test-util` feature, [`test_util::TestPki`] makes a throwaway CA and certificates
+//! With the `test-util` feature, `test_util::TestPki` makes a throwaway CA and certificates
 //! with rcgen, for tests and for `cargo xtask gen-certs`.
 
 mod accept;

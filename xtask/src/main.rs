@@ -5,11 +5,14 @@
 //!   step, all of them in that order, stopping at the first failure. See [`ci`].
 //! - `cargo xtask demo [ARGS..]`: the controller with simulated SMs on loopback (the daemon's
 //!   `smcontroller-demo` binary), with ARGS passed through.
+//! - `cargo xtask gen-certs DIR [--nodes N]`: a development PKI (CA, server, one client per node,
+//!   and the bad clients the tests refuse) for running over mTLS. See [`gen_certs`].
 //!
 //! This crate is a tool, not a library: it may depend on anything, and uses `anyhow`.
 
 mod ci;
 mod cmd;
+mod gen_certs;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +44,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Writes a development PKI for mTLS into DIR: ca.pem, server.pem/.key, client-node-N.pem/.key
+    /// per node, and refused clients (expired, foreign CA, server-only).
+    GenCerts {
+        /// The directory to write into (created if needed; files there are replaced).
+        dir: PathBuf,
+        /// How many SM client certificates to make (node-1 .. node-N).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +61,7 @@ fn main() -> ExitCode {
     let outcome = match cli.task {
         Task::Ci { step } => ci::run(&root, step),
         Task::Demo { args } => demo(&root, &args),
+        Task::GenCerts { dir, nodes } => gen_certs::run(&dir, nodes).map(|()| ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,
