@@ -8,10 +8,11 @@
 //! which ends the connection task at its next poll; the wrapper wakes that task itself.
 
 use std::{
+    collections::BTreeMap,
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -33,8 +34,18 @@ pub struct Connections {
 #[derive(Debug, Default)]
 struct Shared {
     kill: CancellationToken,
+    /// Per epoch (the credentials generation a TLS connection was accepted with), a child of
+    /// `kill`: closing an epoch closes only its connections.
+    epochs: Mutex<Epochs>,
     live: AtomicUsize,
     gone: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Epochs {
+    /// Epochs below this one are closed, also for connections that come late.
+    floor: u64,
+    tokens: BTreeMap<u64, CancellationToken>,
 }
 
 impl Connections {
@@ -65,12 +76,51 @@ impl Connections {
         }
     }
 
+    /// Closes the connections of every epoch before `epoch` (those accepted with older
+    /// credentials), and only those.
+    pub fn close_before(&self, epoch: u64) {
+        let mut epochs = self
+            .shared
+            .epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        epochs.floor = epochs.floor.max(epoch);
+        let newer = epochs.tokens.split_off(&epoch);
+        for token in std::mem::replace(&mut epochs.tokens, newer).into_values() {
+            token.cancel();
+        }
+    }
+
     /// Wraps an accepted socket so that it counts and can be closed.
     pub fn track<IO>(&self, io: IO) -> Tracked<IO> {
+        self.track_in(io, 0)
+    }
+
+    /// Wraps an accepted socket of `epoch` (see [`close_before`](Self::close_before)).
+    pub fn track_in<IO>(&self, io: IO, epoch: u64) -> Tracked<IO> {
+        let token = {
+            let mut epochs = self
+                .shared
+                .epochs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if epoch < epochs.floor {
+                // Accepted with credentials already replaced: closed at once.
+                let token = CancellationToken::new();
+                token.cancel();
+                token
+            } else {
+                epochs
+                    .tokens
+                    .entry(epoch)
+                    .or_insert_with(|| self.shared.kill.child_token())
+                    .clone()
+            }
+        };
         self.shared.live.fetch_add(1, Ordering::AcqRel);
         Tracked {
             io,
-            killed: Box::pin(self.shared.kill.clone().cancelled_owned()),
+            killed: Box::pin(token.cancelled_owned()),
             shared: self.shared.clone(),
         }
     }
@@ -191,6 +241,21 @@ mod tests {
             .await
             .expect("every connection dropped");
         assert_eq!(connections.live(), 0);
+    }
+
+    #[tokio::test]
+    async fn r_tls_3_closing_an_epoch_closes_only_the_older_connections() {
+        let connections = Connections::new();
+        let (old, _a) = tokio::io::duplex(64);
+        let (new, _b) = tokio::io::duplex(64);
+        let mut old = connections.track_in(old, 0);
+        let mut new = connections.track_in(new, 1);
+        connections.close_before(1);
+        let error = old.write_all(b"x").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        new.write_all(b"x")
+            .await
+            .expect("a newer connection stays open");
     }
 
     #[tokio::test]

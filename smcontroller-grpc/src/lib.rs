@@ -9,3 +9,4 @@ pub mod convert;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod tls;

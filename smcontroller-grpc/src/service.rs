@@ -8,9 +8,11 @@ use std::{
 
 use futures::{Stream, StreamExt, stream};
 use smcontroller_api::ItemInfoProvider;
+use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
 use smcontroller_routing::{Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
 
 use crate::{
     convert::ConvertError,
@@ -28,6 +30,7 @@ pub type CommandStream = Pin<Box<dyn Stream<Item = Result<SmIncomingMessages, St
 pub struct SmService {
     controller: Controller,
     items: Arc<dyn ItemInfoProvider>,
+    identity_binding: Option<IdentityField>,
 }
 
 impl std::fmt::Debug for SmService {
@@ -41,7 +44,19 @@ impl std::fmt::Debug for SmService {
 impl SmService {
     /// A service routing streams into `controller` and blob look-ups to `items`.
     pub fn new(controller: Controller, items: Arc<dyn ItemInfoProvider>) -> Self {
-        Self { controller, items }
+        Self {
+            controller,
+            items,
+            identity_binding: None,
+        }
+    }
+
+    /// Requires each `sm_info.node_id` to be one of the client certificate's names that `field`
+    /// selects (R-TLS-4); `None` turns the binding off. Only meaningful over mTLS: a stream
+    /// without a client certificate is then refused.
+    pub fn with_identity_binding(mut self, field: Option<IdentityField>) -> Self {
+        self.identity_binding = field;
+        self
     }
 }
 
@@ -57,8 +72,19 @@ impl sm_service_server::SmService for SmService {
         // ends with its status (R-BAD-1); the router only needs to know the stream failed.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         let seen = failure.clone();
+        let binding = self.identity_binding.map(|field| {
+            let conn = request.extensions().get::<TlsConnInfo>();
+            Binding {
+                field,
+                identity: conn.and_then(|c| c.peer_identity().cloned()),
+                peer: conn.map(|c| c.peer_addr().to_string()),
+            }
+        });
         let inbound = request.into_inner().map(move |item| match item {
-            Ok(message) => inbound_event(message),
+            Ok(message) => match binding.as_ref().and_then(|b| b.refuse(&message)) {
+                Some(denied) => denied,
+                None => inbound_event(message),
+            },
             Err(status) => {
                 let status = over_size_is_resource_exhausted(status);
                 let event =
@@ -92,6 +118,63 @@ impl sm_service_server::SmService for SmService {
         });
         let urls = futures::future::try_join_all(lookups).await?;
         Ok(Response::new(BlobsInfos { urls }))
+    }
+}
+
+/// The client certificate a stream's `sm_info` must agree with (R-TLS-4).
+struct Binding {
+    field: IdentityField,
+    identity: Option<PeerIdentity>,
+    peer: Option<String>,
+}
+
+impl Binding {
+    /// `Some(Denied)` for an `sm_info` whose node id the certificate does not carry.
+    fn refuse(&self, message: &SmOutgoingMessages) -> Option<InboundEvent> {
+        let Some(SmOutgoingMessage::SmInfo(info)) = &message.sm_outgoing_message else {
+            return None;
+        };
+        let node = &info.node_id;
+        match &self.identity {
+            Some(identity) if identity.matches(node, self.field) => None,
+            Some(identity) => {
+                warn!(
+                    node_id = %clipped(node),
+                    cert_common_name = ?identity.common_name().map(clipped),
+                    cert_dns_names = ?identity.dns_names().iter().map(|n| clipped(n)).collect::<Vec<_>>(),
+                    peer = ?self.peer,
+                    field = ?self.field,
+                    "refused: sm_info.node_id is not a name of the client certificate"
+                );
+                Some(InboundEvent::Denied(format!(
+                    "sm_info.node_id {:?} is not a name of the client certificate ({:?}: common name {:?}, DNS names {:?})",
+                    clipped(node),
+                    self.field,
+                    identity.common_name().map(clipped),
+                    identity
+                        .dns_names()
+                        .iter()
+                        .map(|n| clipped(n))
+                        .collect::<Vec<_>>(),
+                )))
+            }
+            None => {
+                warn!(node_id = %clipped(node), peer = ?self.peer, "refused: no client certificate to bind the node id to");
+                Some(InboundEvent::Denied(
+                    "node identity binding is on and the connection has no client certificate"
+                        .into(),
+                ))
+            }
+        }
+    }
+}
+
+/// A peer's string cut to a length fit for a log line or a status.
+fn clipped(value: &str) -> String {
+    const MAX: usize = 128;
+    match value.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}... ({} bytes)", &value[..end], value.len()),
+        None => value.to_owned(),
     }
 }
 
@@ -169,5 +252,6 @@ fn end_status(end: EndStatus) -> Status {
         EndCode::DeadlineExceeded => Status::deadline_exceeded(end.message),
         EndCode::Aborted => Status::aborted(end.message),
         EndCode::Unavailable => Status::unavailable(end.message),
+        EndCode::PermissionDenied => Status::permission_denied(end.message),
     }
 }

@@ -150,6 +150,16 @@ impl Controller {
         info!(connected, nodes, "cloud connection status relayed");
     }
 
+    /// Ends every registered SM stream with `UNAVAILABLE`, reporting each node's disconnect
+    /// (reason [`Shutdown`](smcontroller_api::DisconnectReason::Shutdown)) once, without
+    /// stopping: the SMs reconnect. For a server that restarts with renewed credentials
+    /// (R-TLS-3). Calls waiting on those streams fail with `Disconnected`.
+    pub fn restart_streams(&self) -> usize {
+        let streams = self.ctx.registry.restart_all();
+        info!(streams, "every SM stream ended for a server restart");
+        streams
+    }
+
     /// Follows a [`CloudConnection`]: takes its current state, then relays every change
     /// until the controller shuts down.
     pub fn follow_cloud(&self, cloud: &dyn CloudConnection) {

@@ -49,8 +49,11 @@ pub(crate) struct Link {
     /// Everything a send must see at once: a command and its reply entry go in one step, so
     /// the entries are in the order the commands are written (R-SYNC-3).
     state: Mutex<LinkState>,
-    /// Cancelled when the stream must end from our side (a newer stream replaced it).
+    /// Cancelled when the stream must end from our side: a newer stream replaced it, or the
+    /// server restarts (see [`Link::ending`]).
     pub(crate) replaced: CancellationToken,
+    /// Set when the end is a server restart rather than a replacement.
+    restart: AtomicBool,
     /// Times the reader found the inbound queue full and paused the stream (R-TEL-2).
     pub(crate) stalls: AtomicU64,
     /// Whether the reader is waiting for room in the queue right now.
@@ -83,6 +86,7 @@ impl Link {
                 waiters: Waiters::new(reply_expiry),
             }),
             replaced: CancellationToken::new(),
+            restart: AtomicBool::new(false),
             stalls: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
         }
@@ -151,6 +155,24 @@ impl Link {
     pub(crate) fn replace(&self) {
         Self::stop(&mut self.state());
         self.replaced.cancel();
+    }
+
+    /// The server restarts (new credentials): no more commands, callers fail now, the reader
+    /// ends the stream as at a shutdown, and the SM reconnects.
+    pub(crate) fn restart(&self) {
+        self.restart
+            .store(true, std::sync::atomic::Ordering::Release);
+        Self::stop(&mut self.state());
+        self.replaced.cancel();
+    }
+
+    /// Why the stream was ended from our side.
+    pub(crate) fn ending(&self) -> smcontroller_api::DisconnectReason {
+        if self.restart.load(std::sync::atomic::Ordering::Acquire) {
+            smcontroller_api::DisconnectReason::Shutdown
+        } else {
+            smcontroller_api::DisconnectReason::Replaced
+        }
     }
 
     /// Ends the stream: no more commands, callers fail now, and the transport is told to finish
@@ -319,6 +341,18 @@ impl Registry {
             end: Some(end_tx),
         };
         (registration, end)
+    }
+
+    /// Ends every registered stream for a server restart; returns how many.
+    pub(crate) fn restart_all(&self) -> usize {
+        let links: Vec<Arc<Link>> = read(&self.slots)
+            .values()
+            .filter_map(|s| s.current.clone())
+            .collect();
+        for link in &links {
+            link.restart();
+        }
+        links.len()
     }
 
     /// The stream of `link` has ended: the node is no longer addressable through it.

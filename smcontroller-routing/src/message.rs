@@ -165,6 +165,10 @@ pub enum InboundEvent {
     },
     /// The stream failed (reset, decode error, over-size message, keepalive timeout); it ends.
     Failed(String),
+    /// The transport refuses what the SM claims (an `sm_info` whose node id its client
+    /// certificate does not carry, R-TLS-4): the stream ends with `PERMISSION_DENIED` and, if it
+    /// was not registered yet, never registers, so it cannot displace the real node.
+    Denied(String),
 }
 
 /// What the router gives the transport to write on one SM stream, in order.
@@ -200,4 +204,6 @@ pub enum EndCode {
     Aborted,
     /// The controller is stopping or restarting.
     Unavailable,
+    /// The SM is not allowed what it asked (its certificate does not carry its node id).
+    PermissionDenied,
 }

@@ -153,12 +153,13 @@ where
         let event = tokio::select! {
             biased;
             () = &mut shutdown => break DisconnectReason::Shutdown,
-            () = &mut replaced => break DisconnectReason::Replaced,
+            () = &mut replaced => break link.ending(),
             event = inbound.next() => event,
         };
         let message = match event {
             None => break DisconnectReason::Closed,
             Some(InboundEvent::Failed(error)) => break DisconnectReason::Error(error),
+            Some(InboundEvent::Denied(why)) => break DisconnectReason::ProtocolViolation(why),
             Some(InboundEvent::Rejected { message, reason }) => {
                 warn!(message, %reason, "message from SM rejected and skipped");
                 continue;
@@ -206,7 +207,7 @@ where
         let queued = tokio::select! {
             biased;
             () = &mut shutdown => break DisconnectReason::Shutdown,
-            () = &mut replaced => break DisconnectReason::Replaced,
+            () = &mut replaced => break link.ending(),
             queued = queue.send(telemetry) => queued,
         };
         link.stalled.store(false, Ordering::Relaxed);
@@ -237,7 +238,7 @@ fn end_status(node: &NodeId, reason: &DisconnectReason) -> Option<EndStatus> {
         }),
         DisconnectReason::Shutdown => Some(EndStatus {
             code: EndCode::Unavailable,
-            message: "the SM controller is stopping".into(),
+            message: "the SM controller is stopping or restarting its server; reconnect".into(),
         }),
     }
 }
@@ -274,6 +275,10 @@ where
             debug!(%error, "stream failed before registration");
             Err(None)
         }
+        Ok(Some(InboundEvent::Denied(why))) => Err(Some(EndStatus {
+            code: EndCode::PermissionDenied,
+            message: why,
+        })),
         Ok(Some(InboundEvent::Message(Inbound::SmInfo(info)))) => {
             if info.node_id.as_str().is_empty() {
                 invalid("sm_info.node_id is empty".into())
