@@ -13,7 +13,13 @@
 //! |---|---|---|
 //! | `cmServerUrl` | listen address (see [`parse_listen`]) | `":8093"` |
 //! | `certStorage` | certificate storage of the server's TLS credentials, e.g. `"sm"` | none |
-//! | `caCert` | path of the CA certificate that verifies SM client certificates | none |
+//! | `caCert` | CA certificate that verifies SM client certificates: a `file://` URL or an absolute path | none |
+//! | `certUrl` | the server's certificate chain (PEM) in the storage `certStorage`: a `file://` URL or an absolute path | none |
+//! | `keyUrl` | the server's private key (PEM: PKCS#8, SEC1 or PKCS#1) in that storage: a `file://` URL or an absolute path | none |
+//! | `certReloadRetry` | retry period of a renewal whose new credentials fail to load | `"10s"` |
+//! | `identityBinding` | node identity binding: `"off"`, or which names of the client certificate `sm_info.node_id` must match: `"cn"`, `"dnsSan"` or `"any"` (either) | `"off"` |
+//! | `handshakeTimeout` | how long a TLS handshake may take | `"10s"` |
+//! | `insecure` | serve plain HTTP/2 without TLS (development only) | `false` |
 //! | `responseTimeout` | how long a sync call waits for its reply | `"5s"` |
 //! | `replyExpiry` | how long a sync command left unanswered keeps its place in the reply matching (at least `responseTimeout`) | twice `responseTimeout` |
 //! | `registrationTimeout` | how long a new stream may take to send `sm_info` | `"10s"` |
@@ -22,15 +28,21 @@
 //! | `flowWindow` | HTTP/2 flow-control window per stream and per connection, bytes | `262144` |
 //! | `keepaliveInterval` | HTTP/2 keepalive ping interval | `"10s"` |
 //! | `keepaliveTimeout` | how long a keepalive ping may go unanswered | `"5s"` |
-//! | `certReloadRetry` | retry period of a failed certificate reload | `"10s"` |
-//! | `insecure` | serve plain HTTP/2 without TLS (development only) | `false` |
 //!
 //! Durations are strings, either ISO 8601 (`"PT5S"`, `"PT0.5S"`, `"PT1M"`) or Go style
 //! (`"5s"`, `"500ms"`, `"1m30s"`, `"1.5h"`); see [`parse_duration`]. Every duration must be
 //! greater than zero.
 //!
-//! Unless `insecure` is set (in the file or with `--insecure`), both `caCert` and `certStorage`
-//! are required: the server speaks mTLS only.
+//! Unless `insecure` is set (in the file or with `--insecure`), `caCert`, `certStorage`,
+//! `certUrl` and `keyUrl` are required: the server speaks mTLS only. The certificate and key
+//! files are watched: replacing them (a renewal) makes the server rebuild its credentials and
+//! restart its SM streams, without restarting the process.
+//!
+//! # Command line
+//!
+//! The flags override the file. `--pki DIR` is a development shortcut for a PKI written by
+//! `cargo xtask gen-certs DIR`: `caCert` `DIR/ca.pem`, `certUrl` `DIR/server.pem`, `keyUrl`
+//! `DIR/server.key`, `certStorage` `"sm"` unless the file sets it; it turns `insecure` off.
 //!
 //! # Exit code
 //!
@@ -39,15 +51,16 @@
 //! `EX_USAGE` of `sysexits.h`).
 
 use std::{
-    fmt,
+    fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::Parser;
 use serde_json::{Map, Value};
 use smcontroller_api::types::iso8601;
+use smcontroller_certs::IdentityField;
 
 /// Exit code of the daemon when its configuration is bad: 64, `EX_USAGE` of `sysexits.h`.
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -76,12 +89,20 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of `certReloadRetry`.
 pub const DEFAULT_CERT_RELOAD_RETRY: Duration = Duration::from_secs(10);
+/// Default of `handshakeTimeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = smcontroller_certs::DEFAULT_HANDSHAKE_TIMEOUT;
+/// The certificate storage `--pki` sets when the config file names none.
+pub const PKI_CERT_STORAGE: &str = "sm";
 
 /// The keys of the config file the SM controller reads; every other key is "unknown".
 const KNOWN_KEYS: &[&str] = &[
     "cmServerUrl",
     "certStorage",
     "caCert",
+    "certUrl",
+    "keyUrl",
+    "identityBinding",
+    "handshakeTimeout",
     "responseTimeout",
     "replyExpiry",
     "registrationTimeout",
@@ -93,6 +114,9 @@ const KNOWN_KEYS: &[&str] = &[
     "certReloadRetry",
     "insecure",
 ];
+
+/// The values of `identityBinding`, for error messages.
+const IDENTITY_BINDING_VALUES: &str = r#""off", "cn", "dnsSan" or "any""#;
 
 /// What a duration value should look like, for error messages.
 const DURATION_EXAMPLE: &str = "(expected e.g. \"5s\" or \"PT5S\")";
@@ -121,6 +145,11 @@ pub struct Cli {
     #[arg(long)]
     pub insecure: bool,
 
+    /// Serve mTLS with the development PKI in DIR (`cargo xtask gen-certs DIR`): caCert
+    /// DIR/ca.pem, certUrl DIR/server.pem, keyUrl DIR/server.key, certStorage "sm" unless set.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure")]
+    pub pki: Option<PathBuf>,
+
     /// Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. "info" or
     /// "smcontroller_routing=debug,info". Without it the daemon uses its environment variable.
     #[arg(long, value_name = "FILTER")]
@@ -141,9 +170,21 @@ pub struct Settings {
     /// Certificate storage the server's credentials come from (`certStorage`), e.g. `"sm"`.
     /// Always set unless `insecure`.
     pub cert_storage: Option<String>,
-    /// CA certificate that verifies SM client certificates (`caCert`). Always set unless
-    /// `insecure`.
-    pub ca_cert: Option<PathBuf>,
+    /// CA certificate that verifies SM client certificates (`caCert`): a `file://` URL or an
+    /// absolute path. Always set unless `insecure`.
+    pub ca_cert: Option<String>,
+    /// The server's certificate chain in the storage `cert_storage` (`certUrl`): a `file://`
+    /// URL or an absolute path, watched for renewal. Always set unless `insecure`.
+    pub cert_url: Option<String>,
+    /// The server's private key in the storage `cert_storage` (`keyUrl`): a `file://` URL or
+    /// an absolute path, watched for renewal. Always set unless `insecure`.
+    pub key_url: Option<String>,
+    /// Node identity binding (`identityBinding`, R-TLS-4): `Some(field)` requires
+    /// `sm_info.node_id` to match those names of the client certificate. Off (`None`) by
+    /// default.
+    pub identity_binding: Option<IdentityField>,
+    /// How long a TLS handshake may take (`handshakeTimeout`).
+    pub handshake_timeout: Duration,
     /// How long a sync call waits for the node's reply (`responseTimeout`).
     pub response_timeout: Duration,
     /// How long a sync command left unanswered keeps its place in the reply matching
@@ -164,8 +205,8 @@ pub struct Settings {
     /// How long a keepalive ping may go unanswered before the connection is dropped
     /// (`keepaliveTimeout`).
     pub keepalive_timeout: Duration,
-    /// Retry period of a server restart whose new credentials failed to load
-    /// (`certReloadRetry`).
+    /// Retry period of a renewal whose new credentials failed to load (`certReloadRetry`):
+    /// meanwhile the server keeps serving with the previous ones.
     pub cert_reload_retry: Duration,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
@@ -179,6 +220,10 @@ impl Default for Settings {
             insecure: false,
             cert_storage: None,
             ca_cert: None,
+            cert_url: None,
+            key_url: None,
+            identity_binding: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             reply_expiry: None,
             registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
@@ -258,10 +303,12 @@ pub enum ConfigError {
         reason: ListenAddrError,
     },
 
-    /// TLS is on (no `insecure`) but `caCert` or `certStorage` is not set.
+    /// TLS is on (no `insecure`) but some of `caCert`, `certStorage`, `certUrl` and `keyUrl`
+    /// are not set.
     #[error(
-        "{origin}: mTLS needs caCert and certStorage; pass --insecure for plain HTTP/2 in \
-         development (not set: {missing})"
+        "{origin}: mTLS needs caCert, certStorage, certUrl and keyUrl (not set: {missing}); \
+         for development pass --pki DIR with a PKI from `cargo xtask gen-certs DIR`, or \
+         --insecure for plain HTTP/2"
     )]
     MissingTls {
         /// The file, as given, or "command line" when there is none.
@@ -318,6 +365,35 @@ pub enum ListenAddrError {
     },
 }
 
+impl Settings {
+    /// Serves mTLS with the development PKI in `dir`, as `cargo xtask gen-certs` writes it (the
+    /// `--pki` flag): `caCert` `dir/ca.pem`, `certUrl` `dir/server.pem`, `keyUrl`
+    /// `dir/server.key`, `certStorage` [`PKI_CERT_STORAGE`] unless already set; `insecure` off.
+    /// A relative `dir` is taken from the current directory. Fails when the directory's
+    /// absolute path cannot be found or is not UTF-8; whether the files are there is found out
+    /// when the credentials are loaded.
+    pub fn use_dev_pki(&mut self, dir: &Path) -> io::Result<()> {
+        let dir = std::path::absolute(dir)?;
+        let file = |name: &str| {
+            let path = dir.join(name);
+            path.to_str().map(str::to_owned).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not UTF-8", path.display()),
+                )
+            })
+        };
+        self.ca_cert = Some(file("ca.pem")?);
+        self.cert_url = Some(file("server.pem")?);
+        self.key_url = Some(file("server.key")?);
+        if self.cert_storage.is_none() {
+            self.cert_storage = Some(PKI_CERT_STORAGE.to_owned());
+        }
+        self.insecure = false;
+        Ok(())
+    }
+}
+
 /// Reads the config file named by `cli.config` (if any), applies the command-line overrides and
 /// validates the result.
 pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
@@ -356,10 +432,22 @@ fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, C
     if cli.insecure {
         settings.insecure = true;
     }
+    if let Some(dir) = &cli.pki {
+        settings
+            .use_dev_pki(dir)
+            .map_err(|e| ConfigError::InvalidValue {
+                origin: CLI_ORIGIN.to_owned(),
+                key: "--pki".to_owned(),
+                value: format!("{:?}", dir.display().to_string()),
+                problem: format!("cannot be used: {e}"),
+            })?;
+    }
     if !settings.insecure {
         let missing: Vec<&str> = [
             ("caCert", settings.ca_cert.is_none()),
             ("certStorage", settings.cert_storage.is_none()),
+            ("certUrl", settings.cert_url.is_none()),
+            ("keyUrl", settings.key_url.is_none()),
         ]
         .into_iter()
         .filter_map(|(key, unset)| unset.then_some(key))
@@ -389,7 +477,11 @@ fn from_map(origin: &str, map: &Map<String, Value>) -> Result<Settings, ConfigEr
         match key.as_str() {
             "cmServerUrl" => settings.listen = listen_value(origin, key, field.string()?)?,
             "certStorage" => settings.cert_storage = field.optional_string()?.map(str::to_owned),
-            "caCert" => settings.ca_cert = field.optional_string()?.map(PathBuf::from),
+            "caCert" => settings.ca_cert = field.file_url()?,
+            "certUrl" => settings.cert_url = field.file_url()?,
+            "keyUrl" => settings.key_url = field.file_url()?,
+            "identityBinding" => settings.identity_binding = field.identity_binding()?,
+            "handshakeTimeout" => settings.handshake_timeout = field.duration()?,
             "responseTimeout" => settings.response_timeout = field.duration()?,
             "replyExpiry" => settings.reply_expiry = Some(field.duration()?),
             "registrationTimeout" => settings.registration_timeout = field.duration()?,
@@ -433,6 +525,32 @@ impl<'a> Field<'a> {
     /// A string; the empty string counts as not set.
     fn optional_string(&self) -> Result<Option<&'a str>, ConfigError> {
         self.string().map(|s| (!s.is_empty()).then_some(s))
+    }
+
+    /// A `file://` URL or an absolute path, as the certificate loader takes them; the empty
+    /// string counts as not set.
+    fn file_url(&self) -> Result<Option<String>, ConfigError> {
+        let Some(url) = self.optional_string()? else {
+            return Ok(None);
+        };
+        match smcontroller_certs::path_of_url(url) {
+            Ok(_) => Ok(Some(url.to_owned())),
+            Err(smcontroller_certs::Error::UnsupportedUrl { reason, .. }) => {
+                Err(self.invalid(format_args!("cannot be used: {reason}")))
+            }
+            Err(e) => Err(self.invalid(format_args!("cannot be used: {}", e.report()))),
+        }
+    }
+
+    /// `"off"` (`None`), `"cn"`, `"dnsSan"` or `"any"`.
+    fn identity_binding(&self) -> Result<Option<IdentityField>, ConfigError> {
+        match self.value.as_str() {
+            Some("off") => Ok(None),
+            Some("cn") => Ok(Some(IdentityField::CommonName)),
+            Some("dnsSan") => Ok(Some(IdentityField::DnsSan)),
+            Some("any") => Ok(Some(IdentityField::Any)),
+            _ => Err(self.invalid(format_args!("is not one of {IDENTITY_BINDING_VALUES}"))),
+        }
     }
 
     fn boolean(&self) -> Result<bool, ConfigError> {
@@ -678,6 +796,22 @@ mod tests {
         }
     }
 
+    /// The four TLS keys, and a key set to null.
+    const TLS_KEYS_WITH_NULL: &str = r#"{
+        "certStorage": "sm",
+        "caCert": "/pki/ca.pem",
+        "certUrl": "/pki/sm.pem",
+        "keyUrl": "/pki/sm.key",
+        "responseTimeout": null
+    }"#;
+
+    fn pki(dir: &str) -> Cli {
+        Cli {
+            pki: Some(dir.into()),
+            ..Cli::default()
+        }
+    }
+
     fn err(json: &str) -> String {
         load_str(ORIGIN, json, &insecure()).unwrap_err().to_string()
     }
@@ -692,6 +826,10 @@ mod tests {
             "cmServerUrl": "127.0.0.1:9000",
             "certStorage": "sm",
             "caCert": "/etc/ssl/certs/Aos_Root_CA.pem",
+            "certUrl": "file:///var/aos/crypt/sm/sm.pem",
+            "keyUrl": "/var/aos/crypt/sm/sm.key",
+            "identityBinding": "dnsSan",
+            "handshakeTimeout": "3s",
             "responseTimeout": "PT2S",
             "replyExpiry": "PT7S",
             "registrationTimeout": "3s",
@@ -711,6 +849,10 @@ mod tests {
                 insecure: false,
                 cert_storage: Some("sm".into()),
                 ca_cert: Some("/etc/ssl/certs/Aos_Root_CA.pem".into()),
+                cert_url: Some("file:///var/aos/crypt/sm/sm.pem".into()),
+                key_url: Some("/var/aos/crypt/sm/sm.key".into()),
+                identity_binding: Some(IdentityField::DnsSan),
+                handshake_timeout: Duration::from_secs(3),
                 response_timeout: Duration::from_secs(2),
                 reply_expiry: Some(Duration::from_secs(7)),
                 registration_timeout: Duration::from_secs(3),
@@ -727,15 +869,12 @@ mod tests {
 
     #[test]
     fn defaults_apply_to_missing_and_null_keys() {
-        let s = load_str(
-            ORIGIN,
-            r#"{"certStorage": "sm", "caCert": "ca.pem", "responseTimeout": null}"#,
-            &cli(),
-        )
-        .unwrap();
+        let s = load_str(ORIGIN, TLS_KEYS_WITH_NULL, &cli()).unwrap();
         let expected = Settings {
             cert_storage: Some("sm".into()),
-            ca_cert: Some("ca.pem".into()),
+            ca_cert: Some("/pki/ca.pem".into()),
+            cert_url: Some("/pki/sm.pem".into()),
+            key_url: Some("/pki/sm.key".into()),
             ..Settings::default()
         };
         assert_eq!(s, expected);
@@ -747,6 +886,8 @@ mod tests {
         assert_eq!(s.keepalive_interval, Duration::from_secs(10));
         assert_eq!(s.keepalive_timeout, Duration::from_secs(5));
         assert_eq!(s.cert_reload_retry, Duration::from_secs(10));
+        assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(s.identity_binding, None);
         assert!(!s.insecure);
     }
 
@@ -796,7 +937,7 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let json = r#"{"cmServerUrl": ":8093", "certStorage": "sm", "caCert": "ca.pem"}"#;
+        let json = r#"{"cmServerUrl": ":8093", "certStorage": "sm", "caCert": "/pki/ca.pem"}"#;
         let cli = Cli {
             listen: Some("[::1]:9001".into()),
             insecure: true,
@@ -843,8 +984,15 @@ mod tests {
                 config: Some("/etc/aos/aos_cm.cfg".into()),
                 listen: Some(":9000".into()),
                 insecure: true,
+                pki: None,
                 log: Some("debug".into()),
             }
+        );
+        let cli = Cli::try_parse_from(["smcontrollerd", "--pki", "/tmp/pki"]).unwrap();
+        assert_eq!(cli.pki, Some("/tmp/pki".into()));
+        assert!(
+            Cli::try_parse_from(["smcontrollerd", "--pki", "/tmp/pki", "--insecure"]).is_err(),
+            "--pki and --insecure contradict each other"
         );
         assert_eq!(
             Cli::try_parse_from(["smcontrollerd"]).unwrap(),
@@ -868,27 +1016,111 @@ mod tests {
 
     #[test]
     fn tls_settings_are_required_unless_insecure() {
-        let e = load_str(ORIGIN, "{}", &cli()).unwrap_err().to_string();
+        let e = load_str(ORIGIN, "{}", &cli()).unwrap_err();
+        assert!(matches!(e, ConfigError::MissingTls { .. }));
+        assert_eq!(e.exit_code(), EXIT_BAD_CONFIG);
         assert_eq!(
-            e,
-            "config.json: mTLS needs caCert and certStorage; pass --insecure for plain HTTP/2 \
-             in development (not set: caCert, certStorage)"
+            e.to_string(),
+            "config.json: mTLS needs caCert, certStorage, certUrl and keyUrl (not set: caCert, \
+             certStorage, certUrl, keyUrl); for development pass --pki DIR with a PKI from \
+             `cargo xtask gen-certs DIR`, or --insecure for plain HTTP/2"
         );
-        let e = load_str(ORIGIN, r#"{"caCert": "ca.pem", "certStorage": ""}"#, &cli())
-            .unwrap_err()
-            .to_string();
-        assert!(e.ends_with("(not set: certStorage)"), "{e}");
-        let e = load_str(ORIGIN, r#"{"certStorage": "sm"}"#, &cli())
-            .unwrap_err()
-            .to_string();
-        assert!(e.ends_with("(not set: caCert)"), "{e}");
+        let e = load_str(
+            ORIGIN,
+            r#"{"caCert": "/pki/ca.pem", "certStorage": "", "certUrl": "/pki/sm.pem"}"#,
+            &cli(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("(not set: certStorage, keyUrl)"), "{e}");
         let e = load(&cli()).unwrap_err().to_string();
         assert!(
-            e.starts_with("command line: mTLS needs caCert and certStorage"),
+            e.starts_with("command line: mTLS needs caCert, certStorage, certUrl and keyUrl"),
             "{e}"
         );
-        // Insecure in the file is enough.
+        // All four are enough; so is insecure, in the file or on the command line.
+        load_str(ORIGIN, TLS_KEYS_WITH_NULL, &cli()).unwrap();
         load_str(ORIGIN, r#"{"insecure": true}"#, &cli()).unwrap();
+        load_str(ORIGIN, "{}", &insecure()).unwrap();
+    }
+
+    #[test]
+    fn pki_flag_sets_the_files_of_a_dev_pki() {
+        let s = load_str(ORIGIN, "{}", &pki("/tmp/pki")).unwrap();
+        assert_eq!(s.ca_cert.as_deref(), Some("/tmp/pki/ca.pem"));
+        assert_eq!(s.cert_url.as_deref(), Some("/tmp/pki/server.pem"));
+        assert_eq!(s.key_url.as_deref(), Some("/tmp/pki/server.key"));
+        assert_eq!(s.cert_storage.as_deref(), Some(PKI_CERT_STORAGE));
+        assert!(!s.insecure);
+
+        // The file's storage name stays; its files are replaced; insecure is turned off.
+        let json = r#"{"certStorage": "cm", "caCert": "/etc/ca.pem", "insecure": true}"#;
+        let s = load_str(ORIGIN, json, &pki("/tmp/pki")).unwrap();
+        assert_eq!(s.cert_storage.as_deref(), Some("cm"));
+        assert_eq!(s.ca_cert.as_deref(), Some("/tmp/pki/ca.pem"));
+        assert!(!s.insecure);
+
+        // A relative directory is taken from the current one.
+        let s = load(&pki("dev-pki")).unwrap();
+        let expected = std::env::current_dir().unwrap().join("dev-pki/ca.pem");
+        assert_eq!(s.ca_cert.as_deref(), expected.to_str());
+    }
+
+    #[test]
+    fn certificate_urls_must_be_files_the_loader_can_read() {
+        assert_eq!(
+            err(r#"{"caCert": "ca.pem"}"#),
+            r#"config.json: caCert: "ca.pem" cannot be used: not a file:// URL nor an absolute path (relative paths are not accepted)"#
+        );
+        let e = err(r#"{"keyUrl": "pkcs11:token=aos;object=sm"}"#);
+        assert!(
+            e.starts_with(
+                r#"config.json: keyUrl: "pkcs11:token=aos;object=sm" cannot be used: pkcs11: URLs"#
+            ),
+            "{e}"
+        );
+        let e = err(r#"{"certUrl": "https://example.com/sm.pem"}"#);
+        assert!(
+            e.starts_with(r#"config.json: certUrl: "https://example.com/sm.pem" cannot be used: the URL scheme"#),
+            "{e}"
+        );
+        assert_eq!(
+            err(r#"{"certUrl": 1}"#),
+            "config.json: certUrl: 1 is not a string"
+        );
+        let s = load_str(
+            ORIGIN,
+            r#"{"caCert": "file:///pki/ca.pem", "certUrl": "", "insecure": true}"#,
+            &cli(),
+        )
+        .unwrap();
+        assert_eq!(s.ca_cert.as_deref(), Some("file:///pki/ca.pem"));
+        assert_eq!(s.cert_url, None, "the empty string counts as not set");
+    }
+
+    #[test]
+    fn identity_binding_values() {
+        let binding = |value: &str| {
+            load_str(
+                ORIGIN,
+                &format!(r#"{{"identityBinding": {value}, "insecure": true}}"#),
+                &cli(),
+            )
+            .map(|s| s.identity_binding)
+        };
+        assert_eq!(binding(r#""off""#).unwrap(), None);
+        assert_eq!(binding("null").unwrap(), None);
+        assert_eq!(binding(r#""cn""#).unwrap(), Some(IdentityField::CommonName));
+        assert_eq!(binding(r#""dnsSan""#).unwrap(), Some(IdentityField::DnsSan));
+        assert_eq!(binding(r#""any""#).unwrap(), Some(IdentityField::Any));
+        for bad in [r#""CN""#, r#""san""#, "true", r#""""#] {
+            assert_eq!(
+                binding(bad).unwrap_err().to_string(),
+                format!(
+                    r#"config.json: identityBinding: {bad} is not one of "off", "cn", "dnsSan" or "any""#
+                )
+            );
+        }
     }
 
     #[test]
@@ -912,6 +1144,7 @@ mod tests {
             "keepaliveInterval",
             "keepaliveTimeout",
             "certReloadRetry",
+            "handshakeTimeout",
         ] {
             for zero in ["0s", "PT0S", "0"] {
                 assert_eq!(
