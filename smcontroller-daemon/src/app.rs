@@ -1,18 +1,32 @@
 //! Wiring: the router and the gRPC server from [`Settings`], started and stopped as one.
+//!
+//! Unless the settings say `insecure`, the server speaks mTLS (contract R-TLS-1): a
+//! [`FileCertProvider`] serves the storage `certStorage` from `certUrl` and `keyUrl` and watches
+//! those files, a [`CredentialsReloader`] builds the credentials (with the CA `caCert`) at start
+//! and again on each renewal, and `serve_tls` restarts the SM streams when they change
+//! (R-TLS-3). In insecure mode the server logs a warning that it serves without TLS (R-TLS-2).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use smcontroller_api::{Error, ItemInfoProvider};
+use smcontroller_certs::{
+    AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
+    ReloadSettings,
+};
 use smcontroller_grpc::{
     connections::Connections,
     server::{self, ServeError, ServerSettings},
+    tls::{self, Tls, TlsSettings},
 };
 use smcontroller_routing::{Controller, Receivers};
 use tokio::{sync::watch, task::JoinHandle};
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::{config::Settings, receivers::Recorder};
+use crate::{
+    config::{EXIT_BAD_CONFIG, Settings},
+    receivers::Recorder,
+};
 
 /// How long [`Running::stop`] lets the server finish its connections after the router has
 /// closed every stream.
@@ -58,6 +72,52 @@ impl ItemInfoProvider for NoBlobStore {
     }
 }
 
+/// The mTLS server's settings from the daemon's.
+pub fn tls_settings(settings: &Settings) -> TlsSettings {
+    TlsSettings {
+        identity_binding: settings.identity_binding,
+        accept: AcceptSettings::default().with_handshake_timeout(settings.handshake_timeout),
+        ..TlsSettings::default()
+    }
+}
+
+/// Why [`start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The server's TLS credentials cannot be loaded or built: a missing or unreadable file, a
+    /// key that does not match the certificate, an expired certificate, a bad CA file... The
+    /// message names the file and the reason.
+    #[error("cannot load the server's TLS credentials: {}", .0.report())]
+    Credentials(smcontroller_certs::Error),
+    /// The settings lack what mTLS needs (only when they were not made by
+    /// [`config::load`](crate::config::load), which checks it).
+    #[error("mTLS needs {0}; set it, or serve insecure")]
+    MissingTls(&'static str),
+    /// The server cannot listen.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl StartError {
+    /// The process exit code for this error: [`EXIT_BAD_CONFIG`] (64) when the TLS settings or
+    /// files are bad, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Credentials(_) | Self::MissingTls(_) => EXIT_BAD_CONFIG,
+            Self::Serve(_) => 1,
+        }
+    }
+}
+
+/// What keeps the server's credentials current while it serves over mTLS.
+#[derive(Debug)]
+struct TlsState {
+    /// Rebuilds the credentials on each renewal; the server watches what it publishes.
+    reloader: CredentialsReloader,
+    /// Watches the certificate and key files; the reloader's builder holds it too.
+    _provider: Arc<FileCertProvider>,
+}
+
 /// A serving controller.
 #[derive(Debug)]
 pub struct Running {
@@ -70,15 +130,22 @@ pub struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
     connections: Connections,
+    tls: Option<TlsState>,
 }
 
-/// Binds `settings.listen` and serves. Insecure (plain HTTP/2) only, for now: mTLS arrives
-/// with `smcontroller-certs`.
+/// Binds `settings.listen` and serves: over mTLS unless `settings.insecure` (see the module
+/// documentation). With mTLS, the credentials are built before anything listens; if they
+/// cannot be, this fails with [`StartError::Credentials`].
 pub async fn start(
     settings: &Settings,
     recorder: Recorder,
     items: Arc<dyn ItemInfoProvider>,
-) -> Result<Running, ServeError> {
+) -> Result<Running, StartError> {
+    let tls = if settings.insecure {
+        None
+    } else {
+        Some(load_credentials(settings).await?)
+    };
     let controller = Controller::new(
         router_settings(settings),
         Receivers::all(Arc::new(recorder.clone())),
@@ -89,17 +156,32 @@ pub async fn start(
         source,
     })?;
     let (stop, mut stopped) = watch::channel(false);
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
     let connections = Connections::new();
-    let server = tokio::spawn(server::serve_insecure_with(
-        listener,
-        controller.clone(),
-        items,
-        server_settings(settings),
-        connections.clone(),
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        },
-    ));
+    let server = match &tls {
+        Some(state) => tokio::spawn(tls::serve_tls(
+            listener,
+            controller.clone(),
+            items,
+            server_settings(settings),
+            Tls {
+                credentials: state.reloader.subscribe(),
+                settings: tls_settings(settings),
+            },
+            connections.clone(),
+            shutdown,
+        )),
+        None => tokio::spawn(server::serve_insecure_with(
+            listener,
+            controller.clone(),
+            items,
+            server_settings(settings),
+            connections.clone(),
+            shutdown,
+        )),
+    };
     Ok(Running {
         addr,
         controller,
@@ -107,6 +189,44 @@ pub async fn start(
         stop,
         server,
         connections,
+        tls,
+    })
+}
+
+/// The file-backed provider of the storage `certStorage` and the reloader, with the first
+/// credentials built.
+async fn load_credentials(settings: &Settings) -> Result<TlsState, StartError> {
+    let required = |value: &Option<String>, key: &'static str| {
+        value.clone().ok_or(StartError::MissingTls(key))
+    };
+    let storage = required(&settings.cert_storage, "certStorage")?;
+    let ca_cert = required(&settings.ca_cert, "caCert")?;
+    let cert_url = required(&settings.cert_url, "certUrl")?;
+    let key_url = required(&settings.key_url, "keyUrl")?;
+    let provider = FileCertProvider::builder()
+        .storage(storage.clone(), cert_url, key_url)
+        .spawn()
+        .map(Arc::new)
+        .map_err(StartError::Credentials)?;
+    let builder = CredentialsBuilder::new(
+        provider.clone(),
+        Arc::new(FileCertLoader::new()),
+        storage,
+        ca_cert.clone(),
+    );
+    let reloader = CredentialsReloader::start(
+        builder,
+        ReloadSettings::default().with_retry(settings.cert_reload_retry),
+    )
+    .await
+    .map_err(StartError::Credentials)?;
+    let current = reloader.current();
+    info!(cert = %current.cert.cert_url, not_after = ?current.cert.not_after, ca = %ca_cert,
+        identity_binding = ?settings.identity_binding,
+        "mTLS: SMs must present a client certificate from this CA");
+    Ok(TlsState {
+        reloader,
+        _provider: provider,
     })
 }
 
@@ -114,6 +234,9 @@ impl Running {
     /// Stops listening, closes every SM stream (each disconnect is reported) and returns once
     /// everything has ended: about half a second at most (R-STOP-1).
     pub async fn stop(self) -> Result<(), ServeError> {
+        // The credentials stay published until the server has stopped: no renewal restarts
+        // streams during the stop.
+        let _tls = self.tls;
         let _ = self.stop.send(true);
         self.controller.shutdown().await;
         let mut server = self.server;

@@ -1,7 +1,9 @@
 //! `smcontrollerd`: the SM controller daemon.
 //!
-//! Reads the config (`--config`, JSON, the CM's keys plus ours), serves `SMService`, records
-//! what nodes send in its log, and exits cleanly on SIGINT/SIGTERM. A bad config exits with 64.
+//! Reads the config (`--config`, JSON, the CM's keys plus ours), serves `SMService` over mTLS
+//! (or plain HTTP/2 with `--insecure`, logged as a warning), records what nodes send in its log,
+//! and exits cleanly on SIGINT/SIGTERM. A bad config, or TLS credentials that cannot be loaded
+//! at start, exit with 64.
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -27,14 +29,6 @@ fn main() -> ExitCode {
     if !settings.unknown_keys.is_empty() {
         info!(keys = ?settings.unknown_keys, "config keys not used by the SM controller");
     }
-    if !settings.insecure {
-        eprintln!(
-            "smcontrollerd: mTLS serving is not available in this build yet; \
-             run with --insecure (plain HTTP/2, development only)"
-        );
-        return exit(EXIT_BAD_CONFIG);
-    }
-
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -47,8 +41,12 @@ fn main() -> ExitCode {
             Ok(running) => running,
             Err(e) => {
                 error!(error = %e, "cannot serve");
-                eprintln!("smcontrollerd: {e}");
-                return ExitCode::FAILURE;
+                if e.exit_code() == EXIT_BAD_CONFIG {
+                    eprintln!("smcontrollerd: bad configuration: {e}");
+                } else {
+                    eprintln!("smcontrollerd: {e}");
+                }
+                return exit(e.exit_code());
             }
         };
         info!(addr = %running.addr, "SM controller listening");
