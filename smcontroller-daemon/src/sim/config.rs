@@ -2,16 +2,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use super::SimError;
 
 /// A hook that finishes the [`Endpoint`] of every connection attempt before it connects.
 ///
-/// The simulator builds the endpoint from [`SimConfig::url`] and sets the keepalive and timeout
-/// options of a real SM; the hook can then add what this build does not set itself, such as
-/// `Endpoint::tls_config(ClientTlsConfig)` (needs one of tonic's `tls-*` features) for mTLS.
+/// The simulator builds the endpoint from [`SimConfig::url`], sets the keepalive and timeout
+/// options of a real SM and the node's TLS ([`SimConfig::tls`]); the hook can then change what
+/// it likes.
 pub type EndpointHook =
     Arc<dyn Fn(Endpoint) -> Result<Endpoint, tonic::transport::Error> + Send + Sync>;
 
@@ -21,11 +24,16 @@ pub const REAL_SM_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 /// Configuration of a [`Simulator`](super::Simulator) run.
 #[derive(Clone)]
 pub struct SimConfig {
-    /// URL of the controller, e.g. `http://127.0.0.1:8093`.
+    /// URL of the controller: `https://127.0.0.1:8093` with [`SimConfig::tls`],
+    /// `http://127.0.0.1:8093` without (plain HTTP/2).
     pub url: String,
+    /// mTLS: the CA that verifies the controller and each node's client certificate. `None`:
+    /// plain HTTP/2 (the URL must be `http://`).
+    pub tls: Option<SimTls>,
     /// Number of simulated nodes, each with its own connection.
     pub nodes: usize,
-    /// Node ids are `{node_prefix}-{index}`, index counted from 0.
+    /// Node ids are `{node_prefix}-{n}`, `n` counted from 1 (the node's index plus one), as
+    /// `cargo xtask gen-certs` names the nodes of its client certificates.
     pub node_prefix: String,
     /// `instant_monitoring` messages per second per node (0 = off).
     pub monitoring_rate: f64,
@@ -47,7 +55,7 @@ pub struct SimConfig {
     pub keepalive_interval: Duration,
     /// HTTP/2 keepalive ping timeout (a real SM: 3 s).
     pub keepalive_timeout: Duration,
-    /// Optional hook applied to each connection's [`Endpoint`] (for TLS, later).
+    /// Optional hook applied to each connection's [`Endpoint`], after its TLS is set.
     pub endpoint_hook: Option<EndpointHook>,
     /// Instances each node reports at start (the `node_instances_status` snapshot).
     pub instances: usize,
@@ -87,9 +95,9 @@ impl SimConfig {
         self.node_behaviours.get(&index).unwrap_or(&self.behaviour)
     }
 
-    /// The id of the node with index `index`.
+    /// The id of the node with index `index` (0-based): `{node_prefix}-{index + 1}`.
     pub fn node_id(&self, index: usize) -> String {
-        format!("{}-{index}", self.node_prefix)
+        format!("{}-{}", self.node_prefix, index + 1)
     }
 }
 
@@ -97,6 +105,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8093".to_owned(),
+            tls: None,
             nodes: 1,
             node_prefix: "node".to_owned(),
             monitoring_rate: 0.0,
@@ -123,6 +132,7 @@ impl fmt::Debug for SimConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimConfig")
             .field("url", &self.url)
+            .field("tls", &self.tls)
             .field("nodes", &self.nodes)
             .field("node_prefix", &self.node_prefix)
             .field("monitoring_rate", &self.monitoring_rate)
@@ -146,6 +156,80 @@ impl fmt::Debug for SimConfig {
             .field("node_behaviours", &self.node_behaviours)
             .finish()
     }
+}
+
+/// mTLS of the simulated nodes, as a real SM does it: the controller's certificate is verified
+/// against the unit's CA, and each node presents its own client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimTls {
+    /// The CA certificate(s), PEM, that the controller's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// The name the controller's certificate must be valid for. `None`: the host of
+    /// [`SimConfig::url`] (an IP address such as `127.0.0.1` is matched against the
+    /// certificate's IP SANs).
+    pub server_name: Option<String>,
+    /// Where each node's client certificate comes from.
+    pub client_certs: ClientCerts,
+}
+
+/// Where the client certificate of each simulated node comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// `DIR/client-<node id>.pem` and `DIR/client-<node id>.key` (as `cargo xtask gen-certs
+    /// DIR` writes them: `client-node-1.pem`, ...), read when the simulation starts.
+    Dir(PathBuf),
+    /// No client certificate: a controller that requires one refuses the nodes.
+    None,
+}
+
+impl SimTls {
+    /// The development PKI in `dir`, as `cargo xtask gen-certs DIR` writes it: the CA
+    /// `dir/ca.pem`, and each node's certificate and key from `dir` ([`ClientCerts::Dir`]).
+    pub fn from_pki_dir(dir: impl Into<PathBuf>) -> Result<Self, SimError> {
+        let dir = dir.into();
+        Self::new(&dir.join("ca.pem"), ClientCerts::Dir(dir))
+    }
+
+    /// The CA certificate in the file `ca`, and the client certificates `client_certs`.
+    pub fn new(ca: &Path, client_certs: ClientCerts) -> Result<Self, SimError> {
+        Ok(Self {
+            ca_pem: read(ca, "the CA certificate")?,
+            server_name: None,
+            client_certs,
+        })
+    }
+
+    /// With `name` as the name the controller's certificate must be valid for.
+    #[must_use]
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// The TLS settings of the node `node_id`; reads its certificate and key.
+    pub fn client_config(&self, node_id: &str) -> Result<ClientTlsConfig, SimError> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        match &self.client_certs {
+            ClientCerts::Dir(dir) => {
+                let what = format!("the client certificate of {node_id}");
+                let cert = read(&dir.join(format!("client-{node_id}.pem")), &what)?;
+                let what = format!("the private key of {node_id}");
+                let key = read(&dir.join(format!("client-{node_id}.key")), &what)?;
+                Ok(tls.identity(Identity::from_pem(cert, key)))
+            }
+            ClientCerts::None => Ok(tls),
+        }
+    }
+}
+
+/// The bytes of a certificate or key file; errors name the file and what it is for.
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, SimError> {
+    std::fs::read(path).map_err(|e| {
+        SimError::InvalidConfig(format!("cannot read {what}, {}: {e}", path.display()))
+    })
 }
 
 /// How one simulated node behaves; the default is a well-behaved SM.

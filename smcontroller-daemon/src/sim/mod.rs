@@ -52,10 +52,11 @@ use smcontroller_grpc::proto::servicemanager::v5::{
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 pub use config::{
-    Answers, Behaviour, EndpointHook, Garbage, REAL_SM_RECONNECT_DELAY, Registration, SimConfig,
+    Answers, Behaviour, ClientCerts, EndpointHook, Garbage, REAL_SM_RECONNECT_DELAY, Registration,
+    SimConfig, SimTls,
 };
 pub use events::{SimEvent, SimEventKind, SimEvents};
 pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats};
@@ -87,22 +88,55 @@ pub enum SimError {
 }
 
 /// The endpoint one connection attempt of a node uses: [`SimConfig::url`] with the keepalive
-/// and timeouts of a real SM, then [`SimConfig::endpoint_hook`] (where TLS goes).
-pub fn endpoint(config: &SimConfig) -> Result<Endpoint, SimError> {
-    let endpoint = Endpoint::from_shared(config.url.clone())?
+/// and timeouts of a real SM, the node's TLS settings `tls` (from
+/// [`SimTls::client_config`]) if any, then [`SimConfig::endpoint_hook`].
+pub fn endpoint(config: &SimConfig, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, SimError> {
+    let mut endpoint = Endpoint::from_shared(config.url.clone())?
         .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
     match &config.endpoint_hook {
         Some(hook) => Ok(hook(endpoint)?),
         None => Ok(endpoint),
     }
 }
 
+/// Each node's TLS settings, by index, when [`SimConfig::tls`] is set; checks that the URL's
+/// scheme goes with it (tonic speaks TLS to `https://` URLs only).
+fn node_tls(config: &SimConfig) -> Result<Vec<Option<ClientTlsConfig>>, SimError> {
+    let https = config.url.starts_with("https://");
+    let Some(tls) = &config.tls else {
+        if https {
+            return Err(SimError::InvalidConfig(format!(
+                "{} is an https:// URL but no TLS is configured; use http:// for plain HTTP/2",
+                config.url
+            )));
+        }
+        return Ok(vec![None; config.nodes]);
+    };
+    if !https {
+        return Err(SimError::InvalidConfig(format!(
+            "mTLS needs an https:// URL, not {}",
+            config.url
+        )));
+    }
+    (0..config.nodes)
+        .map(|index| {
+            let client = tls.client_config(&config.node_id(index))?;
+            // Builds the TLS connector once now, so that a bad certificate or key shows here.
+            endpoint(config, Some(&client))?;
+            Ok(Some(client))
+        })
+        .collect()
+}
+
 fn validate(config: &SimConfig) -> Result<(), SimError> {
-    endpoint(config)?;
+    endpoint(config, None)?;
     for (name, rate) in [
         ("monitoring_rate", config.monitoring_rate),
         ("alert_rate", config.alert_rate),
@@ -142,11 +176,14 @@ impl Simulator {
     pub fn start_with_events(config: SimConfig) -> Result<(Self, SimEvents), SimError> {
         validate(&config)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SimError::NoRuntime)?;
+        let tls = node_tls(&config)?;
         let events = Arc::new(EventBus::new(config.event_capacity));
         let receiver = events.subscribe();
         let (registered, _) = watch::channel(0);
-        let nodes: Vec<Arc<NodeShared>> = (0..config.nodes)
-            .map(|i| Arc::new(NodeShared::new(i, &config)))
+        let nodes: Vec<Arc<NodeShared>> = tls
+            .into_iter()
+            .enumerate()
+            .map(|(i, tls)| Arc::new(NodeShared::new(i, &config, tls)))
             .collect();
         let by_id = nodes.iter().map(|n| (n.id.clone(), n.index)).collect();
         let ctx = Arc::new(SimContext {

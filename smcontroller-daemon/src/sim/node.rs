@@ -22,7 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
 use super::config::{Answers, Behaviour, Registration, SimConfig};
@@ -75,6 +75,8 @@ pub(crate) struct NodeShared {
     pub(crate) index: usize,
     pub(crate) id: Arc<str>,
     pub(crate) behaviour: Behaviour,
+    /// The node's TLS settings (its client certificate), when the simulation uses mTLS.
+    tls: Option<ClientTlsConfig>,
     pub(crate) counters: NodeCounters,
     pub(crate) connected: AtomicBool,
     pub(crate) registered: AtomicBool,
@@ -90,11 +92,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl NodeShared {
-    pub(crate) fn new(index: usize, config: &SimConfig) -> Self {
+    pub(crate) fn new(index: usize, config: &SimConfig, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             index,
             id: config.node_id(index).into(),
             behaviour: config.behaviour_for(index).clone(),
+            tls,
             counters: NodeCounters::default(),
             connected: AtomicBool::new(false),
             registered: AtomicBool::new(false),
@@ -233,7 +236,7 @@ pub(crate) async fn run_node(node: Arc<NodeShared>, ctx: Arc<SimContext>) {
 
 /// One connection: open a channel, register, serve the stream until it ends.
 async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
-    let endpoint = match endpoint(&ctx.config) {
+    let endpoint = match endpoint(&ctx.config, node.tls.as_ref()) {
         Ok(e) => e,
         Err(e) => return SessionEnd::Failed(e.to_string()),
     };

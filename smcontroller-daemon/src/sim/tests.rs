@@ -25,11 +25,19 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
+use smcontroller_api::NodeId;
+use smcontroller_certs::test_util::TestPki;
+
 use super::messages::{BOGUS, CORE_COMPONENTS, QUOTA_STATUSES};
 use super::node::Pacer;
 use super::{
-    Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig, SimEvent, SimEventKind,
-    SimEvents, Simulator,
+    Answers, Behaviour, ClientCerts, EndpointHook, Garbage, Registration, SimConfig, SimEvent,
+    SimEventKind, SimEvents, SimTls, Simulator,
+};
+use crate::{
+    app::{self, NoBlobStore},
+    config::Settings,
+    receivers::Recorder,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -353,11 +361,11 @@ async fn registers_answers_config_requests_and_reconnects() {
     let config = server.config(1);
     let reconnect_delay = config.reconnect_delay;
     let (sim, mut events) = Simulator::start_with_events(config).expect("start");
-    assert_eq!(sim.node_ids(), vec!["node-0".to_owned()]);
+    assert_eq!(sim.node_ids(), vec!["node-1".to_owned()]);
 
     let mut stream = server.next_stream().await;
     assert!(stream.remote.expect("remote addr").ip().is_loopback());
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
     assert!(sim.wait_connected(1, WAIT).await);
 
     stream.send(get_status()).await;
@@ -367,7 +375,7 @@ async fn registers_answers_config_requests_and_reconnects() {
         ("absent", "")
     );
 
-    let config = r#"{"version":"2.0.0","node":{"codename":"node-0"},"nodeGroupSubject":{"codename":"main"},"priority":1}"#;
+    let config = r#"{"version":"2.0.0","node":{"codename":"node-1"},"nodeGroupSubject":{"codename":"main"},"priority":1}"#;
     stream.send(check("2.0.0", config)).await;
     let status = stream.recv_config_status().await;
     assert_eq!(
@@ -405,7 +413,7 @@ async fn registers_answers_config_requests_and_reconnects() {
     })
     .await;
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
     let back = wait_event(&mut events, |e| {
         matches!(e.kind, SimEventKind::Connected { connects: 2 })
     })
@@ -441,7 +449,7 @@ async fn an_unreadable_node_config_gets_no_reply() {
     let mut server = TestServer::start().await;
     let sim = Simulator::start(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     // Not JSON; no nodeGroupSubject (the reference's own example of what a real SM cannot
     // parse); a nodeGroupSubject without codename. Neither check nor set gets a reply, and the
@@ -449,7 +457,7 @@ async fn an_unreadable_node_config_gets_no_reply() {
     for document in [
         "{not json",
         r#"{"version":"3.0.0"}"#,
-        r#"{"version":"3.0.0","node":{"codename":"node-0"},"nodeGroupSubject":{}}"#,
+        r#"{"version":"3.0.0","node":{"codename":"node-1"},"nodeGroupSubject":{}}"#,
         r#"["nodeGroupSubject"]"#,
     ] {
         stream.send(check("3.0.0", document)).await;
@@ -474,7 +482,7 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
     let mut server = TestServer::start().await;
     let (sim, mut events) = Simulator::start_with_events(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     let start = instance_info("new-service", "sha256:aaaa");
     let started = start.instance.clone().expect("ident");
@@ -583,14 +591,14 @@ async fn answers_instances_logs_monitoring_and_records_networks() {
             if matches!(m.sm_incoming_message, Some(SmIncomingMessage::UpdateNetworks(_))))
     })
     .await;
-    assert_eq!(&*ev.node_id, "node-0");
+    assert_eq!(&*ev.node_id, "node-1");
     let stats = sim.stats();
     assert_eq!(stats.total.networks_received, 2);
     assert_eq!(stats.total.commands.update_networks, 1);
     assert_eq!(stats.total.sent.log, 4);
 
     // On-demand sends (garbage included) and GetBlobsInfos on the node's connection.
-    let node = sim.node("node-0").expect("node");
+    let node = sim.node("node-1").expect("node");
     node.send(super::messages::empty()).await.expect("send");
     assert!(stream.recv().await.sm_outgoing_message.is_none());
     let urls = node
@@ -607,7 +615,7 @@ async fn a_manifest_that_cannot_be_resolved_fails_its_instances() {
     let mut server = TestServer::start().await;
     let sim = Simulator::start(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     let digests = ["sha256:cccc", "sha256:missing-1"];
     let start = vec![
@@ -636,7 +644,7 @@ async fn commands_wait_behind_get_blobs_infos() {
     let mut server = TestServer::start().await;
     let sim = Simulator::start(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     // The server holds its answer to GetBlobsInfos; meanwhile another command arrives.
     stream
@@ -671,7 +679,7 @@ async fn delayed_answers_keep_command_order_and_wait_behind_each_other() {
     })
     .expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     let asked = Instant::now();
     let config = r#"{"version":"1.0.0","nodeGroupSubject":{"codename":"main"}}"#;
@@ -725,7 +733,7 @@ async fn a_repeated_connection_status_is_ignored() {
     let mut server = TestServer::start().await;
     let sim = Simulator::start(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
 
     // The server's first command was CONNECTED.
     use ConnectionEnum::{Connected, Disconnected};
@@ -795,7 +803,7 @@ async fn misbehaving_nodes() {
     };
     let sim = Simulator::start(config).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
     stream.send(get_status()).await;
     stream
         .send(SmIncomingMessage::SystemLogRequest(SystemLogRequest {
@@ -823,7 +831,7 @@ async fn misbehaving_nodes() {
     while seen < 3 {
         let mut stream = server.next_stream().await;
         match stream.recv_some().await {
-            SmOutgoingMessage::SmInfo(info) if info.node_id == "node-0" => {
+            SmOutgoingMessage::SmInfo(info) if info.node_id == "node-1" => {
                 assert!(matches!(
                     stream.recv_some().await,
                     SmOutgoingMessage::NodeInstancesStatus(_)
@@ -852,7 +860,7 @@ async fn misbehaving_nodes() {
         }
         seen += 1;
     }
-    // Only the well-registering node counts (none here is well-behaved except garbage node-0).
+    // Only the well-registering node counts (none here is well-behaved except garbage node-1, index 0).
     assert!(sim.wait_connected(1, WAIT).await);
     assert!(!sim.wait_connected(2, Duration::from_millis(1)).await);
     sim.stop().await;
@@ -870,7 +878,7 @@ async fn unsolicited_monitoring_alerts_and_burst() {
     })
     .expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
     let (mut alerts, mut monitoring) = (Vec::new(), 0);
     while alerts.len() < 12 || monitoring < 3 {
         match stream.recv_some().await {
@@ -914,7 +922,7 @@ async fn unsolicited_monitoring_alerts_and_burst() {
 
     let sim = Simulator::start(server.config(1)).expect("start");
     let mut stream = server.next_stream().await;
-    expect_registration(&mut stream, "node-0").await;
+    expect_registration(&mut stream, "node-1").await;
     assert!(sim.wait_connected(1, WAIT).await);
     assert_eq!(sim.burst(1000).await, 1000);
     for _ in 0..1000 {
@@ -946,7 +954,7 @@ async fn nodes_use_separate_connections() {
         }
     }
     ids.sort();
-    assert_eq!(ids, vec!["sim-0", "sim-1", "sim-2"]);
+    assert_eq!(ids, vec!["sim-1", "sim-2", "sim-3"]);
     remotes.sort();
     remotes.dedup();
     assert_eq!(remotes.len(), 3, "one TCP connection per node");
@@ -966,6 +974,106 @@ async fn bad_configuration_is_refused() {
         ..SimConfig::default()
     };
     assert!(Simulator::start(bad_rate).is_err());
+}
+
+/// The simulator against the daemon's own mTLS server, with a PKI written as `cargo xtask
+/// gen-certs` writes it: each node presents `client-<node id>.pem` and registers; nodes without
+/// a client certificate are refused before `RegisterSM` and never become nodes.
+#[tokio::test]
+async fn nodes_register_over_mtls_with_their_client_certificates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new().expect("test PKI");
+    pki.write_dev_pki(dir.path(), 2).expect("PKI written");
+    let mut settings = Settings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Settings::default()
+    };
+    settings.use_dev_pki(dir.path()).expect("PKI dir");
+    let running = app::start(&settings, Recorder::new(), Arc::new(NoBlobStore))
+        .await
+        .expect("the controller serves mTLS");
+    let url = format!("https://{}", running.addr);
+    let tls = SimTls::from_pki_dir(dir.path()).expect("the CA file");
+
+    let sim = Simulator::start(SimConfig {
+        tls: Some(tls.clone()),
+        reconnect_delay: Duration::from_millis(50),
+        ..SimConfig::new(url.clone(), 2)
+    })
+    .expect("start");
+    assert!(sim.wait_connected(2, WAIT).await, "{:?}", sim.stats());
+    assert!(
+        running
+            .recorder
+            .wait_until(WAIT, |s| s.connected_nodes() == 2)
+            .await
+    );
+    let mut nodes = running.controller.nodes();
+    nodes.sort();
+    assert_eq!(nodes, [NodeId::new("node-1"), NodeId::new("node-2")]);
+    sim.stop().await;
+
+    let (sim, mut events) = Simulator::start_with_events(SimConfig {
+        tls: Some(SimTls {
+            client_certs: ClientCerts::None,
+            ..tls
+        }),
+        node_prefix: "anonymous".to_owned(),
+        reconnect_delay: Duration::from_millis(50),
+        ..SimConfig::new(url, 1)
+    })
+    .expect("start");
+    let failed = wait_event(&mut events, |e| {
+        matches!(e.kind, SimEventKind::ConnectFailed { .. })
+    })
+    .await;
+    assert_eq!(&*failed.node_id, "anonymous-1");
+    let stats = sim.finish().await;
+    assert_eq!(stats.registered(), 0, "{stats}");
+    assert_eq!(stats.total.connects, 0, "{stats}");
+    assert!(
+        !running
+            .controller
+            .nodes()
+            .contains(&NodeId::new("anonymous-1")),
+        "a node without a client certificate never registers"
+    );
+    running.stop().await.expect("stops");
+}
+
+#[tokio::test]
+async fn tls_configuration_is_checked_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    TestPki::new()
+        .expect("test PKI")
+        .write_dev_pki(dir.path(), 1)
+        .expect("PKI written");
+    let tls = SimTls::from_pki_dir(dir.path()).expect("the CA file");
+    let start = |url: &str, tls: Option<SimTls>, nodes| {
+        Simulator::start(SimConfig {
+            tls,
+            ..SimConfig::new(url, nodes)
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
+    };
+    let e = start("http://127.0.0.1:1", Some(tls.clone()), 1).unwrap_err();
+    assert!(e.contains("mTLS needs an https:// URL"), "{e}");
+    let e = start("https://127.0.0.1:1", None, 1).unwrap_err();
+    assert!(e.contains("no TLS is configured"), "{e}");
+    // node-1 has a certificate, node-2 has none.
+    let e = start("https://127.0.0.1:1", Some(tls.clone()), 2).unwrap_err();
+    let missing = dir.path().join("client-node-2.pem");
+    assert!(
+        e.contains("the client certificate of node-2") && e.contains(&*missing.to_string_lossy()),
+        "{e}"
+    );
+    let e = SimTls::from_pki_dir(dir.path().join("nowhere")).unwrap_err();
+    assert!(
+        e.to_string().contains("cannot read the CA certificate"),
+        "{e}"
+    );
+    start("https://127.0.0.1:1", Some(tls), 1).expect("node-1 has its certificate");
 }
 
 #[test]
