@@ -6,25 +6,54 @@
 //! started, ignores a repeated cloud status and reconnects after a fixed delay. Logs via
 //! `RUST_LOG`; prints a summary of what was sent and received on exit (Ctrl-C or
 //! `--duration-secs`).
+//!
+//! mTLS by default: `--pki DIR` (a PKI from `cargo xtask gen-certs DIR`) verifies the controller
+//! with `DIR/ca.pem` and gives each node `DIR/client-<node id>.pem` and `.key`; `--ca` and
+//! `--cert-dir` name those places one by one. `--insecure` speaks plain HTTP/2 instead, with a
+//! warning.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Parser;
-use smcontroller_daemon::sim::{Answers, Behaviour, Garbage, Registration, SimConfig, Simulator};
+use smcontroller_daemon::sim::{
+    Answers, Behaviour, ClientCerts, Garbage, Registration, SimConfig, SimTls, Simulator,
+};
 use tracing_subscriber::EnvFilter;
+
+/// The controller's address when `--url` is not given.
+const DEFAULT_ADDR: &str = "127.0.0.1:8093";
 
 /// Simulated Service Managers for an SM controller.
 #[derive(Debug, Parser)]
 #[command(name = "sm-sim", version)]
 struct Args {
-    /// URL of the controller.
-    #[arg(long, default_value = "http://127.0.0.1:8093")]
-    url: String,
+    /// URL of the controller: https://… over mTLS, http://… with --insecure [default:
+    /// https://127.0.0.1:8093, or http://127.0.0.1:8093 with --insecure].
+    #[arg(long)]
+    url: Option<String>,
+    /// mTLS with the development PKI in DIR (`cargo xtask gen-certs DIR`): the CA DIR/ca.pem,
+    /// each node's DIR/client-<node id>.pem and .key.
+    #[arg(long, value_name = "DIR")]
+    pki: Option<PathBuf>,
+    /// The CA certificate (PEM) that verifies the controller [default: DIR/ca.pem of --pki].
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Where each node's client-<node id>.pem and client-<node id>.key are [default: the DIR
+    /// of --pki].
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
+    /// The name the controller's certificate must be valid for [default: the URL's host].
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Plain HTTP/2 without TLS. For development only.
+    #[arg(long, conflicts_with_all = ["pki", "ca", "cert_dir", "server_name"])]
+    insecure: bool,
     /// Number of simulated nodes (one connection each).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// Node ids are `{prefix}-{index}`, index from 0.
+    /// Node ids are `{prefix}-{n}`, n from 1 (as gen-certs names the client certificates).
     #[arg(long, default_value = "node")]
     prefix: String,
     /// `instant_monitoring` messages per second per node (0 = off).
@@ -95,9 +124,53 @@ impl Args {
         }
     }
 
-    fn config(&self) -> SimConfig {
-        SimConfig {
-            url: self.url.clone(),
+    /// The URL, with the default that goes with `--insecure`; refuses a scheme that does not.
+    fn url(&self) -> anyhow::Result<String> {
+        let (scheme, other) = if self.insecure {
+            ("http://", "https://")
+        } else {
+            ("https://", "http://")
+        };
+        let Some(url) = &self.url else {
+            return Ok(format!("{scheme}{DEFAULT_ADDR}"));
+        };
+        if url.starts_with(other) {
+            if self.insecure {
+                bail!("--url {url}: plain HTTP/2 (--insecure) needs an http:// URL");
+            }
+            bail!("--url {url}: mTLS needs an https:// URL; pass --insecure to speak plain HTTP/2");
+        }
+        Ok(url.clone())
+    }
+
+    /// The nodes' TLS: `None` with `--insecure`.
+    fn tls(&self) -> anyhow::Result<Option<SimTls>> {
+        if self.insecure {
+            return Ok(None);
+        }
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| self.pki.as_ref().map(|dir| dir.join("ca.pem")));
+        let cert_dir = self.cert_dir.clone().or_else(|| self.pki.clone());
+        let (Some(ca), Some(cert_dir)) = (ca, cert_dir) else {
+            bail!(
+                "mTLS needs the CA and the nodes' client certificates: pass --pki DIR (a PKI \
+                 from `cargo xtask gen-certs DIR`) or --ca FILE and --cert-dir DIR; or \
+                 --insecure for plain HTTP/2"
+            );
+        };
+        let mut tls = SimTls::new(&ca, ClientCerts::Dir(cert_dir))?;
+        if let Some(name) = &self.server_name {
+            tls = tls.with_server_name(name.clone());
+        }
+        Ok(Some(tls))
+    }
+
+    fn config(&self) -> anyhow::Result<SimConfig> {
+        Ok(SimConfig {
+            url: self.url()?,
+            tls: self.tls()?,
             nodes: self.nodes,
             node_prefix: self.prefix.clone(),
             monitoring_rate: self.monitoring_rate,
@@ -108,7 +181,7 @@ impl Args {
             start_stagger: Duration::from_millis(self.stagger_ms),
             behaviour: self.behaviour(),
             ..SimConfig::default()
-        }
+        })
     }
 }
 
@@ -120,8 +193,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let config = args.config();
-    tracing::info!(url = %config.url, nodes = config.nodes, "starting simulated SMs");
+    let config = args.config()?;
+    match &config.tls {
+        Some(tls) => tracing::info!(url = %config.url, nodes = config.nodes,
+            client_certs = ?tls.client_certs, "starting simulated SMs over mTLS"),
+        None => tracing::warn!(url = %config.url, nodes = config.nodes,
+            "starting simulated SMs WITHOUT TLS (insecure, development only)"),
+    }
     let sim = Simulator::start(config).context("starting the simulator")?;
 
     let run_for = async {
