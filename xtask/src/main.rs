@@ -4,7 +4,9 @@
 //! - `cargo xtask ci [fmt|clippy|doc|test]`: the checks CI runs (`.ci/run` calls it); with no
 //!   step, all of them in that order, stopping at the first failure. See [`ci`].
 //! - `cargo xtask demo [ARGS..]`: the controller with simulated SMs on loopback (the daemon's
-//!   `smcontroller-demo` binary), with ARGS passed through.
+//!   `smcontroller-demo` binary), with ARGS passed through. It runs over mTLS with a development
+//!   PKI it writes to a temporary directory; `cargo xtask demo --insecure` runs it over plain
+//!   HTTP/2.
 //! - `cargo xtask gen-certs DIR [--nodes N]`: a development PKI (CA, server, one client per node,
 //!   and the bad clients the tests refuse) for running over mTLS. See [`gen_certs`].
 //!
@@ -38,7 +40,8 @@ enum Task {
         #[command(subcommand)]
         step: Option<ci::Step>,
     },
-    /// Runs the controller with simulated SMs on loopback (`smcontroller-demo`).
+    /// Runs the controller with simulated SMs on loopback over mTLS (`smcontroller-demo`;
+    /// `--insecure` for plain HTTP/2).
     Demo {
         /// Arguments passed to `smcontroller-demo` as they are.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

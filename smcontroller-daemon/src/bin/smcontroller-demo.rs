@@ -1,8 +1,13 @@
-//! `smcontroller-demo` (run it with `cargo xtask demo`): the SM controller on loopback in
-//! insecure mode with three simulated SMs. Drives every provided interface once against each
-//! node, then prints what happened: the nodes and their runtimes, the node config documents
-//! each SM accepted, each call's answer and round trip, and the telemetry received. Exits 0 when
-//! every call got the expected answer.
+//! `smcontroller-demo` (run it with `cargo xtask demo`): the SM controller on loopback with
+//! three simulated SMs. Drives every provided interface once against each node, then prints
+//! what happened: the nodes and their runtimes, the node config documents each SM accepted,
+//! each call's answer and round trip, and the telemetry received. Exits 0 when every call got
+//! the expected answer.
+//!
+//! It runs over mTLS, as a unit does: it writes a development PKI (the one `cargo xtask
+//! gen-certs` writes) into a temporary directory, serves with the server certificate from it
+//! and requires client certificates from its CA, and each simulated SM presents its own
+//! (`client-node-N.pem`). `--insecure` runs it over plain HTTP/2 instead.
 //!
 //! The simulated SMs read node configs as a real SM does: one without `nodeGroupSubject` gets
 //! no answer at all. The demo prints each JSON document it sends, so that what they accepted
@@ -26,11 +31,12 @@ use smcontroller_api::{
     ItemInfoProvider, LogProvider, LogRequest, LogType, MonitoringProvider, NodeConfig,
     NodeConfigHandler, NodeConfigState, NodeId, NodeNetwork, UpdateNetworkParameters,
 };
+use smcontroller_certs::test_util::TestPki;
 use smcontroller_daemon::{
     app,
     config::Settings,
     receivers::{Counts, Recorder, RecorderSnapshot},
-    sim::{SimConfig, Simulator},
+    sim::{SimConfig, SimTls, Simulator},
 };
 
 /// Runs the SM controller with simulated SMs on loopback and prints a summary.
@@ -48,6 +54,9 @@ struct Args {
     /// Log filter (RUST_LOG syntax) for the controller's own log, printed to stderr.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Plain HTTP/2 without TLS instead of mTLS.
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// One call of the demo: what was asked, what came back, how long it took.
@@ -107,18 +116,58 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let settings = Settings {
+    let mut settings = Settings {
         listen: "127.0.0.1:0".parse()?,
         insecure: true,
         ..Settings::default()
     };
+    // Removed when the demo ends.
+    let pki_dir = if args.insecure {
+        None
+    } else {
+        let dir = tempfile::Builder::new()
+            .prefix("smcontroller-demo-pki-")
+            .tempdir()
+            .context("creating a directory for the development PKI")?;
+        TestPki::new()
+            .context("making the development PKI")?
+            .write_dev_pki(dir.path(), args.nodes)
+            .context("writing the development PKI")?;
+        settings
+            .use_dev_pki(dir.path())
+            .context("using the development PKI")?;
+        Some(dir)
+    };
     let recorder = Recorder::new();
     let blobs = Arc::new(DemoBlobs::default());
     let running = app::start(&settings, recorder.clone(), blobs.clone()).await?;
-    let url = format!("http://{}", running.addr);
-    println!("SM controller listening on {url} (insecure: plain HTTP/2, loopback only)");
+    let (url, tls) = match &pki_dir {
+        Some(dir) => {
+            let url = format!("https://{}", running.addr);
+            println!("SM controller listening on {url} over mTLS (loopback only)");
+            println!(
+                "  development PKI written to {} (removed on exit)",
+                dir.path().display()
+            );
+            println!(
+                "  CA {}: the server requires SM client certificates from it",
+                dir.path().join("ca.pem").display()
+            );
+            println!(
+                "  server certificate server.pem (SANs localhost, 127.0.0.1, ::1); each SM \
+                 presents client-<node id>.pem (CN = node id)"
+            );
+            (url, Some(SimTls::from_pki_dir(dir.path())?))
+        }
+        None => {
+            let url = format!("http://{}", running.addr);
+            println!("SM controller listening on {url} (insecure: plain HTTP/2, loopback only)");
+            (url, None)
+        }
+    };
 
     let mut sim_config = SimConfig::new(url.clone(), args.nodes);
+    sim_config.tls = tls;
     sim_config.node_prefix = "node".into();
     sim_config.monitoring_rate = args.monitoring_rate;
     sim_config.alert_rate = args.alert_rate;
@@ -131,7 +180,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         "only {} of {nodes} simulated SMs registered within {DEADLINE:?}",
         recorder.snapshot().connected_nodes()
     );
-    println!("{nodes} simulated SMs registered\n");
+    let over = if args.insecure {
+        "plain HTTP/2"
+    } else {
+        "mTLS, each with its client certificate"
+    };
+    println!("{nodes} simulated SMs registered over {over}\n");
 
     let controller = running.controller.clone();
     let mut calls = Vec::new();
@@ -215,6 +269,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     sim.stop().await;
     running.stop().await?;
+    drop(pki_dir);
     let ok = all_ok && async_answers;
     if ok {
         println!("\nRESULT: every call got the expected answer");
