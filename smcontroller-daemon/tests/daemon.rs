@@ -1,91 +1,343 @@
-//! The `smcontrollerd` binary as an operator runs it (R-LISTEN-1, R-STOP-1, exit codes).
+//! The `smcontrollerd` binary as an operator runs it (R-LISTEN-1, R-STOP-1, R-TLS-1, R-TLS-2,
+//! exit codes).
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
-use smcontroller_daemon::sim::{SimConfig, Simulator};
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, ServerName},
+};
+use smcontroller_certs::test_util::{LeafSpec, TestPki};
+use smcontroller_daemon::sim::{SimConfig, SimTls, Simulator};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
 
+/// How long the daemon may take to log what a test waits for.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `smcontrollerd`, with its log (stderr) read line by line.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon with `args` (which should listen on port 0) and waits for the address
+    /// it logs.
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(DAEMON)
+            .args(args)
+            .args(["--log", "info"])
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Self {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            lines,
+            log: Vec::new(),
+        };
+        let line = daemon.wait_for_line(|l| l.contains("SM controller listening"));
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the daemon logs its address");
+        daemon.addr = addr.parse().expect("a socket address");
+        daemon
+    }
+
+    /// The first line of the log that `pred` accepts, waiting for it if it has not been logged
+    /// yet (every line read is kept in `log`); panics with the log so far after [`DEADLINE`].
+    fn wait_for_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(line) = self.log.iter().find(|l| pred(l)) {
+            return line.clone();
+        }
+        let give_up = Instant::now() + DEADLINE;
+        loop {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("line not logged ({e}); log: {:#?}", self.log),
+            }
+        }
+    }
+
+    /// Sends SIGTERM; returns whether the daemon exited successfully, how long it took, and
+    /// its whole log.
+    async fn terminate(mut self) -> (bool, Duration, Vec<String>) {
+        let started = Instant::now();
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let mut child = self.child;
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        // The reader ends at the end of stderr: the daemon has exited.
+        self.log.extend(self.lines.iter());
+        (status.success(), took, self.log)
+    }
+}
+
+/// Runs the daemon with `args` to its exit; its exit code and stderr.
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(DAEMON)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temp path")
+}
+
 #[test]
 fn a_bad_config_exits_64_with_a_message_naming_the_problem() {
-    let dir = std::env::temp_dir().join(format!("smcontrollerd-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("bad.json");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.json");
     std::fs::write(
         &file,
         r#"{"cmServerUrl": ":8093", "responseTimeout": "soon"}"#,
     )
     .unwrap();
+    let relative_ca = dir.path().join("relative.json");
+    std::fs::write(&relative_ca, r#"{"caCert": "ca.pem"}"#).unwrap();
 
-    let cases: [(&[&str], &str); 3] = [
-        (&["--insecure", "--listen", ""], "--listen"),
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["--insecure", "--listen", ""], &["--listen"]),
         (
-            &["--insecure", "--config", file.to_str().unwrap()],
-            "responseTimeout",
+            &["--insecure", "--config", path(&file)],
+            &["responseTimeout"],
         ),
+        // The default config: no TLS settings, no --insecure.
         (
             &["--listen", "127.0.0.1:0"],
-            "mTLS needs caCert and certStorage",
+            &[
+                "mTLS needs caCert, certStorage, certUrl and keyUrl",
+                "--pki DIR",
+                "--insecure",
+            ],
+        ),
+        (
+            &["--insecure", "--config", path(&relative_ca)],
+            &[r#"caCert: "ca.pem" cannot be used"#],
         ),
     ];
     for (args, expected) in cases {
-        let out = Command::new(DAEMON).args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        let (code, stderr) = run_to_exit(args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        for text in expected {
+            assert!(stderr.contains(text), "{args:?}: {stderr}");
+        }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn r_tls_1_credentials_that_cannot_be_loaded_exit_64_naming_the_file_and_the_reason() {
+    let pki = TestPki::new().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let mismatch = tempfile::tempdir().unwrap();
+    pki.write_dev_pki(mismatch.path(), 1).unwrap();
+    // Another certificate's key in place of the server's.
+    std::fs::copy(
+        mismatch.path().join("client-node-1.key"),
+        mismatch.path().join("server.key"),
+    )
+    .unwrap();
+    let expired = tempfile::tempdir().unwrap();
+    pki.write_dev_pki(expired.path(), 1).unwrap();
+    pki.issue(&LeafSpec::server().expired())
+        .unwrap()
+        .write(expired.path(), "server")
+        .unwrap();
+
+    let server_pem = |dir: &Path| dir.join("server.pem").display().to_string();
+    let server_key = |dir: &Path| dir.join("server.key").display().to_string();
+    let cases = [
+        (
+            empty.path(),
+            vec![server_pem(empty.path()), "cannot read".into()],
+        ),
+        (
+            mismatch.path(),
+            vec![
+                server_key(mismatch.path()),
+                "key does not match certificate".into(),
+            ],
+        ),
+        (
+            expired.path(),
+            vec![server_pem(expired.path()), "certificate expired".into()],
+        ),
+    ];
+    for (dir, expected) in cases {
+        let (code, stderr) = run_to_exit(&["--pki", path(dir), "--listen", "127.0.0.1:0"]);
+        assert_eq!(code, Some(64), "{dir:?}: {stderr}");
+        for text in &expected {
+            assert!(stderr.contains(text.as_str()), "{dir:?}: {text}: {stderr}");
+        }
+    }
+}
+
+/// A TLS client that trusts the daemon's CA but has no client certificate of its own.
+fn client_without_certificate(ca: CertificateDer<'static>, tls13: bool) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS12]
+    };
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// What happened to a client without a certificate: `Err` with where it failed, or `Ok` if it
+/// got through the handshake and read something.
+async fn try_without_certificate(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+) -> (SocketAddr, Result<String, String>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let server_name = ServerName::from(addr.ip());
+    let mut tls = match connector.connect(server_name, tcp).await {
+        Ok(tls) => tls,
+        Err(e) => return (local, Err(format!("handshake: {e}"))),
+    };
+    // With TLS 1.3 the client finishes its side of the handshake before the server has seen
+    // its (missing) certificate: the refusal arrives as an alert on the first read.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    if let Err(e) = tls.write_all(preface).await {
+        return (local, Err(format!("write: {e}")));
+    }
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(DEADLINE, tls.read(&mut buf))
+        .await
+        .expect("the server answers or refuses in time");
+    match read {
+        Ok(n) => (local, Ok(format!("read {n} bytes"))),
+        Err(e) => (local, Err(format!("first read: {e}"))),
+    }
+}
+
+/// Done-when of issue 8: `smcontrollerd` serving mTLS (here from `--pki`) accepts SMs that
+/// present a client certificate from its CA, and a TLS client without one cannot complete a
+/// handshake: it never reaches HTTP/2, let alone `RegisterSM`, and the refusal is logged with
+/// its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_tls_1_the_daemon_with_pki_accepts_sms_over_mtls_and_refuses_a_client_without_a_certificate()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new().unwrap();
+    pki.write_dev_pki(dir.path(), 3).unwrap();
+    let mut daemon = Daemon::start(&["--pki", path(dir.path()), "--listen", "127.0.0.1:0"]);
+    daemon.wait_for_line(|l| l.contains("serving SMService over mTLS"));
+
+    let sim = Simulator::start(SimConfig {
+        tls: Some(SimTls::from_pki_dir(dir.path()).unwrap()),
+        ..SimConfig::new(format!("https://{}", daemon.addr), 3)
+    })
+    .unwrap();
+    assert!(
+        sim.wait_connected(3, DEADLINE).await,
+        "{}; log: {:#?}",
+        sim.stats(),
+        daemon.log
+    );
+    for node in ["node-1", "node-2", "node-3"] {
+        daemon.wait_for_line(|l| l.contains("node connected") && l.contains(node));
+    }
+
+    for tls13 in [true, false] {
+        let connector = client_without_certificate(pki.ca_der(), tls13);
+        let (local, outcome) = try_without_certificate(daemon.addr, &connector).await;
+        let version = if tls13 { "TLS 1.3" } else { "TLS 1.2" };
+        assert!(outcome.is_err(), "{version}: {outcome:?}");
+        let refused = daemon.wait_for_line(|l| {
+            l.contains("TLS handshake refused") && l.contains(&local.to_string())
+        });
+        assert!(
+            refused.contains("no client certificate"),
+            "{version}: {refused}"
+        );
+    }
+
+    sim.stop().await;
+    let (success, _, log) = daemon.terminate().await;
+    assert!(success, "log: {log:#?}");
+    assert!(
+        !log.iter().any(|l| l.contains("WITHOUT TLS")),
+        "mTLS, not insecure: {log:#?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.contains("node connected")).count(),
+        3,
+        "only the simulated SMs registered: {log:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_stop_1_sigterm_stops_the_daemon_within_a_second_with_smes_connected() {
     // Port 0: the daemon logs the address it got.
-    let mut child = Command::new(DAEMON)
-        .args(["--insecure", "--listen", "127.0.0.1:0", "--log", "info"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("SM controller listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the daemon logs its address");
+    let mut daemon = Daemon::start(&["--insecure", "--listen", "127.0.0.1:0"]);
+    // Insecure mode is logged as a warning (R-TLS-2).
+    let warning = daemon.wait_for_line(|l| l.contains("WITHOUT TLS"));
+    assert!(warning.contains("WARN"), "{warning}");
 
-    let mut config = SimConfig::new(format!("http://{addr}"), 5);
+    let mut config = SimConfig::new(format!("http://{}", daemon.addr), 5);
     config.monitoring_rate = 200.0;
     let sim = Simulator::start(config).unwrap();
     assert!(sim.wait_connected(5, Duration::from_secs(10)).await);
 
-    let started = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let took = started.elapsed();
+    let (success, took, log) = daemon.terminate().await;
     sim.stop().await;
-    let log = reader.join().unwrap();
-    assert!(status.success(), "exit status {status:?}; log: {log:#?}");
+    assert!(success, "log: {log:#?}");
     assert!(took < Duration::from_secs(1), "stopping took {took:?}");
     let disconnects = log
         .iter()
