@@ -1,6 +1,12 @@
 //! [`CredentialsReloader`]: the current server credentials, published, rebuilt on renewal.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use smcontroller_api::CertInfo;
 use tokio::{sync::watch, task::JoinHandle};
@@ -60,6 +66,7 @@ impl ReloadSettings {
 #[must_use = "the credentials are rebuilt on renewal only while the reloader is alive"]
 pub struct CredentialsReloader {
     credentials: watch::Receiver<ServerCredentials>,
+    failures: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -77,8 +84,13 @@ impl CredentialsReloader {
         info!(storage = builder.storage(), cert = %first.cert.cert_url,
             not_after = ?first.cert.not_after, "server credentials built");
         let (publish, credentials) = watch::channel(first);
-        let task = tokio::spawn(run(builder, settings, renewals, publish));
-        Ok(Self { credentials, task })
+        let failures = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(run(builder, settings, renewals, publish, failures.clone()));
+        Ok(Self {
+            credentials,
+            failures,
+            task,
+        })
     }
 
     /// A receiver of the credentials: the current ones now, each new generation as it is built.
@@ -89,6 +101,11 @@ impl CredentialsReloader {
     /// The credentials now.
     pub fn current(&self) -> ServerCredentials {
         self.credentials.borrow().clone()
+    }
+
+    /// How many rebuilds after a renewal notice have failed so far (each retry counts).
+    pub fn failed_builds(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -104,6 +121,7 @@ async fn run(
     settings: ReloadSettings,
     mut renewals: watch::Receiver<CertInfo>,
     publish: watch::Sender<ServerCredentials>,
+    failures: Arc<AtomicU64>,
 ) {
     let storage = builder.storage().to_owned();
     let mut generation = 0;
@@ -127,6 +145,7 @@ async fn run(
                     break;
                 }
                 Err(e) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
                     warn!(storage = %storage, attempt, retry_in = ?settings.retry,
                         error = %e.report(),
                         "renewed server credentials cannot be built; still serving the previous ones");

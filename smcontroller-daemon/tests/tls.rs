@@ -1,0 +1,553 @@
+//! The controller over real mTLS on 127.0.0.1, with a PKI made by the test: who reaches
+//! `RegisterSM` (R-TLS-1), renewal of the server's certificate while SMs are connected and
+//! calls are in flight (R-TLS-3), and node identity binding (R-TLS-4). Renewals go the way a
+//! unit's do: the server's files are replaced, the file provider notices, the reloader builds
+//! the new credentials, the server restarts its streams.
+
+mod support;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use smcontroller_api::{Error, NodeConfigHandler, NodeId};
+use smcontroller_certs::{
+    CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider, IdentityField,
+    ReloadSettings,
+    test_util::{LeafSpec, Signer, TestCert, TestPki, Usage},
+};
+use smcontroller_grpc::{
+    connections::Connections,
+    proto::servicemanager::v5::{
+        SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
+        sm_outgoing_messages::SmOutgoingMessage, sm_service_client::SmServiceClient,
+    },
+    server::{self, ServerSettings},
+    tls::{Tls, TlsSettings, serve_tls},
+};
+use smcontroller_routing::{Controller, Receivers, Settings};
+use support::{Blobs, DEADLINE, Event, EventLog, sm_info};
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, watch},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Streaming,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+};
+
+/// A controller served over mTLS with credentials from files the test can replace.
+struct TlsHarness {
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    controller: Controller,
+    log: Arc<EventLog>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    _provider: Arc<FileCertProvider>,
+    reloader: CredentialsReloader,
+}
+
+impl TlsHarness {
+    async fn start(identity_binding: Option<IdentityField>) -> Self {
+        let pki = TestPki::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
+        pki.server().unwrap().write(dir.path(), "server").unwrap();
+        let url = |file: &str| format!("file://{}", dir.path().join(file).display());
+        let provider = Arc::new(
+            FileCertProvider::builder()
+                .storage("sm", url("server.pem"), url("server.key"))
+                .poll_interval(Duration::from_millis(20))
+                .spawn()
+                .unwrap(),
+        );
+        let builder = CredentialsBuilder::new(
+            provider.clone(),
+            Arc::new(FileCertLoader::new()),
+            "sm",
+            url("ca.pem"),
+        );
+        let reloader = CredentialsReloader::start(
+            builder,
+            ReloadSettings::default().with_retry(Duration::from_millis(100)),
+        )
+        .await
+        .expect("the first credentials build");
+
+        let log = Arc::new(EventLog::default());
+        let controller = Controller::new(Settings::default(), Receivers::all(log.clone()));
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = watch::channel(false);
+        let tls = Tls {
+            credentials: reloader.subscribe(),
+            settings: TlsSettings {
+                identity_binding,
+                ..TlsSettings::default()
+            },
+        };
+        let server = tokio::spawn({
+            let controller = controller.clone();
+            async move {
+                serve_tls(
+                    listener,
+                    controller,
+                    Arc::new(Blobs),
+                    ServerSettings::default(),
+                    tls,
+                    Connections::new(),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+                .unwrap();
+            }
+        });
+        Self {
+            pki,
+            dir,
+            addr,
+            controller,
+            log,
+            stop,
+            server,
+            _provider: provider,
+            reloader,
+        }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Replaces a server file by a rename, as a renewal does.
+    fn replace(&self, file: &str, contents: &str) {
+        let tmp = self.path(&format!("{file}.new"));
+        std::fs::write(&tmp, contents).unwrap();
+        std::fs::rename(&tmp, self.path(file)).unwrap();
+    }
+
+    /// Renews the server's certificate and key; returns the new certificate.
+    fn renew(&self) -> TestCert {
+        let cert = self.pki.server().unwrap();
+        self.replace("server.key", cert.key_pem());
+        self.replace("server.pem", cert.cert_pem());
+        cert
+    }
+
+    /// A client channel presenting `identity` (or no certificate).
+    async fn channel(
+        &self,
+        identity: Option<&TestCert>,
+    ) -> Result<SmServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca_pem()))
+            .domain_name("localhost");
+        if let Some(cert) = identity {
+            tls = tls.identity(Identity::from_pem(cert.cert_pem(), cert.key_pem()));
+        }
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(SmServiceClient::new(channel))
+    }
+
+    /// Opens `RegisterSM` presenting `identity` and sends `sm_info` for `node`.
+    async fn register(
+        &self,
+        identity: Option<&TestCert>,
+        node: &str,
+    ) -> Result<TlsSm, tonic::Status> {
+        let mut client = self
+            .channel(identity)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(SmOutgoingMessages {
+            sm_outgoing_message: Some(SmOutgoingMessage::SmInfo(sm_info(node))),
+        })
+        .await
+        .unwrap();
+        let rx = client
+            .register_sm(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(TlsSm { tx, rx })
+    }
+
+    /// The certificate a new handshake presents.
+    async fn served_certificate(&self) -> Vec<u8> {
+        let client = self.pki.client("node-1").unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.pki.ca_der()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(smcontroller_certs::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(vec![client.cert_der()], client.key_der())
+                .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.controller.shutdown().await;
+        let _ = tokio::time::timeout(DEADLINE, self.server).await;
+    }
+}
+
+/// An SM over mTLS.
+struct TlsSm {
+    tx: mpsc::Sender<SmOutgoingMessages>,
+    rx: Streaming<smcontroller_grpc::proto::servicemanager::v5::SmIncomingMessages>,
+}
+
+impl TlsSm {
+    /// The next command, or the stream's end status.
+    async fn next(&mut self) -> Result<Option<SmIncomingMessage>, tonic::Status> {
+        tokio::time::timeout(DEADLINE, self.rx.message())
+            .await
+            .expect("the controller answers in time")
+            .map(|m| m.and_then(|m| m.sm_incoming_message))
+    }
+
+    /// Reads until the stream ends; the status it ended with.
+    async fn end(&mut self) -> Option<tonic::Status> {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    }
+}
+
+/// How many times `node` was reported connected.
+fn connected(events: &[Event], node: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Connected(n) if n == node))
+        .count()
+}
+
+#[tokio::test]
+async fn r_tls_1_a_client_with_a_certificate_of_the_unit_ca_registers() {
+    let h = TlsHarness::start(None).await;
+    let client = h.pki.client("node-1").unwrap();
+    let mut sm = h
+        .register(Some(&client), "node-1")
+        .await
+        .expect("RegisterSM");
+    assert!(matches!(
+        sm.next().await.unwrap(),
+        Some(SmIncomingMessage::ConnectionStatus(_))
+    ));
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+    assert_eq!(h.controller.nodes(), vec![NodeId::new("node-1")]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn r_tls_1_clients_without_a_good_certificate_never_reach_register_sm() {
+    let h = TlsHarness::start(None).await;
+    let refused = [
+        ("no certificate", None),
+        (
+            "expired",
+            Some(h.pki.issue(&LeafSpec::client("node-1").expired()).unwrap()),
+        ),
+        (
+            "another CA",
+            Some(
+                h.pki
+                    .issue(&LeafSpec::client("node-1").signed_by(Signer::ForeignCa))
+                    .unwrap(),
+            ),
+        ),
+        (
+            "server-only",
+            Some(
+                h.pki
+                    .issue(&LeafSpec::client("node-1").usage(Usage::Server))
+                    .unwrap(),
+            ),
+        ),
+    ];
+    for (what, identity) in &refused {
+        let result = h.register(identity.as_ref(), "node-1").await;
+        let status = match result {
+            Err(status) => status,
+            // With TLS 1.3 the client may only learn of the refusal on its first read.
+            Ok(mut sm) => sm.next().await.expect_err(what),
+        };
+        // The client sees the TLS alert as a transport error, never a gRPC answer.
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::Unknown),
+            "{what}: {status:?}"
+        );
+        assert!(
+            format!("{status:?}").to_lowercase().contains("alert")
+                || format!("{status:?}").contains("transport"),
+            "{what}: {status:?}"
+        );
+    }
+    // None of them became a stream of the controller: no task, no node, no event.
+    assert_eq!(h.controller.live_tasks(), 0);
+    assert_eq!(h.controller.node_count(), 0);
+    assert!(h.log.events().is_empty());
+    // And the server is fine: a good client registers.
+    let client = h.pki.client("node-1").unwrap();
+    let _sm = h
+        .register(Some(&client), "node-1")
+        .await
+        .expect("RegisterSM");
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn r_tls_3_a_renewal_restarts_20_sms_and_new_handshakes_see_the_new_certificate() {
+    const SMS: usize = 20;
+    let h = Arc::new(TlsHarness::start(None).await);
+    let old = h.served_certificate().await;
+    let (done_tx, mut done) = mpsc::channel(SMS);
+    for i in 0..SMS {
+        let h = h.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let node = format!("node-{i}");
+            let client = h.pki.client(&node).unwrap();
+            // Connect, and reconnect at once when the stream ends (bounded), as a benchmark
+            // client does.
+            for _ in 0..5 {
+                let Ok(mut sm) = h.register(Some(&client), &node).await else {
+                    continue;
+                };
+                let end = sm.end().await;
+                if end.as_ref().is_some_and(|s| s.code() == Code::Unavailable) {
+                    let _ = done.send(()).await;
+                    // Stay on the new stream.
+                    if let Ok(mut sm) = h.register(Some(&client), &node).await {
+                        let _ = sm.end().await;
+                    }
+                    return;
+                }
+            }
+        });
+    }
+    h.log
+        .wait_until("20 registered", |_| h.controller.node_count() == SMS)
+        .await;
+
+    let new = h.renew();
+    for _ in 0..SMS {
+        tokio::time::timeout(DEADLINE, done.recv())
+            .await
+            .expect("every SM's stream ends with UNAVAILABLE");
+    }
+    // Each node: disconnected once (Shutdown: the server restarted), then connected again.
+    h.log
+        .wait_until("all 20 back", |events| {
+            (0..SMS).all(|i| {
+                events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Connected(n) if *n == format!("node-{i}")))
+                    .count()
+                    == 2
+            })
+        })
+        .await;
+    for i in 0..SMS {
+        let node = format!("node-{i}");
+        let disconnects: Vec<_> = h
+            .log
+            .of(&node)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Disconnected(..)))
+            .collect();
+        assert_eq!(disconnects.len(), 1, "{node}: {disconnects:?}");
+        assert!(matches!(
+            disconnects[0],
+            Event::Disconnected(_, smcontroller_api::DisconnectReason::Shutdown)
+        ));
+    }
+    let served = h.served_certificate().await;
+    assert_ne!(served, old);
+    assert_eq!(served, new.cert_der().to_vec());
+    assert_eq!(h.controller.node_count(), SMS);
+    match Arc::try_unwrap(h) {
+        Ok(h) => h.stop().await,
+        Err(h) => h.controller.shutdown().await,
+    }
+}
+
+#[tokio::test]
+async fn r_tls_3_a_broken_renewal_keeps_the_old_server_and_the_retry_takes_the_fixed_files() {
+    let h = TlsHarness::start(None).await;
+    let old = h.served_certificate().await;
+    let client = h.pki.client("node-1").unwrap();
+    let _sm = h
+        .register(Some(&client), "node-1")
+        .await
+        .expect("RegisterSM");
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+
+    // A renewal whose key does not match its certificate.
+    let new = h.pki.server().unwrap();
+    let wrong_key = h.pki.server().unwrap();
+    h.replace("server.key", wrong_key.key_pem());
+    h.replace("server.pem", new.cert_pem());
+    // The reloader tries (and retries) the broken renewal; meanwhile the old server answers
+    // with the old certificate and the SM is not disturbed.
+    tokio::time::timeout(DEADLINE, async {
+        while h.reloader.failed_builds() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the reloader tries the broken renewal, and retries");
+    assert_eq!(h.served_certificate().await, old, "served a broken renewal");
+    assert_eq!(connected(&h.log.events(), "node-1"), 1);
+    assert_eq!(
+        h.log.count(|e| matches!(e, Event::Disconnected(..))),
+        0,
+        "a failed renewal disturbed the SMs"
+    );
+
+    // Fixing the files lets the retry succeed.
+    h.replace("server.key", new.key_pem());
+    tokio::time::timeout(DEADLINE, async {
+        while h.served_certificate().await != new.cert_der().to_vec() {}
+    })
+    .await
+    .expect("the retry takes up the fixed files");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn r_tls_3_a_renewal_during_a_sync_call_ends_it_with_disconnected() {
+    let h = TlsHarness::start(None).await;
+    let client = h.pki.client("node-1").unwrap();
+    let mut sm = h
+        .register(Some(&client), "node-1")
+        .await
+        .expect("RegisterSM");
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+    let call = tokio::spawn({
+        let controller = h.controller.clone();
+        async move {
+            controller
+                .get_node_config_status(&NodeId::new("node-1"))
+                .await
+        }
+    });
+    // The SM gets the command and never answers it.
+    loop {
+        if let Some(SmIncomingMessage::GetNodeConfigStatus(_)) = sm.next().await.unwrap() {
+            break;
+        }
+    }
+    let started = tokio::time::Instant::now();
+    h.renew();
+    let result = tokio::time::timeout(DEADLINE, call)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    assert!(
+        matches!(result, Err(Error::Disconnected { .. })),
+        "{result:?}"
+    );
+    // Well before the 5 s response timeout: the renewal ended it, not the timeout.
+    assert!(started.elapsed() < Duration::from_secs(4));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn r_tls_4_with_binding_a_node_id_not_in_the_certificate_is_refused_and_displaces_nothing() {
+    let h = TlsHarness::start(Some(IdentityField::CommonName)).await;
+    let node_1 = h.pki.client("node-1").unwrap();
+    let mut real = h
+        .register(Some(&node_1), "node-1")
+        .await
+        .expect("RegisterSM");
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+
+    // node-2's certificate claiming to be node-1.
+    let node_2 = h.pki.client("node-2").unwrap();
+    let mut impostor = h
+        .register(Some(&node_2), "node-1")
+        .await
+        .expect("stream opened");
+    let status = impostor.end().await.expect("refused with a status");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("node-1"), "{status:?}");
+    assert!(status.message().contains("node-2"), "{status:?}");
+
+    // The real node-1 is still the registered one, undisturbed.
+    assert_eq!(h.controller.nodes(), vec![NodeId::new("node-1")]);
+    assert_eq!(h.log.count(|e| matches!(e, Event::Disconnected(..))), 0);
+    let call = tokio::spawn({
+        let controller = h.controller.clone();
+        async move {
+            controller
+                .get_node_config_status(&NodeId::new("node-1"))
+                .await
+        }
+    });
+    loop {
+        if let Some(SmIncomingMessage::GetNodeConfigStatus(_)) = real.next().await.unwrap() {
+            break;
+        }
+    }
+    real.tx
+        .send(SmOutgoingMessages {
+            sm_outgoing_message: Some(SmOutgoingMessage::NodeConfigStatus(
+                smcontroller_grpc::proto::servicemanager::v5::NodeConfigStatus {
+                    state: "installed".into(),
+                    version: "1".into(),
+                    error: None,
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    assert_eq!(call.await.unwrap().unwrap().version, "1");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn r_tls_4_without_binding_any_good_certificate_may_register_any_node_id() {
+    let h = TlsHarness::start(None).await;
+    let node_2 = h.pki.client("node-2").unwrap();
+    let _sm = h
+        .register(Some(&node_2), "node-1")
+        .await
+        .expect("RegisterSM");
+    h.log
+        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
+        .await;
+    h.stop().await;
+}
