@@ -34,13 +34,13 @@ struct Args {
     #[arg(long)]
     url: Option<String>,
     /// mTLS with the development PKI in DIR (`cargo xtask gen-certs DIR`): the CA DIR/ca.pem,
-    /// each node's DIR/client-<node id>.pem and .key.
+    /// each node's `DIR/client-<node id>.pem` and `.key`.
     #[arg(long, value_name = "DIR")]
     pki: Option<PathBuf>,
     /// The CA certificate (PEM) that verifies the controller [default: DIR/ca.pem of --pki].
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// Where each node's client-<node id>.pem and client-<node id>.key are [default: the DIR
+    /// Where each node's `client-<node id>.pem` and `client-<node id>.key` are [default: the DIR
     /// of --pki].
     #[arg(long, value_name = "DIR")]
     cert_dir: Option<PathBuf>,
