@@ -234,8 +234,7 @@ impl Running {
     /// Stops listening, closes every SM stream (each disconnect is reported) and returns once
     /// everything has ended: about half a second at most (R-STOP-1).
     pub async fn stop(self) -> Result<(), ServeError> {
-        // The credentials stay published until the server has stopped: no renewal restarts
-        // streams during the stop.
+        // The file provider and the reloader live until the server has stopped.
         let _tls = self.tls;
         let _ = self.stop.send(true);
         self.controller.shutdown().await;
