@@ -223,6 +223,14 @@ impl TlsSm {
             .map(|m| m.and_then(|m| m.sm_incoming_message))
     }
 
+    /// Reads until the controller asks for the node config status.
+    async fn status_request(&mut self) {
+        while !matches!(
+            self.next().await.expect("stream open"),
+            Some(SmIncomingMessage::GetNodeConfigStatus(_))
+        ) {}
+    }
+
     /// Reads until the stream ends; the status it ended with.
     async fn end(&mut self) -> Option<tonic::Status> {
         loop {
@@ -233,6 +241,16 @@ impl TlsSm {
             }
         }
     }
+}
+
+/// `get_node_config_status(node)` on its own task.
+fn status_call(
+    controller: &Controller,
+    node: &str,
+) -> tokio::task::JoinHandle<smcontroller_api::Result<smcontroller_api::NodeConfigStatus>> {
+    let controller = controller.clone();
+    let node = NodeId::new(node);
+    tokio::spawn(async move { controller.get_node_config_status(&node).await })
 }
 
 /// How many times `node` was reported connected.
@@ -454,20 +472,9 @@ async fn r_tls_3_a_renewal_during_a_sync_call_ends_it_with_disconnected() {
     h.log
         .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
         .await;
-    let call = tokio::spawn({
-        let controller = h.controller.clone();
-        async move {
-            controller
-                .get_node_config_status(&NodeId::new("node-1"))
-                .await
-        }
-    });
+    let call = status_call(&h.controller, "node-1");
     // The SM gets the command and never answers it.
-    loop {
-        if let Some(SmIncomingMessage::GetNodeConfigStatus(_)) = sm.next().await.unwrap() {
-            break;
-        }
-    }
+    sm.status_request().await;
     let started = tokio::time::Instant::now();
     h.renew();
     let result = tokio::time::timeout(DEADLINE, call)
@@ -509,19 +516,8 @@ async fn r_tls_4_with_binding_a_node_id_not_in_the_certificate_is_refused_and_di
     // The real node-1 is still the registered one, undisturbed.
     assert_eq!(h.controller.nodes(), vec![NodeId::new("node-1")]);
     assert_eq!(h.log.count(|e| matches!(e, Event::Disconnected(..))), 0);
-    let call = tokio::spawn({
-        let controller = h.controller.clone();
-        async move {
-            controller
-                .get_node_config_status(&NodeId::new("node-1"))
-                .await
-        }
-    });
-    loop {
-        if let Some(SmIncomingMessage::GetNodeConfigStatus(_)) = real.next().await.unwrap() {
-            break;
-        }
-    }
+    let call = status_call(&h.controller, "node-1");
+    real.status_request().await;
     real.tx
         .send(SmOutgoingMessages {
             sm_outgoing_message: Some(SmOutgoingMessage::NodeConfigStatus(

@@ -16,6 +16,20 @@ fn node(id: &str) -> NodeId {
     NodeId::new(id)
 }
 
+/// Waits until `id`'s commands go to a stream other than its first (session 0).
+async fn taken_over(controller: &smcontroller_routing::Controller, id: &str) {
+    tokio::time::timeout(WAIT, async {
+        while controller
+            .node_status(&node(id))
+            .is_none_or(|s| s.session == 0)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("a newer stream of the node registers");
+}
+
 /// Waits until `id` is addressable.
 async fn registered(controller: &smcontroller_routing::Controller, id: &str) {
     tokio::time::timeout(WAIT, async {
@@ -45,16 +59,7 @@ async fn r_reg_5_a_reconnect_right_after_the_stream_ended_by_itself_waits_for_it
     let new = Sm::register(&controller, "a", "s2");
     new.monitoring(2000, 0);
     // The new stream is addressable at once, although its connect is not reported yet.
-    tokio::time::timeout(WAIT, async {
-        while controller
-            .node_status(&node("a"))
-            .is_none_or(|s| s.session == 0)
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the new stream registers");
+    taken_over(&controller, "a").await;
     recorder.release();
     recorder
         .wait_for("the new stream's telemetry", WAIT, |e| {
@@ -228,16 +233,7 @@ async fn r_reg_5_shutdown_during_a_replacement_keeps_the_alternation() {
         .wait_for("the old stream's connect", WAIT, |e| e.len() >= 2)
         .await;
     let _new = Sm::register(&controller, "a", "s2");
-    tokio::time::timeout(WAIT, async {
-        while controller
-            .node_status(&node("a"))
-            .is_none_or(|s| s.session == 0)
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the new stream replaces the old");
+    taken_over(&controller, "a").await;
     let stop = tokio::spawn({
         let controller = controller.clone();
         async move { controller.shutdown().await }
