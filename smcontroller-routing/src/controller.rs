@@ -117,7 +117,7 @@ impl Controller {
 
     /// How many nodes are registered.
     pub fn node_count(&self) -> usize {
-        self.ctx.registry.nodes().len()
+        self.ctx.registry.node_count()
     }
 
     /// How many node ids the controller holds state for: registered ones, and ones whose last

@@ -269,6 +269,14 @@ impl Registry {
             .collect()
     }
 
+    /// How many nodes are registered (addressable).
+    pub(crate) fn node_count(&self) -> usize {
+        read(&self.slots)
+            .values()
+            .filter(|s| s.current.is_some())
+            .count()
+    }
+
     /// How many node ids have a slot (registered, or a session still finishing).
     pub(crate) fn slot_count(&self) -> usize {
         read(&self.slots).len()
