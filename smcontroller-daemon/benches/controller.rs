@@ -3,15 +3,21 @@
 //! # Running
 //!
 //! ```text
-//! cargo bench -p smcontroller-daemon --bench controller                      # all four
-//! cargo bench -p smcontroller-daemon --bench controller -- sync-rtt scale    # some of them
+//! cargo xtask bench [--quick]                                              # all, JSON too
+//! cargo bench -p smcontroller-daemon --bench controller                      # all scenarios
+//! cargo bench -p smcontroller-daemon --bench controller -- sync-rtt floor    # some of them
 //! cargo bench -p smcontroller-daemon --bench controller -- churn --cycles 100000
 //! ```
 //!
-//! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`; none means
-//! all), `--cycles N` (churn connect/disconnect cycles, default 100,000 as in the contract,
-//! about 50 s here), `--scale-nodes N` (default 10,000), `--rtt-calls N` (default 20,000),
-//! `--telemetry-per-node N` (default 20,000 messages per node).
+//! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`, `floor`,
+//! `mtls-rtt`, `mtls-telemetry`, `handshakes`, `renewal-storm`; none means all), `--json PATH`
+//! (the figures as `{"figures":[{"id","name","value","target","pass","unit",..}..]}`, with the
+//! machine, the counts and whether the run was quick), `--quick` (smaller counts: 5,000 churn
+//! cycles, 5,000 sync calls, 3,000 messages per telemetry node, 3,000 handshakes; the whole run
+//! in well under 2 minutes on 2 cores), `--cycles N` (churn connect/disconnect cycles, default
+//! 100,000 as in the contract, about 50 s here), `--scale-nodes N` (default 10,000),
+//! `--rtt-calls N` (default 20,000), `--telemetry-per-node N` (default 20,000 messages per
+//! node), `--handshakes N` (default 10,000), `--storm-nodes N` (default 1,000).
 //!
 //! The bench prints figures; it asserts nothing about speed. It exits non-zero only when a
 //! scenario could not run (nodes failed to register, a process died, a deadline passed).
@@ -23,18 +29,22 @@
 //! - the orchestrator (what `cargo bench` starts) runs each scenario in a process of its own, so
 //!   the memory and CPU figures of one scenario are not coloured by the one before, and prints
 //!   the summary table at the end;
-//! - a scenario process (`--scenario NAME`) holds the controller only: the router
+//! - a scenario process (`--scenario NAME`) holds the server under test only: the router
 //!   (`smcontroller_routing::Controller`) behind the insecure tonic server
-//!   (`smcontroller_grpc::server::serve_insecure`), with the daemon's default settings, and with
-//!   receivers that only count with atomics. Its resident memory (VmRSS) and CPU time
-//!   (`/proc/self/stat`) are therefore the controller's, plus the bench's own small driver;
+//!   (`smcontroller_grpc::server::serve_insecure`) or the mTLS one (`smcontroller_grpc::tls::
+//!   serve_tls`, credentials from files through `FileCertProvider` and `CredentialsReloader`),
+//!   with the daemon's default settings and receivers that only count with atomics; or, for the
+//!   floor, the bare relay (`controller/relay.rs`). Its resident memory (VmRSS) and CPU time
+//!   (`/proc/self/stat`) are therefore the server's, plus the bench's own small driver;
 //! - an SM process (`--sm-child URL`) holds the simulated SMs: a lean client written here (not
 //!   `sim::Simulator`, whose per-node producer tasks, event bus and stats would share the two
 //!   cores with the controller). Each node has its own TCP connection (tonic `Channel`), calls
 //!   `RegisterSM`, sends `sm_info` and `node_instances_status` (built by `sim::messages`),
-//!   answers `get_node_config_status` and keeps the last `connection_status`. The scenario
-//!   process drives it with one-line commands on its stdin (`connect`, `burst`, `arm_cloud`,
-//!   `await_cloud`, `close`, `quit`).
+//!   answers `get_node_config_status` and keeps the last `connection_status`. Under mTLS
+//!   (`--pki DIR`) every node presents the same client certificate and each connection builds
+//!   a fresh rustls client (no session resumption). The scenario process drives it with
+//!   one-line commands on its stdin (`connect`, `burst`, `arm_cloud`, `await_cloud`,
+//!   `reconnect`, `reconnects`, `handshakes`, `close`, `quit`).
 //!
 //! Both processes run a multi-thread tokio runtime with 2 workers, on a 2-core machine: the SMs
 //! and the controller compete for the same cores, as they would not in production, so every
@@ -60,6 +70,26 @@
 //!   (same node ids every round, as a rebooting SM would), until `--cycles` connects (bounded
 //!   to 150 s); VmRSS after 10 warm-up rounds (the baseline), at ten checkpoints (with the
 //!   slope between the first and the last), and at the end.
+//! - `floor` (N-PERF-3): for 1, 100 and 1,000 nodes, the bare relay and then the controller,
+//!   each in a process of its own on the same SM load: sequential sync calls (p50/p99) and, at
+//!   1,000 nodes, VmRSS. The orchestrator prints each controller figure over its floor.
+//! - `mtls-rtt`, `mtls-telemetry`: `sync-rtt` and `telemetry` over mTLS.
+//! - `handshakes` (N-TLS-1): 32 raw clients open new connections (TCP, a full TLS 1.3
+//!   handshake with ECDSA P-256 certificates and the client certificate, then the HTTP/2 preface
+//!   until the server's SETTINGS frame, which it sends only after verifying the client) until
+//!   `--handshakes` are done or 30 s pass; handshakes per second.
+//! - `renewal-storm` (N-TLS-1): 1,000 SMs over mTLS that register again at once on a new
+//!   connection when their stream ends; the server's certificate and key files are replaced
+//!   (the file provider polls every 20 ms here, [`PROVIDER_POLL`]); time from the replacement
+//!   (and from the renewal notice) until every SM is registered again, which can only be on a
+//!   connection handshaken after the notice, i.e. on the new certificate (a new handshake is
+//!   checked to serve it); the controller's peak VmRSS during the storm (sampled every 2 ms,
+//!   and VmHWM after resetting it through `/proc/self/clear_refs`).
+
+#[path = "controller/relay.rs"]
+mod relay;
+#[path = "controller/tls.rs"]
+mod tls;
 
 use std::{
     collections::HashMap,
@@ -85,11 +115,13 @@ use smcontroller_daemon::{
     sim::messages,
 };
 use smcontroller_grpc::{
+    connections::Connections,
     proto::servicemanager::v5::{
-        InstanceStatus, SmOutgoingMessages, sm_incoming_messages::SmIncomingMessage,
-        sm_service_client::SmServiceClient,
+        InstanceStatus, SmIncomingMessages, SmOutgoingMessages,
+        sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
     },
     server::{self, ServeError},
+    tls as tls_server,
 };
 use smcontroller_routing::{Controller, Receivers};
 use tokio::{
@@ -99,7 +131,10 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::{
+    Streaming,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+};
 
 /// Tokio workers of every process of the bench.
 const WORKERS: usize = 2;
@@ -121,8 +156,28 @@ const CHURN_WARMUP_ROUNDS: usize = 10;
 const CHURN_LIMIT: Duration = Duration::from_secs(150);
 /// Connection attempts in flight in the SM process.
 const CONNECT_CONCURRENCY: usize = 512;
-/// Scenarios in their default order.
-const ALL_SCENARIOS: [&str; 4] = ["sync-rtt", "telemetry", "scale", "churn"];
+/// Scenarios in their default order. `floor` runs `rtt:relay:N` and `rtt:controller:N` for N in
+/// [`FLOOR_NODES`], each in a process of its own.
+const ALL_SCENARIOS: [&str; 9] = [
+    "sync-rtt",
+    "telemetry",
+    "scale",
+    "churn",
+    "floor",
+    "mtls-rtt",
+    "mtls-telemetry",
+    "handshakes",
+    "renewal-storm",
+];
+/// Node counts of the floor comparison.
+const FLOOR_NODES: [usize; 3] = [1, 100, 1_000];
+/// SMs of the renewal storm.
+const STORM_NODES: usize = 1_000;
+/// How often the file provider of the mTLS scenarios looks at the server's files (the daemon's
+/// default is longer; the storm is timed from the replacement of the files).
+const PROVIDER_POLL: Duration = Duration::from_millis(20);
+/// Prefix of the lines a scenario process prints for the JSON figures.
+const FIGURE: &str = "@figure\t";
 /// Prefix of the lines a scenario process prints for the summary table.
 const SUMMARY: &str = "@summary\t";
 
@@ -137,37 +192,57 @@ struct Options {
     scale_nodes: usize,
     rtt_calls: usize,
     telemetry_per_node: u64,
+    handshakes: usize,
+    storm_nodes: usize,
+    /// Smaller counts, for a run under 2 minutes.
+    quick: bool,
+    /// Where the orchestrator writes the figures as JSON.
+    json: Option<String>,
 }
 
 impl Options {
     fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let quick = args.iter().any(|a| a == "--quick");
         let mut options = Self {
             scenarios: Vec::new(),
-            cycles: 100_000,
+            cycles: if quick { 5_000 } else { 100_000 },
             scale_nodes: 10_000,
-            rtt_calls: 20_000,
-            telemetry_per_node: 20_000,
+            rtt_calls: if quick { 5_000 } else { 20_000 },
+            telemetry_per_node: if quick { 3_000 } else { 20_000 },
+            handshakes: if quick { 3_000 } else { 10_000 },
+            storm_nodes: STORM_NODES,
+            quick,
+            json: None,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
+            let mut text = |name: &str| -> anyhow::Result<String> {
+                args.next()
+                    .cloned()
+                    .with_context(|| format!("{name} needs a value"))
+            };
             let mut value = |name: &str| -> anyhow::Result<u64> {
-                let v = args
-                    .next()
-                    .with_context(|| format!("{name} needs a value"))?;
+                let v = text(name)?;
                 v.parse()
                     .with_context(|| format!("{name} {v}: not a number"))
             };
             match arg.as_str() {
                 // cargo passes `--bench` to every bench executable.
-                "--bench" => {}
+                "--bench" | "--quick" => {}
                 "--cycles" => options.cycles = usize::try_from(value(arg)?)?,
                 "--scale-nodes" => options.scale_nodes = usize::try_from(value(arg)?)?,
                 "--rtt-calls" => options.rtt_calls = usize::try_from(value(arg)?)?,
                 "--telemetry-per-node" => options.telemetry_per_node = value(arg)?,
-                name if ALL_SCENARIOS.contains(&name) => options.scenarios.push(name.to_owned()),
+                "--handshakes" => options.handshakes = usize::try_from(value(arg)?)?,
+                "--storm-nodes" => options.storm_nodes = usize::try_from(value(arg)?)?,
+                "--json" => options.json = Some(text(arg)?),
+                name if ALL_SCENARIOS.contains(&name) || name.starts_with("rtt:") => {
+                    options.scenarios.push(name.to_owned());
+                }
                 other => bail!(
                     "unknown argument {other:?}; scenarios: {ALL_SCENARIOS:?}, options: \
-                     --cycles N, --scale-nodes N, --rtt-calls N, --telemetry-per-node N"
+                     --quick, --json PATH, --cycles N, --scale-nodes N, --rtt-calls N, \
+                     --telemetry-per-node N, --handshakes N, --storm-nodes N"
                 ),
             }
         }
@@ -178,7 +253,7 @@ impl Options {
     }
 
     fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--cycles".into(),
             self.cycles.to_string(),
             "--scale-nodes".into(),
@@ -187,7 +262,27 @@ impl Options {
             self.rtt_calls.to_string(),
             "--telemetry-per-node".into(),
             self.telemetry_per_node.to_string(),
-        ]
+            "--handshakes".into(),
+            self.handshakes.to_string(),
+            "--storm-nodes".into(),
+            self.storm_nodes.to_string(),
+        ];
+        if self.quick {
+            args.push("--quick".into());
+        }
+        args
+    }
+
+    /// The counts of this run, for the JSON.
+    fn counts(&self) -> serde_json::Value {
+        serde_json::json!({
+            "churn_cycles": self.cycles,
+            "scale_nodes": self.scale_nodes,
+            "rtt_calls": self.rtt_calls,
+            "telemetry_per_node": self.telemetry_per_node,
+            "handshakes": self.handshakes,
+            "storm_nodes": self.storm_nodes,
+        })
     }
 }
 
@@ -197,7 +292,11 @@ fn main() -> ExitCode {
         Some("--sm-child") => match args.get(1) {
             Some(url) => {
                 watchdog("SM process");
-                runtime().and_then(|rt| rt.block_on(sm_child(url.clone())))
+                let pki = match (args.get(2).map(String::as_str), args.get(3)) {
+                    (Some("--pki"), Some(dir)) => Some(std::path::PathBuf::from(dir)),
+                    _ => None,
+                };
+                runtime().and_then(|rt| rt.block_on(sm_child(url.clone(), pki)))
             }
             None => Err(anyhow!("--sm-child needs the controller's URL")),
         },
@@ -235,22 +334,45 @@ fn watchdog(what: &'static str) {
     });
 }
 
-/// Runs each scenario in a process of its own, then prints the summary table.
+/// The processes a scenario name stands for.
+fn expand(name: &str) -> Vec<String> {
+    if name == "floor" {
+        FLOOR_NODES
+            .iter()
+            .flat_map(|n| [format!("rtt:relay:{n}"), format!("rtt:controller:{n}")])
+            .collect()
+    } else {
+        vec![name.to_owned()]
+    }
+}
+
+/// Runs each scenario in a process of its own, then prints the summary table, the floor ratios
+/// and, with `--json`, writes the figures.
 fn orchestrate(options: &Options) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the bench executable")?;
+    let run_started = Instant::now();
     println!(
-        "SM controller bench: {} cores seen, tokio {WORKERS} workers per process; scenarios: {}",
+        "SM controller bench: {} cores seen, tokio {WORKERS} workers per process; scenarios: {}{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        options.scenarios.join(", ")
+        options.scenarios.join(", "),
+        if options.quick {
+            format!(
+                "\nQUICK run: smaller counts ({})",
+                options.counts().to_string().replace('"', "")
+            )
+        } else {
+            String::new()
+        }
     );
     let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut figures: Vec<serde_json::Value> = Vec::new();
     let mut failed = Vec::new();
-    for name in &options.scenarios {
+    for name in options.scenarios.iter().flat_map(|n| expand(n)) {
         println!("\n=== {name} ===");
         let started = Instant::now();
         let mut child = std::process::Command::new(&exe)
             .arg("--scenario")
-            .arg(name)
+            .arg(&name)
             .args(options.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -260,9 +382,12 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
         let stdout = child.stdout.take().context("scenario stdout")?;
         for line in StdBufReader::new(stdout).lines() {
             let line = line?;
-            match line.strip_prefix(SUMMARY) {
-                Some(row) => rows.push(row.split('\t').map(str::to_owned).collect()),
-                None => println!("{line}"),
+            if let Some(row) = line.strip_prefix(SUMMARY) {
+                rows.push(row.split('\t').map(str::to_owned).collect());
+            } else if let Some(json) = line.strip_prefix(FIGURE) {
+                figures.push(serde_json::from_str(json).context("a figure line")?);
+            } else {
+                println!("{line}");
             }
         }
         let status = child.wait()?;
@@ -278,13 +403,140 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
             ]);
         }
     }
+    let ratios = floor_ratios(&figures);
+    for ratio in &ratios {
+        rows.push(ratio_row(ratio));
+    }
+    figures.extend(ratios);
     print_table(&rows);
+    println!(
+        "\nwhole run: {:.1} s{}",
+        run_started.elapsed().as_secs_f64(),
+        if options.quick { " (quick)" } else { "" }
+    );
+    if let Some(path) = &options.json {
+        let path = std::path::Path::new(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let document = serde_json::json!({
+            "quick": options.quick,
+            "counts": options.counts(),
+            "scenarios": options.scenarios,
+            "failed": failed,
+            "machine": machine(),
+            "run_seconds": run_started.elapsed().as_secs_f64(),
+            "figures": figures,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
     ensure!(
         failed.is_empty(),
         "scenarios that could not run: {}",
         failed.join(", ")
     );
     Ok(())
+}
+
+/// nproc, memory and kernel of this machine.
+fn machine() -> serde_json::Value {
+    let mem_total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    serde_json::json!({
+        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "mem_total_mib": mem_total_kib / 1024,
+        "kernel": kernel,
+    })
+}
+
+/// The N-PERF-3 ratios: each `controller_*` figure of the floor runs over its `relay_*` twin.
+fn floor_ratios(figures: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let value = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f["name"] == name)
+            .and_then(|f| f["value"].as_f64())
+    };
+    let mut out = Vec::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for n in FLOOR_NODES {
+        for q in ["p50", "p99"] {
+            pairs.push((
+                format!("sync_{q}_{n}_nodes"),
+                format!("sync_{q}_ratio_{n}_nodes"),
+            ));
+        }
+    }
+    pairs.push(("rss_1000_nodes".into(), "rss_ratio_1000_nodes".into()));
+    pairs.push((
+        "rss_per_node_1000_nodes".into(),
+        "rss_per_node_ratio_1000_nodes".into(),
+    ));
+    for (measured, ratio_name) in pairs {
+        let (Some(controller), Some(floor)) = (
+            value(&format!("controller_{measured}")),
+            value(&format!("relay_{measured}")),
+        ) else {
+            continue;
+        };
+        let ratio = controller / floor.max(1e-9);
+        let info = ratio_name.starts_with("rss_per_node");
+        let unit = figures
+            .iter()
+            .find(|f| f["name"] == format!("controller_{measured}"))
+            .and_then(|f| f["unit"].as_str())
+            .unwrap_or("")
+            .to_owned();
+        out.push(serde_json::json!({
+            "id": "N-PERF-3",
+            "name": ratio_name,
+            "value": (ratio * 1000.0).round() / 1000.0,
+            "target": if info { serde_json::Value::Null } else { 1.1.into() },
+            "pass": if info { serde_json::Value::Null } else { (ratio <= 1.1).into() },
+            "unit": "ratio",
+            "compare": "<=",
+            "measured": controller,
+            "floor": floor,
+            "measured_unit": unit,
+        }));
+    }
+    out
+}
+
+fn ratio_row(ratio: &serde_json::Value) -> Vec<String> {
+    let pass = match ratio["pass"].as_bool() {
+        Some(true) => "yes",
+        Some(false) => "NO",
+        None => "-",
+    };
+    vec![
+        "N-PERF-3".into(),
+        ratio["name"].as_str().unwrap_or("").to_owned(),
+        if ratio["target"].is_null() {
+            "-".into()
+        } else {
+            "<= 1.1x".into()
+        },
+        format!(
+            "{:.2}x ({:.1} vs floor {:.1} {})",
+            ratio["value"].as_f64().unwrap_or(f64::NAN),
+            ratio["measured"].as_f64().unwrap_or(f64::NAN),
+            ratio["floor"].as_f64().unwrap_or(f64::NAN),
+            ratio["measured_unit"].as_str().unwrap_or("")
+        ),
+        pass.into(),
+    ]
 }
 
 fn print_table(rows: &[Vec<String>]) {
@@ -324,12 +576,83 @@ fn summary(goal: &str, figure: &str, target: &str, measured: String, within: Opt
     println!("{SUMMARY}{goal}\t{figure}\t{target}\t{measured}\t{within}");
 }
 
+/// How a figure is held against its target.
+#[derive(Debug, Clone, Copy)]
+enum Cmp {
+    AtMost,
+    AtLeast,
+    /// The absolute value at most.
+    AbsAtMost,
+}
+
+/// One entry of `results.json` (printed by a scenario process, collected by the orchestrator).
+struct Figure {
+    json: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Figure {
+    fn new(id: &str, name: &str, value: f64, unit: &str) -> Self {
+        let mut json = serde_json::Map::new();
+        json.insert("id".into(), id.into());
+        json.insert("name".into(), name.into());
+        let rounded = (value * 1000.0).round() / 1000.0;
+        json.insert(
+            "value".into(),
+            serde_json::Number::from_f64(rounded).map_or(serde_json::Value::Null, Into::into),
+        );
+        json.insert("target".into(), serde_json::Value::Null);
+        json.insert("pass".into(), serde_json::Value::Null);
+        json.insert("unit".into(), unit.into());
+        Self { json }
+    }
+
+    fn target(mut self, cmp: Cmp, target: f64) -> Self {
+        let value = self.json["value"].as_f64().unwrap_or(f64::NAN);
+        let pass = match cmp {
+            Cmp::AtMost => value <= target,
+            Cmp::AtLeast => value >= target,
+            Cmp::AbsAtMost => value.abs() <= target,
+        };
+        self.json.insert("target".into(), target.into());
+        self.json.insert("pass".into(), pass.into());
+        let compare = match cmp {
+            Cmp::AtMost => "<=",
+            Cmp::AtLeast => ">=",
+            Cmp::AbsAtMost => "abs <=",
+        };
+        self.json.insert("compare".into(), compare.into());
+        self
+    }
+
+    fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.json.insert(key.into(), value.into());
+        self
+    }
+
+    fn emit(self) {
+        println!("{FIGURE}{}", serde_json::Value::Object(self.json));
+    }
+}
+
 async fn run_scenario(name: &str, options: &Options) -> anyhow::Result<()> {
+    if let Some(rest) = name.strip_prefix("rtt:") {
+        let (server, nodes) = rest.split_once(':').context("rtt:SERVER:NODES")?;
+        let kind = match server {
+            "relay" => ServerKind::Relay,
+            "controller" => ServerKind::Insecure,
+            other => bail!("no server {other:?}"),
+        };
+        return floor_point(options, kind, nodes.parse()?).await;
+    }
     match name {
-        "sync-rtt" => sync_rtt(options).await,
-        "telemetry" => telemetry(options).await,
+        "sync-rtt" => sync_rtt(options, ServerKind::Insecure).await,
+        "mtls-rtt" => sync_rtt(options, ServerKind::Tls).await,
+        "telemetry" => telemetry(options, ServerKind::Insecure).await,
+        "mtls-telemetry" => telemetry(options, ServerKind::Tls).await,
         "scale" => scale(options).await,
         "churn" => churn(options).await,
+        "handshakes" => tls::handshakes(options).await,
+        "renewal-storm" => tls::renewal_storm(options).await,
         other => bail!("no scenario {other:?}"),
     }
 }
@@ -426,47 +749,146 @@ impl LogSender for Counting {
     }
 }
 
-/// The controller, serving on a loopback port.
+/// What a scenario process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    /// The controller behind its insecure server.
+    Insecure,
+    /// The controller behind its mTLS server, with credentials from files.
+    Tls,
+    /// The bare relay of N-PERF-3 behind the same insecure transport.
+    Relay,
+}
+
+impl ServerKind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Insecure => "controller",
+            Self::Tls => "controller over mTLS",
+            Self::Relay => "bare relay",
+        }
+    }
+}
+
+/// Who answers sync calls.
+#[derive(Clone)]
+enum Target {
+    Controller(Controller),
+    Relay(Arc<relay::Relay>),
+}
+
+impl Target {
+    /// One `get_node_config_status` round trip; whether it succeeded.
+    async fn config_status(&self, node: &NodeId) -> bool {
+        match self {
+            Self::Controller(c) => c.get_node_config_status(node).await.is_ok(),
+            Self::Relay(r) => r.get_node_config_status(node.as_str()).await.is_some(),
+        }
+    }
+
+    fn node_count(&self) -> usize {
+        match self {
+            Self::Controller(c) => c.node_count(),
+            Self::Relay(r) => r.node_count(),
+        }
+    }
+}
+
+/// The server under test, serving on a loopback port.
 struct Harness {
-    controller: Controller,
+    target: Target,
     url: String,
     counts: Arc<Counting>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
+    /// The PKI and the server's credential files, with mTLS.
+    tls: Option<tls::ServerFiles>,
 }
 
 impl Harness {
-    /// Wired as `app::start` does, with the daemon's default settings and counting receivers.
+    /// The controller wired as `app::start` does, with the daemon's default settings and
+    /// counting receivers; insecure.
     async fn start() -> anyhow::Result<Self> {
+        Self::start_kind(ServerKind::Insecure).await
+    }
+
+    async fn start_kind(kind: ServerKind) -> anyhow::Result<Self> {
         let settings = Settings {
             listen: "127.0.0.1:0".parse()?,
             insecure: true,
             ..Settings::default()
         };
         let counts = Arc::new(Counting::default());
-        let controller = Controller::new(
-            app::router_settings(&settings),
-            Receivers::all(counts.clone()),
-        );
         let listener = server::bind(settings.listen).await?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
-        let server = tokio::spawn(server::serve_insecure(
-            listener,
-            controller.clone(),
-            Arc::new(NoBlobStore),
-            app::server_settings(&settings),
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            },
-        ));
+        let stopped = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let (target, server, tls) = match kind {
+            ServerKind::Relay => {
+                let relay = relay::Relay::new(counts.clone());
+                let server = tokio::spawn(relay::serve(
+                    listener,
+                    relay.clone(),
+                    app::server_settings(&settings),
+                    stopped,
+                ));
+                (Target::Relay(relay), server, None)
+            }
+            ServerKind::Insecure | ServerKind::Tls => {
+                let controller = Controller::new(
+                    app::router_settings(&settings),
+                    Receivers::all(counts.clone()),
+                );
+                if kind == ServerKind::Tls {
+                    let files = tls::ServerFiles::new().await?;
+                    let server = tokio::spawn(tls_server::serve_tls(
+                        listener,
+                        controller.clone(),
+                        Arc::new(NoBlobStore),
+                        app::server_settings(&settings),
+                        tls_server::Tls {
+                            credentials: files.reloader.subscribe(),
+                            settings: app::tls_settings(&settings),
+                        },
+                        Connections::new(),
+                        stopped,
+                    ));
+                    (Target::Controller(controller), server, Some(files))
+                } else {
+                    let server = tokio::spawn(server::serve_insecure(
+                        listener,
+                        controller.clone(),
+                        Arc::new(NoBlobStore),
+                        app::server_settings(&settings),
+                        stopped,
+                    ));
+                    (Target::Controller(controller), server, None)
+                }
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Self {
-            controller,
-            url: format!("http://{addr}"),
+            target,
+            url: format!("{scheme}://{addr}"),
             counts,
             stop,
             server,
+            tls,
         })
+    }
+
+    fn controller(&self) -> &Controller {
+        match &self.target {
+            Target::Controller(c) => c,
+            Target::Relay(_) => panic!("the bare relay has no controller"),
+        }
+    }
+
+    /// The SM process for this server (with the client PKI under mTLS).
+    async fn sm_process(&self) -> anyhow::Result<SmProcess> {
+        SmProcess::spawn(&self.url, self.tls.as_ref().map(|t| t.dir.path())).await
     }
 
     /// Waits until `counter` reaches `want` (polled every millisecond); the time it took.
@@ -492,7 +914,9 @@ impl Harness {
 
     async fn stop(self) {
         let _ = self.stop.send(true);
-        self.controller.shutdown().await;
+        if let Target::Controller(controller) = &self.target {
+            controller.shutdown().await;
+        }
         let mut server = self.server;
         if tokio::time::timeout(Duration::from_secs(2), &mut server)
             .await
@@ -642,7 +1066,7 @@ impl Latencies {
 /// caller `c`'s `k`-th call being `(c + k * callers) % nodes`. Returns the latencies, the errors
 /// and the wall time.
 async fn sync_calls(
-    controller: &Controller,
+    target: &Target,
     ids: &Arc<Vec<NodeId>>,
     calls: usize,
     callers: usize,
@@ -650,7 +1074,7 @@ async fn sync_calls(
     let started = Instant::now();
     let tasks: Vec<JoinHandle<(Vec<u64>, usize)>> = (0..callers)
         .map(|c| {
-            let controller = controller.clone();
+            let target = target.clone();
             let ids = ids.clone();
             tokio::spawn(async move {
                 let mut ns = Vec::with_capacity(calls / callers + 1);
@@ -659,9 +1083,9 @@ async fn sync_calls(
                 while c + k * callers < calls {
                     let node = &ids[(c + k * callers) % ids.len()];
                     let t = Instant::now();
-                    let result = controller.get_node_config_status(node).await;
+                    let ok = target.config_status(node).await;
                     ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                    if result.is_err() {
+                    if !ok {
                         errors += 1;
                     }
                     k += 1;
@@ -685,9 +1109,13 @@ async fn sync_calls(
 // ---------------------------------------------------------------------------------------------
 
 /// The controller, plus an SM process with `nodes` registered SMs named `{prefix}-{i}`.
-async fn setup(prefix: &str, nodes: usize) -> anyhow::Result<(Harness, SmProcess)> {
-    let harness = Harness::start().await?;
-    let mut sm = SmProcess::spawn(&harness.url).await?;
+async fn setup(
+    kind: ServerKind,
+    prefix: &str,
+    nodes: usize,
+) -> anyhow::Result<(Harness, SmProcess)> {
+    let harness = Harness::start_kind(kind).await?;
+    let mut sm = harness.sm_process().await?;
     let started = Instant::now();
     let reply = sm
         .request(
@@ -704,7 +1132,8 @@ async fn setup(prefix: &str, nodes: usize) -> anyhow::Result<(Harness, SmProcess
         )
         .await?;
     println!(
-        "{nodes} SMs registered in {:.2} s (SM process: {})",
+        "{nodes} SMs registered with the {} in {:.2} s (SM process: {})",
+        kind.label(),
         started.elapsed().as_secs_f64(),
         reply.join(" ")
     );
@@ -719,10 +1148,12 @@ fn node_ids(prefix: &str, nodes: usize) -> Arc<Vec<NodeId>> {
     )
 }
 
-async fn sync_rtt(options: &Options) -> anyhow::Result<()> {
-    let (harness, sm) = setup("rtt", RTT_NODES).await?;
+async fn sync_rtt(options: &Options, kind: ServerKind) -> anyhow::Result<()> {
+    let (harness, sm) = setup(kind, "rtt", RTT_NODES).await?;
     let ids = node_ids("rtt", RTT_NODES);
-    let controller = harness.controller.clone();
+    let controller = harness.target.clone();
+    let mtls = kind == ServerKind::Tls;
+    let (prefix, how) = if mtls { ("mtls_", ", mTLS") } else { ("", "") };
 
     // Warm-up: one call per node.
     let (_, errors, _) = sync_calls(&controller, &ids, RTT_NODES, 1).await?;
@@ -759,21 +1190,21 @@ async fn sync_rtt(options: &Options) -> anyhow::Result<()> {
     let (p50, p99) = (seq.quantile_us(0.5), seq.quantile_us(0.99));
     summary(
         "N-PERF-1",
-        "sync p50, 1,000 nodes, sequential",
+        &format!("sync p50, 1,000 nodes, sequential{how}"),
         "<= 150 µs",
         format!("{p50:.0} µs"),
         Some(p50 <= 150.0),
     );
     summary(
         "N-PERF-1",
-        "sync p99, 1,000 nodes, sequential",
+        &format!("sync p99, 1,000 nodes, sequential{how}"),
         "<= 500 µs",
         format!("{p99:.0} µs"),
         Some(p99 <= 500.0),
     );
     summary(
         "N-PERF-1",
-        "sync, 64 callers (info)",
+        &format!("sync, 64 callers{how} (info)"),
         "-",
         format!(
             "{conc_rate:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
@@ -782,6 +1213,24 @@ async fn sync_rtt(options: &Options) -> anyhow::Result<()> {
         ),
         None,
     );
+    let id = if mtls { "N-TLS-1" } else { "N-PERF-1" };
+    for (q, value, target) in [("p50", p50, 150.0), ("p99", p99, 500.0)] {
+        Figure::new(id, &format!("{prefix}sync_{q}_us"), value, "µs")
+            .target(Cmp::AtMost, target)
+            .with("nodes", RTT_NODES)
+            .with("calls", options.rtt_calls)
+            .with("mtls", mtls)
+            .emit();
+    }
+    Figure::new(
+        id,
+        &format!("{prefix}sync_calls_per_s_64_callers"),
+        conc_rate,
+        "calls/s",
+    )
+    .with("p50_us", conc.quantile_us(0.5))
+    .with("p99_us", conc.quantile_us(0.99))
+    .emit();
 
     sm.quit().await;
     harness.stop().await;
@@ -793,8 +1242,9 @@ async fn sync_rtt(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn telemetry(options: &Options) -> anyhow::Result<()> {
-    let (harness, mut sm) = setup("tel", TELEMETRY_NODES).await?;
+async fn telemetry(options: &Options, kind: ServerKind) -> anyhow::Result<()> {
+    let (harness, mut sm) = setup(kind, "tel", TELEMETRY_NODES).await?;
+    let mtls = kind == ServerKind::Tls;
     let counts = harness.counts.clone();
     counts.monitoring.store(0, Ordering::Relaxed);
     let per_node = options.telemetry_per_node;
@@ -843,30 +1293,32 @@ async fn telemetry(options: &Options) -> anyhow::Result<()> {
         threads(None),
         mib(rss(None))
     );
+    let (how, name, target) = if mtls {
+        ("mTLS", "mtls_msgs_per_s", 150_000.0)
+    } else {
+        ("insecure", "msgs_per_s", 200_000.0)
+    };
+    let cpu_per_message = controller_cpu.as_secs_f64() * 1e6 / received.max(1) as f64;
     summary(
         "N-PERF-2",
-        "telemetry, 100 SMs, insecure",
-        ">= 200,000 msg/s",
+        &format!("telemetry, 100 SMs, {how}"),
+        &format!(">= {target:.0} msg/s"),
         format!("{rate:.0} msg/s"),
-        Some(rate >= 200_000.0),
+        Some(rate >= target),
     );
     summary(
         "N-PERF-2",
-        "controller CPU per message (info)",
+        &format!("controller CPU per message, {how} (info)"),
         "-",
-        format!(
-            "{:.2} µs",
-            controller_cpu.as_secs_f64() * 1e6 / received.max(1) as f64
-        ),
+        format!("{cpu_per_message:.2} µs"),
         None,
     );
-    summary(
-        "N-PERF-2",
-        "telemetry with mTLS",
-        ">= 150,000 msg/s",
-        "not measured (insecure only)".into(),
-        None,
-    );
+    Figure::new("N-PERF-2", name, rate, "msg/s")
+        .target(Cmp::AtLeast, target)
+        .with("nodes", TELEMETRY_NODES)
+        .with("messages", received)
+        .with("controller_cpu_us_per_msg", cpu_per_message)
+        .emit();
     sm.quit().await;
     harness.stop().await;
     drained.map(drop)
@@ -875,7 +1327,7 @@ async fn telemetry(options: &Options) -> anyhow::Result<()> {
 async fn scale(options: &Options) -> anyhow::Result<()> {
     let nodes = options.scale_nodes;
     let harness = Harness::start().await?;
-    let mut sm = SmProcess::spawn(&harness.url).await?;
+    let mut sm = harness.sm_process().await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss(None);
     let threads_before = threads(None);
@@ -905,9 +1357,9 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
     );
     println!("  {}", cpu.describe());
     ensure!(
-        harness.controller.node_count() == nodes,
+        harness.controller().node_count() == nodes,
         "the registry holds {} nodes, not {nodes}",
-        harness.controller.node_count()
+        harness.controller().node_count()
     );
 
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -930,7 +1382,7 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
         sm.request(&format!("arm_cloud {want}"), Duration::from_secs(10))
             .await?;
         let started = Instant::now();
-        harness.controller.set_cloud_connected(connected);
+        harness.controller().set_cloud_connected(connected);
         let call = started.elapsed();
         let reply = sm
             .request("await_cloud 10000", Duration::from_secs(15))
@@ -948,7 +1400,7 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
 
     // A sync-call sample at this scale.
     let ids = node_ids("scale", nodes);
-    let (lat, errors, wall) = sync_calls(&harness.controller, &ids, 2_000, 1).await?;
+    let (lat, errors, wall) = sync_calls(&harness.target, &ids, 2_000, 1).await?;
     println!(
         "sync calls at {nodes} nodes, 2,000 sequential: {}; {:.0} calls/s; {errors} errors",
         lat.describe(),
@@ -975,7 +1427,7 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
         mib(rss(None)),
         mib(rss_peak),
         threads(None),
-        harness.controller.node_count()
+        harness.controller().node_count()
     );
 
     let worst_fanout = fanout.iter().max().copied().unwrap_or_default();
@@ -1007,15 +1459,122 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
         format!("{:.1} ms", worst_fanout.as_secs_f64() * 1e3),
         Some(worst_fanout <= Duration::from_millis(500)),
     );
+    Figure::new("N-SCALE-1", "registration_s", registered.as_secs_f64(), "s")
+        .target(Cmp::AtMost, 10.0)
+        .with("nodes", nodes)
+        .emit();
+    Figure::new("N-SCALE-1", "rss_mib", mib(rss_after), "MiB")
+        .target(Cmp::AtMost, 640.0)
+        .with("nodes", nodes)
+        .emit();
+    Figure::new(
+        "N-SCALE-1",
+        "rss_per_node_kib",
+        per_node as f64 / 1024.0,
+        "KiB",
+    )
+    .target(Cmp::AtMost, 64.0)
+    .with("nodes", nodes)
+    .emit();
+    Figure::new(
+        "N-SCALE-1",
+        "cloud_fanout_ms",
+        worst_fanout.as_secs_f64() * 1e3,
+        "ms",
+    )
+    .target(Cmp::AtMost, 500.0)
+    .with("nodes", nodes)
+    .with("of", "worst of connected and disconnected")
+    .emit();
     sm.quit().await;
     harness.stop().await;
     left.map(drop)
 }
 
+/// One point of the floor comparison (N-PERF-3): `nodes` SMs on `kind` (the controller or the
+/// bare relay), sequential sync calls, and the process's VmRSS before and after they connected.
+async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyhow::Result<()> {
+    let harness = Harness::start_kind(kind).await?;
+    let mut sm = harness.sm_process().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss(None);
+    sm.request(
+        &format!("connect floor {nodes} {CONNECT_CONCURRENCY}"),
+        Duration::from_secs(120),
+    )
+    .await?;
+    harness
+        .wait_count(
+            "nodes registered",
+            |c| c.connected.load(Ordering::Relaxed),
+            nodes as u64,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let ids = node_ids("floor", nodes);
+    let (_, errors, _) = sync_calls(&harness.target, &ids, nodes.max(100), 1).await?;
+    ensure!(errors == 0, "{errors} warm-up calls failed");
+    let (lat, errors, wall) = sync_calls(&harness.target, &ids, options.rtt_calls, 1).await?;
+    ensure!(errors == 0, "{errors} sync calls failed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss(None);
+    let per_node = rss_after.saturating_sub(rss_before) as f64 / nodes as f64;
+    println!(
+        "{}, {nodes} nodes, {} sequential calls: {}; {:.0} calls/s",
+        kind.label(),
+        options.rtt_calls,
+        lat.describe(),
+        options.rtt_calls as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "  VmRSS {:.1} MiB before the SMs connected, {:.1} MiB after ({:.1} KiB per node), {} \
+         threads, {} nodes registered",
+        mib(rss_before),
+        mib(rss_after),
+        per_node / 1024.0,
+        threads(None),
+        harness.target.node_count()
+    );
+    let server = if kind == ServerKind::Relay {
+        "relay"
+    } else {
+        "controller"
+    };
+    for (q, p) in [("p50", 0.5), ("p99", 0.99)] {
+        Figure::new(
+            "N-PERF-3",
+            &format!("{server}_sync_{q}_{nodes}_nodes"),
+            lat.quantile_us(p),
+            "µs",
+        )
+        .with("calls", options.rtt_calls)
+        .emit();
+    }
+    if nodes == 1_000 {
+        Figure::new(
+            "N-PERF-3",
+            &format!("{server}_rss_{nodes}_nodes"),
+            mib(rss_after),
+            "MiB",
+        )
+        .emit();
+        Figure::new(
+            "N-PERF-3",
+            &format!("{server}_rss_per_node_{nodes}_nodes"),
+            per_node / 1024.0,
+            "KiB",
+        )
+        .emit();
+    }
+    sm.quit().await;
+    harness.stop().await;
+    Ok(())
+}
+
 async fn churn(options: &Options) -> anyhow::Result<()> {
     let rounds = options.cycles.div_ceil(CHURN_NODES).max(1);
     let harness = Harness::start().await?;
-    let mut sm = SmProcess::spawn(&harness.url).await?;
+    let mut sm = harness.sm_process().await?;
 
     // Warm-up rounds, then the baseline.
     let mut expected = 0u64;
@@ -1107,6 +1666,13 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         format!("{diff:+.1} % ({:.1} -> {:.1} MiB)", mib(baseline), mib(end)),
         Some(diff.abs() <= 10.0),
     );
+    Figure::new("N-LEAK-1", "rss_change_pct", diff, "%")
+        .target(Cmp::AbsAtMost, 10.0)
+        .with("cycles", cycles)
+        .with("baseline_after_cycles", CHURN_WARMUP_ROUNDS * CHURN_NODES)
+        .with("baseline_mib", mib(baseline))
+        .with("end_mib", mib(end))
+        .emit();
     if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
         let growth = (last.1 as f64 / first.1 as f64 - 1.0) * 100.0;
         summary(
@@ -1152,11 +1718,11 @@ async fn churn_round(harness: &Harness, sm: &mut SmProcess, expected: u64) -> an
         )
         .await?;
     let started = Instant::now();
-    while harness.controller.node_count() != 0 {
+    while harness.controller().node_count() != 0 {
         ensure!(
             started.elapsed() < Duration::from_secs(10),
             "{} nodes still in the registry after every disconnect",
-            harness.controller.node_count()
+            harness.controller().node_count()
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1176,11 +1742,14 @@ struct SmProcess {
 }
 
 impl SmProcess {
-    async fn spawn(url: &str) -> anyhow::Result<Self> {
+    async fn spawn(url: &str, pki: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut child = tokio::process::Command::new(exe)
-            .arg("--sm-child")
-            .arg(url)
+        let mut command = tokio::process::Command::new(exe);
+        command.arg("--sm-child").arg(url);
+        if let Some(dir) = pki {
+            command.arg("--pki").arg(dir);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1246,6 +1815,13 @@ impl SmProcess {
 /// What every node of the SM process shares.
 struct Fleet {
     url: String,
+    /// The client side of mTLS (a fresh rustls config, hence no session resumption, for each
+    /// connection), and the PKI directory it came from.
+    tls: Option<(ClientTlsConfig, std::path::PathBuf)>,
+    /// Whether a node whose stream ends opens a new connection and registers again at once.
+    reconnect: std::sync::atomic::AtomicBool,
+    reconnects: AtomicU64,
+    reconnect_errors: AtomicU64,
     instances: Vec<InstanceStatus>,
     /// Nodes whose last `connection_status` said connected.
     cloud_up: AtomicUsize,
@@ -1275,64 +1851,125 @@ struct LeanNode {
     task: JoinHandle<()>,
 }
 
-async fn connect_node(fleet: Arc<Fleet>, id: String) -> anyhow::Result<LeanNode> {
-    let channel = Endpoint::from_shared(fleet.url.clone())?
+/// A new connection (a full TLS handshake under mTLS) and a `RegisterSM` stream for `id`: the
+/// request stream's only strong sender, and the inbound stream.
+async fn open_stream(
+    fleet: &Fleet,
+    id: &str,
+) -> anyhow::Result<(
+    mpsc::Sender<SmOutgoingMessages>,
+    Streaming<SmIncomingMessages>,
+)> {
+    let mut endpoint = Endpoint::from_shared(fleet.url.clone())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(20))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .context("connect")?;
+        .keep_alive_while_idle(true);
+    if let Some((tls, _)) = &fleet.tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    let channel = endpoint.connect().await.context("connect")?;
     let (tx, rx) = mpsc::channel(256);
-    tx.send(messages::sm_info(&id)).await?;
+    tx.send(messages::sm_info(id)).await?;
     tx.send(messages::node_instances_status(&fleet.instances))
         .await?;
     let mut client = SmServiceClient::new(channel);
-    let mut inbound = client
+    let inbound = client
         .register_sm(ReceiverStream::new(rx))
         .await
         .context("RegisterSM")?
         .into_inner();
+    Ok((tx, inbound))
+}
+
+/// Answers the controller on one stream until it ends.
+async fn serve_stream(
+    fleet: &Fleet,
+    mut inbound: Streaming<SmIncomingMessages>,
+    replies: mpsc::WeakSender<SmOutgoingMessages>,
+) {
+    let mut cloud = -1;
+    while let Ok(Some(message)) = inbound.message().await {
+        match message.sm_incoming_message {
+            Some(SmIncomingMessage::GetNodeConfigStatus(_)) => {
+                fleet.config_requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(tx) = replies.upgrade() {
+                    let _ = tx
+                        .send(messages::node_config_status("absent", "", None))
+                        .await;
+                }
+            }
+            Some(SmIncomingMessage::ConnectionStatus(status)) => {
+                let now_up = status.cloud_status == 1;
+                if now_up && cloud != 1 {
+                    let up = fleet.cloud_up.fetch_add(1, Ordering::AcqRel) + 1;
+                    fleet.cloud_changed(up);
+                } else if !now_up && cloud == 1 {
+                    let up = fleet.cloud_up.fetch_sub(1, Ordering::AcqRel) - 1;
+                    fleet.cloud_changed(up);
+                }
+                cloud = status.cloud_status;
+            }
+            _ => {}
+        }
+    }
+    if cloud == 1 {
+        fleet.cloud_up.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Most reconnect attempts one node makes in a row before it gives up.
+const RECONNECT_ATTEMPTS: u32 = 50;
+
+async fn connect_node(fleet: Arc<Fleet>, id: String) -> anyhow::Result<LeanNode> {
+    let (tx, inbound) = open_stream(&fleet, &id).await?;
     let replies = tx.downgrade();
     let task = tokio::spawn(async move {
-        let mut cloud = -1;
-        while let Ok(Some(message)) = inbound.message().await {
-            match message.sm_incoming_message {
-                Some(SmIncomingMessage::GetNodeConfigStatus(_)) => {
-                    fleet.config_requests.fetch_add(1, Ordering::Relaxed);
-                    if let Some(tx) = replies.upgrade() {
-                        let _ = tx
-                            .send(messages::node_config_status("absent", "", None))
-                            .await;
-                    }
+        serve_stream(&fleet, inbound, replies).await;
+        // With `reconnect` on (the renewal storm), register again at once on a new connection.
+        // Such a stream's sender lives here: the SM process exits rather than closing it.
+        let mut failures = 0;
+        while fleet.reconnect.load(Ordering::Acquire) && failures < RECONNECT_ATTEMPTS {
+            match open_stream(&fleet, &id).await {
+                Ok((tx, inbound)) => {
+                    failures = 0;
+                    fleet.reconnects.fetch_add(1, Ordering::Relaxed);
+                    serve_stream(&fleet, inbound, tx.downgrade()).await;
+                    drop(tx);
                 }
-                Some(SmIncomingMessage::ConnectionStatus(status)) => {
-                    let now_up = status.cloud_status == 1;
-                    if now_up && cloud != 1 {
-                        let up = fleet.cloud_up.fetch_add(1, Ordering::AcqRel) + 1;
-                        fleet.cloud_changed(up);
-                    } else if !now_up && cloud == 1 {
-                        let up = fleet.cloud_up.fetch_sub(1, Ordering::AcqRel) - 1;
-                        fleet.cloud_changed(up);
-                    }
-                    cloud = status.cloud_status;
+                Err(_) => {
+                    failures += 1;
+                    fleet.reconnect_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                _ => {}
             }
         }
-        if cloud == 1 {
-            fleet.cloud_up.fetch_sub(1, Ordering::AcqRel);
-        }
-        drop(client);
     });
     Ok(LeanNode { tx, task })
 }
 
-async fn sm_child(url: String) -> anyhow::Result<()> {
+async fn sm_child(url: String, pki: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let tls = match pki {
+        Some(dir) => {
+            let read = |file: &str| {
+                std::fs::read_to_string(dir.join(file))
+                    .with_context(|| format!("reading {}", dir.join(file).display()))
+            };
+            let config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+                .identity(Identity::from_pem(read("client.pem")?, read("client.key")?))
+                .domain_name("localhost");
+            Some((config, dir))
+        }
+        None => None,
+    };
     let fleet = Arc::new(Fleet {
         url,
+        tls,
+        reconnect: std::sync::atomic::AtomicBool::new(false),
+        reconnects: AtomicU64::new(0),
+        reconnect_errors: AtomicU64::new(0),
         instances: messages::initial_instances(3),
         cloud_up: AtomicUsize::new(0),
         cloud_want: AtomicUsize::new(usize::MAX),
@@ -1353,6 +1990,10 @@ async fn sm_child(url: String) -> anyhow::Result<()> {
         };
         out.write_all(format!("{reply}\n").as_bytes()).await?;
         out.flush().await?;
+    }
+    if fleet.reconnect.load(Ordering::Acquire) {
+        // Reconnected streams have no sender here to drop: leave without closing them.
+        std::process::exit(0);
     }
     close_all(&mut nodes).await;
     Ok(())
@@ -1477,6 +2118,29 @@ async fn sm_command(
                 "reached {want}: first to last node {:.1} ms",
                 last.saturating_sub(first) as f64 / 1e6
             )
+        }
+        // reconnect 0|1: whether ended streams register again at once.
+        "reconnect" => {
+            let on: u8 = arg(words, 1)?;
+            fleet.reconnect.store(on == 1, Ordering::Release);
+            format!("reconnect {on}")
+        }
+        "reconnects" => format!(
+            "reconnects {} errors {}",
+            fleet.reconnects.load(Ordering::Relaxed),
+            fleet.reconnect_errors.load(Ordering::Relaxed)
+        ),
+        // handshakes COUNT CONCURRENCY MAX_MS
+        "handshakes" => {
+            let dir = &fleet.tls.as_ref().context("handshakes need --pki")?.1;
+            tls::handshake_burst(
+                &fleet.url,
+                dir,
+                arg(words, 1)?,
+                arg(words, 2)?,
+                Duration::from_millis(arg(words, 3)?),
+            )
+            .await?
         }
         "close" => {
             let started = Instant::now();

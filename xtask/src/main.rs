@@ -7,6 +7,9 @@
 //!   `smcontroller-demo` binary), with ARGS passed through. It runs over mTLS with a development
 //!   PKI it writes to a temporary directory; `cargo xtask demo --insecure` runs it over plain
 //!   HTTP/2.
+//! - `cargo xtask bench [--quick] [ARGS..]`: the controller benchmark (every scenario of
+//!   `smcontroller-daemon/benches/controller.rs`, mTLS and the bare-relay floor included), with
+//!   the figures written to `target/bench/results.json`. See [`bench`].
 //! - `cargo xtask gen-certs DIR [--nodes N]`: a development PKI (CA, server, one client per node,
 //!   and the bad clients the tests refuse) for running over mTLS. See [`gen_certs`].
 //!
@@ -47,6 +50,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Runs the controller benchmark (contract section 4, mTLS and the bare-relay floor
+    /// included) and writes the figures to target/bench/results.json.
+    Bench {
+        /// Smaller counts, for a run under 2 minutes (said in the output and in the JSON).
+        #[arg(long)]
+        quick: bool,
+        /// More arguments for the bench executable as they are: scenario names
+        /// (sync-rtt, telemetry, scale, churn, floor, mtls-rtt, mtls-telemetry, handshakes,
+        /// renewal-storm), --cycles N, --scale-nodes N, ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Writes a development PKI for mTLS into DIR: ca.pem, server.pem/.key, client-node-N.pem/.key
     /// per node, and refused clients (expired, foreign CA, server-only).
     GenCerts {
@@ -64,6 +79,7 @@ fn main() -> ExitCode {
     let outcome = match cli.task {
         Task::Ci { step } => ci::run(&root, step),
         Task::Demo { args } => demo(&root, &args),
+        Task::Bench { quick, args } => bench(&root, quick, &args),
         Task::GenCerts { dir, nodes } => gen_certs::run(&dir, nodes).map(|()| ExitCode::SUCCESS),
     };
     match outcome {
@@ -98,6 +114,30 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
             "--",
         ])
         .args(args);
+    eprintln!("xtask: {cmd}");
+    cmd.hand_over()
+}
+
+/// `cargo bench -p smcontroller-daemon --bench controller -- --json target/bench/results.json
+/// [--quick] ARGS`: the bench builds in release, runs each scenario in processes of its own on
+/// 127.0.0.1, prints the figures beside their targets and floors, and writes them as JSON.
+fn bench(root: &Path, quick: bool, args: &[String]) -> anyhow::Result<ExitCode> {
+    let results = root.join("target").join("bench").join("results.json");
+    let mut cmd = Cmd::cargo(root)
+        .args([
+            "bench",
+            "-p",
+            "smcontroller-daemon",
+            "--bench",
+            "controller",
+            "--",
+            "--json",
+        ])
+        .args([results.display().to_string()]);
+    if quick {
+        cmd = cmd.args(["--quick"]);
+    }
+    let cmd = cmd.args(args);
     eprintln!("xtask: {cmd}");
     cmd.hand_over()
 }
