@@ -161,9 +161,9 @@ fn call(controller: &Controller, command: Outbound) -> Option<JoinHandle<Result<
             Outbound::UpdateInstances { stop, start } => {
                 c.update_instances(&node, &stop, &start).await.map(done)
             }
-            Outbound::SystemLog(q) => c.request_log(&log(q, LogType::System)).await.map(done),
-            Outbound::InstanceLog(q) => c.request_log(&log(q, LogType::Instance)).await.map(done),
-            Outbound::CrashLog(q) => c.request_log(&log(q, LogType::Crash)).await.map(done),
+            Outbound::SystemLog(q) => c.request_log(&log(*q, LogType::System)).await.map(done),
+            Outbound::InstanceLog(q) => c.request_log(&log(*q, LogType::Instance)).await.map(done),
+            Outbound::CrashLog(q) => c.request_log(&log(*q, LogType::Crash)).await.map(done),
             Outbound::ConnectionStatus(_) | Outbound::UpdateNetworks(_) => unreachable!(),
         }
     }))

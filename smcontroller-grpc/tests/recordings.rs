@@ -545,12 +545,12 @@ fn the_reference_controllers_commands_read_with_their_values() {
         }],
     };
     let system_log = |correlation_id: &str, from: SystemTime| {
-        Outbound::SystemLog(LogQuery {
+        Outbound::SystemLog(Box::new(LogQuery {
             correlation_id: correlation_id.into(),
             filter: api::InstanceFilter::default(),
             from: Some(from),
             till: None,
-        })
+        }))
     };
     assert_eq!(
         commands,
@@ -558,14 +558,14 @@ fn the_reference_controllers_commands_read_with_their_values() {
             Outbound::ConnectionStatus(true),
             Outbound::GetNodeConfigStatus,
             Outbound::GetAverageMonitoring,
-            Outbound::CheckNodeConfig(config("1.0.1")),
-            Outbound::SetNodeConfig(config("1.0.1")),
+            Outbound::CheckNodeConfig(Box::new(config("1.0.1"))),
+            Outbound::SetNodeConfig(Box::new(config("1.0.1"))),
             start("1"),
             system_log("log-node-a-1", at(1_795_628_271, 60_513_959)),
             Outbound::GetNodeConfigStatus,
             Outbound::GetAverageMonitoring,
-            Outbound::CheckNodeConfig(config("1.0.2")),
-            Outbound::SetNodeConfig(config("1.0.2")),
+            Outbound::CheckNodeConfig(Box::new(config("1.0.2"))),
+            Outbound::SetNodeConfig(Box::new(config("1.0.2"))),
             start("2"),
             system_log("log-node-a-2", at(1_795_628_273, 65_902_942)),
         ]

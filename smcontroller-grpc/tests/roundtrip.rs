@@ -298,15 +298,16 @@ fn update_network() -> impl Strategy<Value = api::UpdateNetworkParameters> {
 fn outbound() -> impl Strategy<Value = Outbound> {
     prop_oneof![
         Just(Outbound::GetNodeConfigStatus),
-        node_config().prop_map(Outbound::CheckNodeConfig),
-        node_config().prop_map(Outbound::SetNodeConfig),
+        node_config().prop_map(|c| Outbound::CheckNodeConfig(Box::new(c))),
+        node_config().prop_map(|c| Outbound::SetNodeConfig(Box::new(c))),
         (vec(ident(), 0..3), vec(instance_info(), 0..3))
             .prop_map(|(stop, start)| Outbound::UpdateInstances { stop, start }),
         vec(update_network(), 0..3).prop_map(Outbound::UpdateNetworks),
         // A system log request carries no filter.
-        log_query(Just(api::InstanceFilter::default()).boxed()).prop_map(Outbound::SystemLog),
-        log_query(filter().boxed()).prop_map(Outbound::InstanceLog),
-        log_query(filter().boxed()).prop_map(Outbound::CrashLog),
+        log_query(Just(api::InstanceFilter::default()).boxed())
+            .prop_map(|q| Outbound::SystemLog(Box::new(q))),
+        log_query(filter().boxed()).prop_map(|q| Outbound::InstanceLog(Box::new(q))),
+        log_query(filter().boxed()).prop_map(|q| Outbound::CrashLog(Box::new(q))),
         Just(Outbound::GetAverageMonitoring),
         any::<bool>().prop_map(Outbound::ConnectionStatus),
     ]
@@ -620,7 +621,7 @@ proptest! {
     #[test]
     fn node_config_version_travels_beside_the_document(config in node_config()) {
         let Some(SmIncomingMessage::CheckNodeConfig(check)) =
-            pb::SmIncomingMessages::from(Outbound::CheckNodeConfig(config.clone()))
+            pb::SmIncomingMessages::from(Outbound::CheckNodeConfig(Box::new(config.clone())))
                 .sm_incoming_message
         else {
             panic!("not check_node_config");
@@ -1003,10 +1004,10 @@ fn an_absent_log_filter_means_any_instance() {
     ));
     assert_eq!(
         Outbound::try_from(message),
-        Ok(Outbound::InstanceLog(LogQuery {
+        Ok(Outbound::InstanceLog(Box::new(LogQuery {
             correlation_id: "c".into(),
             ..Default::default()
-        }))
+        })))
     );
 }
 

@@ -325,7 +325,7 @@ fn unknown_fields_from_a_newer_sm_are_skipped() {
 fn node_config_goes_as_json_with_its_version() {
     let mut config = api::NodeConfig::new("1.0.0", "main");
     config.priority = 1;
-    let message = pb::SmIncomingMessages::from(Outbound::SetNodeConfig(config));
+    let message = pb::SmIncomingMessages::from(Outbound::SetNodeConfig(Box::new(config)));
     let json = br#"{"version":"1.0.0","nodeGroupSubject":{"codename":"main"},"priority":1}"#;
     assert_eq!(json.len(), 71);
     let mut expected = vec![

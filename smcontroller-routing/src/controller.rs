@@ -291,13 +291,13 @@ impl Controller {
 #[async_trait]
 impl NodeConfigHandler for Controller {
     async fn check_node_config(&self, node: &NodeId, config: &NodeConfig) -> Result<()> {
-        let command = Outbound::CheckNodeConfig(config.clone());
+        let command = Outbound::CheckNodeConfig(Box::new(config.clone()));
         self.node_config_change(node, command, &config.version)
             .await
     }
 
     async fn update_node_config(&self, node: &NodeId, config: &NodeConfig) -> Result<()> {
-        let command = Outbound::SetNodeConfig(config.clone());
+        let command = Outbound::SetNodeConfig(Box::new(config.clone()));
         self.node_config_change(node, command, &config.version)
             .await
     }
@@ -385,9 +385,9 @@ impl LogProvider for Controller {
         let mut gone = Vec::new();
         for (node, link) in links {
             let command = match request.log_type {
-                LogType::System => Outbound::SystemLog(query.clone()),
-                LogType::Instance => Outbound::InstanceLog(query.clone()),
-                LogType::Crash => Outbound::CrashLog(query.clone()),
+                LogType::System => Outbound::SystemLog(Box::new(query.clone())),
+                LogType::Instance => Outbound::InstanceLog(Box::new(query.clone())),
+                LogType::Crash => Outbound::CrashLog(Box::new(query.clone())),
             };
             if link.send(command).is_err() {
                 gone.push(node);

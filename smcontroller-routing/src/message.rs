@@ -10,14 +10,17 @@ use smcontroller_api::{
 };
 
 /// A command to one SM (`SMIncomingMessages`).
+///
+/// Its large bodies are boxed: every stream's outgoing queue allocates room for a block of
+/// commands as soon as it is made, so the size of this enum is memory per connected node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     /// `get_node_config_status`.
     GetNodeConfigStatus,
     /// `check_node_config`.
-    CheckNodeConfig(NodeConfig),
+    CheckNodeConfig(Box<NodeConfig>),
     /// `set_node_config`.
-    SetNodeConfig(NodeConfig),
+    SetNodeConfig(Box<NodeConfig>),
     /// `update_instances`.
     UpdateInstances {
         /// Instances to stop.
@@ -28,11 +31,11 @@ pub enum Outbound {
     /// `update_networks`.
     UpdateNetworks(Vec<UpdateNetworkParameters>),
     /// `system_log_request`.
-    SystemLog(LogQuery),
+    SystemLog(Box<LogQuery>),
     /// `instance_log_request`.
-    InstanceLog(LogQuery),
+    InstanceLog(Box<LogQuery>),
     /// `instance_crash_log_request`.
-    CrashLog(LogQuery),
+    CrashLog(Box<LogQuery>),
     /// `get_average_monitoring`.
     GetAverageMonitoring,
     /// `connection_status`: `true` when the unit is connected to the cloud.

@@ -43,9 +43,11 @@ impl From<Outbound> for pb::SmIncomingMessages {
                     networks: networks.into_iter().map(Into::into).collect(),
                 })
             }
-            Outbound::SystemLog(query) => SmIncomingMessage::SystemLogRequest(query.into()),
-            Outbound::InstanceLog(query) => SmIncomingMessage::InstanceLogRequest(query.into()),
-            Outbound::CrashLog(query) => SmIncomingMessage::InstanceCrashLogRequest(query.into()),
+            Outbound::SystemLog(query) => SmIncomingMessage::SystemLogRequest((*query).into()),
+            Outbound::InstanceLog(query) => SmIncomingMessage::InstanceLogRequest((*query).into()),
+            Outbound::CrashLog(query) => {
+                SmIncomingMessage::InstanceCrashLogRequest((*query).into())
+            }
             Outbound::GetAverageMonitoring => {
                 SmIncomingMessage::GetAverageMonitoring(pb::GetAverageMonitoring {})
             }
@@ -78,14 +80,12 @@ impl TryFrom<pb::SmIncomingMessages> for Outbound {
         ))?;
         Ok(match message {
             SmIncomingMessage::GetNodeConfigStatus(_) => Self::GetNodeConfigStatus,
-            SmIncomingMessage::CheckNodeConfig(c) => Self::CheckNodeConfig(node_config_from_json(
-                "check_node_config.node_config",
-                &c.node_config,
-            )?),
-            SmIncomingMessage::SetNodeConfig(c) => Self::SetNodeConfig(node_config_from_json(
-                "set_node_config.node_config",
-                &c.node_config,
-            )?),
+            SmIncomingMessage::CheckNodeConfig(c) => Self::CheckNodeConfig(Box::new(
+                node_config_from_json("check_node_config.node_config", &c.node_config)?,
+            )),
+            SmIncomingMessage::SetNodeConfig(c) => Self::SetNodeConfig(Box::new(
+                node_config_from_json("set_node_config.node_config", &c.node_config)?,
+            )),
             SmIncomingMessage::UpdateInstances(u) => Self::UpdateInstances {
                 stop: idents_from_proto(u.stop_instances)?,
                 start: u
@@ -94,9 +94,11 @@ impl TryFrom<pb::SmIncomingMessages> for Outbound {
                     .map(TryInto::try_into)
                     .collect::<Result<_, _>>()?,
             },
-            SmIncomingMessage::SystemLogRequest(r) => Self::SystemLog(r.try_into()?),
-            SmIncomingMessage::InstanceLogRequest(r) => Self::InstanceLog(r.try_into()?),
-            SmIncomingMessage::InstanceCrashLogRequest(r) => Self::CrashLog(r.try_into()?),
+            SmIncomingMessage::SystemLogRequest(r) => Self::SystemLog(Box::new(r.try_into()?)),
+            SmIncomingMessage::InstanceLogRequest(r) => Self::InstanceLog(Box::new(r.try_into()?)),
+            SmIncomingMessage::InstanceCrashLogRequest(r) => {
+                Self::CrashLog(Box::new(r.try_into()?))
+            }
             SmIncomingMessage::GetAverageMonitoring(_) => Self::GetAverageMonitoring,
             SmIncomingMessage::ConnectionStatus(s) => {
                 match pb::ConnectionEnum::try_from(s.cloud_status) {
