@@ -14,6 +14,7 @@
 mod controller;
 mod lifecycle;
 pub mod message;
+mod queue;
 mod receivers;
 mod session;
 mod settings;

@@ -21,7 +21,7 @@ use std::{
 
 use futures::{FutureExt, Stream, StreamExt};
 use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -29,6 +29,7 @@ use crate::{
     Receivers,
     lifecycle::{Link, Registry, SessionEnd},
     message::{EndCode, EndStatus, Inbound, InboundEvent},
+    queue::{self, TrySendError},
     waiters::{Delivery, Reply},
 };
 
@@ -130,7 +131,7 @@ where
     }
     info!(runtimes = info.runtimes.len(), "node registered");
 
-    let (queue, queued) = mpsc::channel(ctx.queue_bound.max(1));
+    let (queue, queued) = queue::bounded(ctx.queue_bound);
     let (reason_tx, reason_rx) = oneshot::channel();
     ctx.spawn(
         dispatch(
@@ -192,10 +193,10 @@ where
         // Lossless backpressure: while the queue is full the stream is not read.
         let telemetry = match queue.try_send(telemetry) {
             Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(TrySendError::Closed) => {
                 break DisconnectReason::Error("dispatcher stopped".into());
             }
-            Err(mpsc::error::TrySendError::Full(telemetry)) => telemetry,
+            Err(TrySendError::Full(telemetry)) => telemetry,
         };
         let stalls = link.stalls.fetch_add(1, Ordering::Relaxed) + 1;
         link.stalled.store(true, Ordering::Relaxed);
@@ -300,7 +301,7 @@ where
 async fn dispatch(
     ctx: Arc<Context>,
     info: SmInfo,
-    mut queued: mpsc::Receiver<Telemetry>,
+    mut queued: queue::Receiver<Telemetry>,
     predecessor: Option<watch::Receiver<()>>,
     reason: oneshot::Receiver<DisconnectReason>,
     session_end: SessionEnd,
@@ -336,8 +337,9 @@ async fn dispatch(
         let message = tokio::select! {
             biased;
             () = &mut shutdown => {
-                if !queued.is_empty() {
-                    warn!(dropped = queued.len(), "stopping: queued messages not delivered");
+                let dropped = queued.len();
+                if dropped != 0 {
+                    warn!(dropped, "stopping: queued messages not delivered");
                 }
                 break;
             }

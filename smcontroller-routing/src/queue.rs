@@ -1,0 +1,223 @@
+//! A bounded queue from one stream's reader to its dispatcher that holds memory only for what
+//! is queued.
+//!
+//! tokio's `mpsc` allocates a block of 32 slots when the channel is made; with one queue per
+//! connected node that block was a good part of the controller's memory per node (N-PERF-3),
+//! although a node whose receivers keep up has one or two messages queued at a time. This queue
+//! is a `VecDeque` that grows with what is queued, up to the bound, and gives back what a burst
+//! made it take once it is empty again.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use tokio::sync::Notify;
+
+/// Capacity kept once the queue is empty again after a burst.
+const KEEP: usize = 4;
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    bound: usize,
+    /// Woken when an item is queued or the sender is gone.
+    readable: Notify,
+    /// Woken when an item is taken or the receiver is gone.
+    writable: Notify,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    sender_gone: bool,
+    receiver_gone: bool,
+}
+
+impl<T> Shared<T> {
+    fn state(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why an item was not queued.
+#[derive(Debug)]
+pub(crate) enum TrySendError<T> {
+    /// The queue holds `bound` items.
+    Full(T),
+    /// The receiver is gone.
+    Closed,
+}
+
+/// The reader's end.
+pub(crate) struct Sender<T>(Arc<Shared<T>>);
+
+/// The dispatcher's end.
+pub(crate) struct Receiver<T>(Arc<Shared<T>>);
+
+/// A queue of at most `bound` items (at least 1).
+pub(crate) fn bounded<T>(bound: usize) -> (Sender<T>, Receiver<T>) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            sender_gone: false,
+            receiver_gone: false,
+        }),
+        bound: bound.max(1),
+        readable: Notify::new(),
+        writable: Notify::new(),
+    });
+    (Sender(shared.clone()), Receiver(shared))
+}
+
+impl<T> Sender<T> {
+    /// Queues `item` unless the queue is full or the receiver is gone.
+    pub(crate) fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        let mut state = self.0.state();
+        if state.receiver_gone {
+            return Err(TrySendError::Closed);
+        }
+        if state.items.len() >= self.0.bound {
+            return Err(TrySendError::Full(item));
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.0.readable.notify_one();
+        Ok(())
+    }
+
+    /// Queues `item`, waiting for room; `Err` if the receiver is gone.
+    pub(crate) async fn send(&self, mut item: T) -> Result<(), ()> {
+        loop {
+            // Registered before the check: a wake between the check and the wait is kept.
+            let writable = self.0.writable.notified();
+            match self.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Closed) => return Err(()),
+                Err(TrySendError::Full(back)) => item = back,
+            }
+            writable.await;
+        }
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        self.0.state().sender_gone = true;
+        self.0.readable.notify_one();
+    }
+}
+
+impl<T> Receiver<T> {
+    /// The next item; `None` once the sender is gone and everything was taken.
+    pub(crate) async fn recv(&mut self) -> Option<T> {
+        loop {
+            let readable = self.0.readable.notified();
+            {
+                let mut state = self.0.state();
+                if let Some(item) = state.items.pop_front() {
+                    if state.items.is_empty() && state.items.capacity() > KEEP {
+                        state.items.shrink_to(KEEP);
+                    }
+                    drop(state);
+                    self.0.writable.notify_one();
+                    return Some(item);
+                }
+                if state.sender_gone {
+                    return None;
+                }
+            }
+            readable.await;
+        }
+    }
+
+    /// How many items are queued.
+    pub(crate) fn len(&self) -> usize {
+        self.0.state().items.len()
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.receiver_gone = true;
+        state.items.clear();
+        drop(state);
+        self.0.writable.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn items_come_out_in_order_and_the_bound_holds() {
+        let (tx, mut rx) = bounded(2);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
+        assert_eq!(rx.len(), 2);
+        assert_eq!(rx.recv().await, Some(1));
+        tx.try_send(3).unwrap();
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, Some(3));
+        drop(tx);
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_the_sender_wait_until_an_item_is_taken() {
+        let (tx, mut rx) = bounded(1);
+        tx.try_send(1).unwrap();
+        let sender = tokio::spawn(async move {
+            tx.send(2).await.unwrap();
+            tx
+        });
+        tokio::task::yield_now().await;
+        assert!(!sender.is_finished());
+        assert_eq!(rx.recv().await, Some(1));
+        let _tx = tokio::time::timeout(WAIT, sender).await.unwrap().unwrap();
+        assert_eq!(rx.recv().await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_by_an_item_and_by_the_senders_end() {
+        let (tx, mut rx) = bounded::<u32>(4);
+        let receiver = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let end = rx.recv().await;
+            (first, end)
+        });
+        tokio::task::yield_now().await;
+        tx.try_send(7).unwrap();
+        drop(tx);
+        let (first, end) = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+        assert_eq!((first, end), (Some(7), None));
+    }
+
+    #[tokio::test]
+    async fn a_gone_receiver_fails_the_sender_also_while_it_waits() {
+        let (tx, rx) = bounded(1);
+        tx.try_send(1).unwrap();
+        let sender = tokio::spawn(async move { tx.send(2).await });
+        tokio::task::yield_now().await;
+        drop(rx);
+        let sent = tokio::time::timeout(WAIT, sender).await.unwrap().unwrap();
+        assert!(sent.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_gives_back_the_memory_of_a_burst() {
+        let (tx, mut rx) = bounded(256);
+        for i in 0..256 {
+            tx.try_send(i).unwrap();
+        }
+        for _ in 0..256 {
+            rx.recv().await.unwrap();
+        }
+        assert!(rx.0.state().items.capacity() <= KEEP);
+    }
+}
