@@ -9,8 +9,9 @@ use std::{
 use futures::{Stream, StreamExt, stream};
 use smcontroller_api::ItemInfoProvider;
 use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
-use smcontroller_routing::{Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing};
-use tokio::sync::mpsc;
+use smcontroller_routing::{
+    Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing,
+};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
@@ -223,10 +224,7 @@ fn kind(message: &SmOutgoingMessage) -> InboundKind {
 
 /// The router's outgoing items as the `RegisterSM` response: commands converted to the wire,
 /// ending at `Close` with its status (or the transport failure's).
-fn command_stream(
-    outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    failure: Arc<Mutex<Option<Status>>>,
-) -> CommandStream {
+fn command_stream(outgoing: Commands, failure: Arc<Mutex<Option<Status>>>) -> CommandStream {
     Box::pin(stream::unfold(Some(outgoing), move |state| {
         let failure = failure.clone();
         async move {

@@ -13,14 +13,13 @@ use smcontroller_api::{
     LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
     NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
 };
-use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
     Receivers, Settings,
-    lifecycle::{Link, Registry},
-    message::{InboundEvent, LogQuery, Outbound, Outgoing},
+    lifecycle::{Commands, Link, Registry},
+    message::{InboundEvent, LogQuery, Outbound},
     session::{self, Context},
     waiters::{Reply, ReplyKind},
 };
@@ -92,20 +91,20 @@ impl Controller {
     ///
     /// Must be called within a tokio runtime: it spawns the stream's reader task (and, once the
     /// SM registers, its dispatcher task).
-    pub fn attach<S>(&self, inbound: S) -> Result<mpsc::UnboundedReceiver<Outgoing>, ShuttingDown>
+    pub fn attach<S>(&self, inbound: S) -> Result<Commands, ShuttingDown>
     where
         S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
     {
         if self.ctx.shutdown.is_cancelled() {
             return Err(ShuttingDown);
         }
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let link = Arc::new(Link::new(id, out_tx, self.settings.reply_expiry()));
+        let link = Arc::new(Link::new(id, self.settings.reply_expiry()));
         link.send_cloud(self.ctx.registry.cloud_connected());
+        let commands = Commands::new(link.clone());
         self.ctx
             .spawn(session::run(self.ctx.clone(), link, inbound));
-        Ok(out_rx)
+        Ok(commands)
     }
 
     /// The registered nodes, sorted.

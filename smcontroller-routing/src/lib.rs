@@ -21,6 +21,7 @@ mod settings;
 mod waiters;
 
 pub use controller::{Controller, NodeStatus, ShuttingDown};
+pub use lifecycle::Commands;
 pub use message::{
     EndCode, EndStatus, Inbound, InboundEvent, InboundKind, LogQuery, Outbound, Outgoing,
 };

@@ -18,7 +18,7 @@
 //! told the last status set (R-CLOUD-1).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64},
@@ -28,7 +28,7 @@ use std::{
 
 use smcontroller_api::NodeId;
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::{Notify, oneshot, watch},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,8 @@ pub(crate) struct Closed;
 /// One SM stream's handle: what callers send through, and what the registry points at.
 pub(crate) struct Link {
     pub(crate) session: u64,
-    out: mpsc::UnboundedSender<Outgoing>,
+    /// Woken when an item is queued for the transport to write.
+    writer: Notify,
     /// Everything a send must see at once: a command and its reply entry go in one step, so
     /// the entries are in the order the commands are written (R-SYNC-3).
     state: Mutex<LinkState>,
@@ -65,23 +66,29 @@ struct LinkState {
     closed: bool,
     /// `Close` has been queued to the transport.
     close_sent: bool,
+    /// What the transport has still to write, in order. A `VecDeque` rather than a channel:
+    /// it takes memory only for what is queued (a channel allocates a block per stream).
+    out: VecDeque<Outgoing>,
+    /// The transport took `Close`: nothing more comes.
+    close_taken: bool,
+    /// The transport dropped its [`Commands`]: nothing queued will be written.
+    writer_gone: bool,
     /// The cloud status last queued to this SM.
     cloud_sent: Option<bool>,
     waiters: Waiters,
 }
 
 impl Link {
-    pub(crate) fn new(
-        session: u64,
-        out: mpsc::UnboundedSender<Outgoing>,
-        reply_expiry: Duration,
-    ) -> Self {
+    pub(crate) fn new(session: u64, reply_expiry: Duration) -> Self {
         Self {
             session,
-            out,
+            writer: Notify::new(),
             state: Mutex::new(LinkState {
                 closed: false,
                 close_sent: false,
+                out: VecDeque::new(),
+                close_taken: false,
+                writer_gone: false,
                 cloud_sent: None,
                 waiters: Waiters::new(reply_expiry),
             }),
@@ -96,15 +103,23 @@ impl Link {
         lock(&self.state)
     }
 
+    /// Queues an item for the transport (under the state lock, so items keep their order).
+    fn push(&self, state: &mut LinkState, item: Outgoing) -> Result<(), Closed> {
+        if state.writer_gone {
+            return Err(Closed);
+        }
+        state.out.push_back(item);
+        self.writer.notify_one();
+        Ok(())
+    }
+
     /// Queues a command to the SM, in call order (R-ASYNC-1).
     pub(crate) fn send(&self, command: Outbound) -> Result<(), Closed> {
-        let state = self.state();
+        let mut state = self.state();
         if state.closed {
             return Err(Closed);
         }
-        self.out
-            .send(Outgoing::Command(command))
-            .map_err(|_| Closed)
+        self.push(&mut state, Outgoing::Command(command))
     }
 
     /// Queues a sync command and the entry its reply will be matched to, in one step.
@@ -118,7 +133,7 @@ impl Link {
             return Err(Closed);
         }
         let rx = state.waiters.push(kind, Instant::now()).ok_or(Closed)?;
-        if self.out.send(Outgoing::Command(command)).is_err() {
+        if self.push(&mut state, Outgoing::Command(command)).is_err() {
             state.waiters.pop_unsent();
             return Err(Closed);
         }
@@ -136,11 +151,8 @@ impl Link {
         if state.closed || state.cloud_sent == Some(connected) {
             return;
         }
-        if self
-            .out
-            .send(Outgoing::Command(Outbound::ConnectionStatus(connected)))
-            .is_ok()
-        {
+        let status = Outgoing::Command(Outbound::ConnectionStatus(connected));
+        if self.push(&mut state, status).is_ok() {
             state.cloud_sent = Some(connected);
         }
     }
@@ -182,8 +194,72 @@ impl Link {
         Self::stop(&mut state);
         if !state.close_sent {
             state.close_sent = true;
-            let _ = self.out.send(Outgoing::Close(status));
+            let _ = self.push(&mut state, Outgoing::Close(status));
         }
+    }
+}
+
+/// What a transport writes on one SM stream, in order, ending with one [`Outgoing::Close`];
+/// returned by [`Controller::attach`](crate::Controller::attach). Dropping it tells the
+/// controller that nothing more can be written: commands for the stream then fail.
+pub struct Commands {
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("session", &self.link.session)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Capacity a drained outgoing queue keeps.
+const KEEP: usize = 4;
+
+impl Commands {
+    pub(crate) fn new(link: Arc<Link>) -> Self {
+        Self { link }
+    }
+
+    /// The next item to write; `None` once `Close` has been taken.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        loop {
+            // Registered before the check: a wake between the check and the wait is kept.
+            let queued = self.link.writer.notified();
+            if let Some(item) = self.take() {
+                return Some(item);
+            }
+            if self.link.state().close_taken {
+                return None;
+            }
+            queued.await;
+        }
+    }
+
+    /// The next item if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        self.take()
+    }
+
+    fn take(&self) -> Option<Outgoing> {
+        let mut state = self.link.state();
+        let item = state.out.pop_front()?;
+        if matches!(item, Outgoing::Close(_)) {
+            state.close_taken = true;
+        }
+        if state.out.is_empty() && state.out.capacity() > KEEP {
+            state.out.shrink_to(KEEP);
+        }
+        Some(item)
+    }
+}
+
+impl Drop for Commands {
+    fn drop(&mut self) {
+        let mut state = self.link.state();
+        state.writer_gone = true;
+        state.out.clear();
     }
 }
 

@@ -105,7 +105,21 @@ where
         session = link.session,
         node_id = tracing::field::Empty
     );
+    // However the reader ends (also when it is cut at shutdown), the transport is told.
+    let _closer = CloseOnDrop(link.clone());
     read(ctx, link, inbound).instrument(span).await;
+}
+
+/// Ends the stream for the transport if the reader did not (it was cut at shutdown).
+struct CloseOnDrop(Arc<Link>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(Some(EndStatus {
+            code: EndCode::Unavailable,
+            message: "the SM controller is stopping or restarting its server; reconnect".into(),
+        }));
+    }
 }
 
 async fn read<S>(ctx: Arc<Context>, link: Arc<Link>, mut inbound: S)

@@ -115,7 +115,7 @@ impl Model {
         let mut call = Box::pin(call);
         let first = (&mut call).now_or_never();
         for stream in self.live.iter_mut().filter(|s| s.node == node) {
-            while let Ok(item) = stream.sm.out.try_recv() {
+            while let Some(item) = stream.sm.out.try_recv() {
                 match item {
                     Outgoing::Command(Outbound::ConnectionStatus(_)) => {}
                     Outgoing::Command(_) => {

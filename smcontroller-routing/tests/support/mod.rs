@@ -17,7 +17,7 @@ use smcontroller_api::{
     SmInfoReceiver,
 };
 use smcontroller_routing::{
-    Controller, Inbound, InboundEvent, Outbound, Outgoing, Receivers, Settings,
+    Commands, Controller, Inbound, InboundEvent, Outbound, Outgoing, Receivers, Settings,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -193,7 +193,7 @@ pub fn controller(settings: Settings) -> (Controller, Arc<Recorder>) {
 /// One in-memory SM stream.
 pub struct Sm {
     tx: Option<mpsc::UnboundedSender<InboundEvent>>,
-    pub out: mpsc::UnboundedReceiver<Outgoing>,
+    pub out: Commands,
 }
 
 impl Sm {
@@ -269,7 +269,7 @@ impl Sm {
     /// Every cloud status the controller sent so far, in order.
     pub fn cloud_statuses(&mut self) -> Vec<bool> {
         let mut statuses = Vec::new();
-        while let Ok(item) = self.out.try_recv() {
+        while let Some(item) = self.out.try_recv() {
             if let Outgoing::Command(Outbound::ConnectionStatus(c)) = item {
                 statuses.push(c);
             }
