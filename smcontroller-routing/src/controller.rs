@@ -86,8 +86,9 @@ impl Controller {
     }
 
     /// Takes a new SM stream. `inbound` is what the SM sends, converted by the transport; the
-    /// returned receiver yields what to write back, ending with one [`Outgoing::Close`].
-    /// The first item is always the current cloud status (R-REG-1).
+    /// returned [`Commands`] yield what to write back, ending with one
+    /// [`Outgoing::Close`](crate::Outgoing::Close). The first item is always the current cloud
+    /// status (R-REG-1).
     ///
     /// Must be called within a tokio runtime: it spawns the stream's reader task (and, once the
     /// SM registers, its dispatcher task).

@@ -9,7 +9,7 @@
 //!   HTTP/2.
 //! - `cargo xtask bench [--quick] [ARGS..]`: the controller benchmark (every scenario of
 //!   `smcontroller-daemon/benches/controller.rs`, mTLS and the bare-relay floor included), with
-//!   the figures written to `target/bench/results.json`. See [`bench`].
+//!   the figures written to `target/bench/results.json`. See [`bench()`].
 //! - `cargo xtask gen-certs DIR [--nodes N]`: a development PKI (CA, server, one client per node,
 //!   and the bad clients the tests refuse) for running over mTLS. See [`gen_certs`].
 //!
