@@ -1117,20 +1117,7 @@ async fn setup(
     let harness = Harness::start_kind(kind).await?;
     let mut sm = harness.sm_process().await?;
     let started = Instant::now();
-    let reply = sm
-        .request(
-            &format!("connect {prefix} {nodes} {CONNECT_CONCURRENCY}"),
-            Duration::from_secs(120),
-        )
-        .await?;
-    harness
-        .wait_count(
-            "nodes registered",
-            |c| c.connected.load(Ordering::Relaxed),
-            nodes as u64,
-            Duration::from_secs(60),
-        )
-        .await?;
+    let reply = connect_all(&harness, &mut sm, prefix, nodes).await?;
     println!(
         "{nodes} SMs registered with the {} in {:.2} s (SM process: {})",
         kind.label(),
@@ -1493,16 +1480,20 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
 
 /// One point of the floor comparison (N-PERF-3): `nodes` SMs on `kind` (the controller or the
 /// bare relay), sequential sync calls, and the process's VmRSS before and after they connected.
-async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyhow::Result<()> {
-    let harness = Harness::start_kind(kind).await?;
-    let mut sm = harness.sm_process().await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = rss(None);
-    sm.request(
-        &format!("connect floor {nodes} {CONNECT_CONCURRENCY}"),
-        Duration::from_secs(120),
-    )
-    .await?;
+/// Has the SM process connect `nodes` SMs named `prefix-N` and waits until the controller (or
+/// relay) has registered them all; the SM process's reply.
+async fn connect_all(
+    harness: &Harness,
+    sm: &mut SmProcess,
+    prefix: &str,
+    nodes: usize,
+) -> anyhow::Result<Vec<String>> {
+    let reply = sm
+        .request(
+            &format!("connect {prefix} {nodes} {CONNECT_CONCURRENCY}"),
+            Duration::from_secs(120),
+        )
+        .await?;
     harness
         .wait_count(
             "nodes registered",
@@ -1511,6 +1502,15 @@ async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyho
             Duration::from_secs(60),
         )
         .await?;
+    Ok(reply)
+}
+
+async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyhow::Result<()> {
+    let harness = Harness::start_kind(kind).await?;
+    let mut sm = harness.sm_process().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss(None);
+    connect_all(&harness, &mut sm, "floor", nodes).await?;
     let ids = node_ids("floor", nodes);
     let (_, errors, _) = sync_calls(&harness.target, &ids, nodes.max(100), 1).await?;
     ensure!(errors == 0, "{errors} warm-up calls failed");

@@ -179,6 +179,17 @@ impl TlsHarness {
         Ok(TlsSm { tx, rx })
     }
 
+    /// An SM presenting the certificate of `cert_node` that registers as `node`, once the
+    /// controller has reported `node` connected (its first time).
+    async fn registered(&self, cert_node: &str, node: &str) -> TlsSm {
+        let cert = self.pki.client(cert_node).unwrap();
+        let sm = self.register(Some(&cert), node).await.expect("RegisterSM");
+        self.log
+            .wait_until("the node connected", |e| connected(e, node) == 1)
+            .await;
+        sm
+    }
+
     /// The certificate a new handshake presents.
     async fn served_certificate(&self) -> Vec<u8> {
         let client = self.pki.client("node-1").unwrap();
@@ -329,14 +340,7 @@ async fn r_tls_1_clients_without_a_good_certificate_never_reach_register_sm() {
     assert_eq!(h.controller.node_count(), 0);
     assert!(h.log.events().is_empty());
     // And the server is fine: a good client registers.
-    let client = h.pki.client("node-1").unwrap();
-    let _sm = h
-        .register(Some(&client), "node-1")
-        .await
-        .expect("RegisterSM");
-    h.log
-        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
-        .await;
+    let _sm = h.registered("node-1", "node-1").await;
     h.stop().await;
 }
 
@@ -420,14 +424,7 @@ async fn r_tls_3_a_renewal_restarts_20_sms_and_new_handshakes_see_the_new_certif
 async fn r_tls_3_a_broken_renewal_keeps_the_old_server_and_the_retry_takes_the_fixed_files() {
     let h = TlsHarness::start(None).await;
     let old = h.served_certificate().await;
-    let client = h.pki.client("node-1").unwrap();
-    let _sm = h
-        .register(Some(&client), "node-1")
-        .await
-        .expect("RegisterSM");
-    h.log
-        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
-        .await;
+    let _sm = h.registered("node-1", "node-1").await;
 
     // A renewal whose key does not match its certificate.
     let new = h.pki.server().unwrap();
@@ -464,14 +461,7 @@ async fn r_tls_3_a_broken_renewal_keeps_the_old_server_and_the_retry_takes_the_f
 #[tokio::test]
 async fn r_tls_3_a_renewal_during_a_sync_call_ends_it_with_disconnected() {
     let h = TlsHarness::start(None).await;
-    let client = h.pki.client("node-1").unwrap();
-    let mut sm = h
-        .register(Some(&client), "node-1")
-        .await
-        .expect("RegisterSM");
-    h.log
-        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
-        .await;
+    let mut sm = h.registered("node-1", "node-1").await;
     let call = status_call(&h.controller, "node-1");
     // The SM gets the command and never answers it.
     sm.status_request().await;
@@ -493,14 +483,7 @@ async fn r_tls_3_a_renewal_during_a_sync_call_ends_it_with_disconnected() {
 #[tokio::test]
 async fn r_tls_4_with_binding_a_node_id_not_in_the_certificate_is_refused_and_displaces_nothing() {
     let h = TlsHarness::start(Some(IdentityField::CommonName)).await;
-    let node_1 = h.pki.client("node-1").unwrap();
-    let mut real = h
-        .register(Some(&node_1), "node-1")
-        .await
-        .expect("RegisterSM");
-    h.log
-        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
-        .await;
+    let mut real = h.registered("node-1", "node-1").await;
 
     // node-2's certificate claiming to be node-1.
     let node_2 = h.pki.client("node-2").unwrap();
@@ -537,13 +520,6 @@ async fn r_tls_4_with_binding_a_node_id_not_in_the_certificate_is_refused_and_di
 #[tokio::test]
 async fn r_tls_4_without_binding_any_good_certificate_may_register_any_node_id() {
     let h = TlsHarness::start(None).await;
-    let node_2 = h.pki.client("node-2").unwrap();
-    let _sm = h
-        .register(Some(&node_2), "node-1")
-        .await
-        .expect("RegisterSM");
-    h.log
-        .wait_until("node-1 connected", |e| connected(e, "node-1") == 1)
-        .await;
+    let _sm = h.registered("node-2", "node-1").await;
     h.stop().await;
 }

@@ -59,15 +59,21 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The tonic service with the limits of `settings` applied.
-pub fn sm_service(
-    controller: Controller,
-    items: Arc<dyn ItemInfoProvider>,
-    settings: &ServerSettings,
-) -> SmServiceServer<SmService> {
-    SmServiceServer::new(SmService::new(controller, items))
+/// The tonic service with the message limits of `settings` applied (R-BAD-1).
+pub fn sm_service(service: SmService, settings: &ServerSettings) -> SmServiceServer<SmService> {
+    SmServiceServer::new(service)
         .max_decoding_message_size(settings.max_message_size)
         .max_encoding_message_size(settings.max_message_size)
+}
+
+/// The HTTP/2 server with the transport settings of `settings` (keepalive, flow-control
+/// windows): the one place they are applied, for plain and mTLS serving alike.
+pub fn transport(settings: &ServerSettings) -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .initial_stream_window_size(Some(settings.flow_window))
+        .initial_connection_window_size(Some(settings.flow_window))
 }
 
 /// Binds `addr` (port 0 picks a free port); the bound address is `listener.local_addr()`.
@@ -108,17 +114,13 @@ pub async fn serve_insecure_with(
         Ok(addr) => warn!(%addr, "serving SMService WITHOUT TLS (insecure mode, development only)"),
         Err(e) => warn!(error = %e, "serving SMService WITHOUT TLS (insecure mode)"),
     }
-    let service = sm_service(controller, items, &settings);
+    let service = sm_service(SmService::new(controller, items), &settings);
     // `Server::tcp_nodelay` only reaches sockets tonic accepts itself; these are ours. Without
     // it, Nagle held small frames back until the peer's delayed ACK (40 ms on Linux).
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .map(move |accepted| accepted.map(|socket| connections.track(socket)));
-    Server::builder()
-        .http2_keepalive_interval(Some(settings.keepalive_interval))
-        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
-        .initial_stream_window_size(Some(settings.flow_window))
-        .initial_connection_window_size(Some(settings.flow_window))
+    transport(&settings)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -30,12 +30,11 @@ use tokio::{
 };
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::Connected};
+use tonic::transport::server::Connected;
 use tracing::{info, warn};
 
 use crate::{
     connections::Connections,
-    proto::servicemanager::v5::sm_service_server::SmServiceServer,
     server::{ServeError, ServerSettings},
     service::SmService,
 };
@@ -161,18 +160,12 @@ pub async fn serve_tls(
     ));
 
     let service = SmService::new(controller, items).with_identity_binding(tls.identity_binding);
-    let service = SmServiceServer::new(service)
-        .max_decoding_message_size(settings.max_message_size)
-        .max_encoding_message_size(settings.max_message_size);
+    let service = crate::server::sm_service(service, &settings);
     let incoming = TlsIncoming::new(listener, credentials, tls.accept).map(move |conn| {
         let epoch = conn.info().generation();
         Ok::<_, Infallible>(connections.track_in(SmConn(conn), epoch))
     });
-    let result = Server::builder()
-        .http2_keepalive_interval(Some(settings.keepalive_interval))
-        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
-        .initial_stream_window_size(Some(settings.flow_window))
-        .initial_connection_window_size(Some(settings.flow_window))
+    let result = crate::server::transport(&settings)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;

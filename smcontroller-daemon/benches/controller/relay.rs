@@ -28,10 +28,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{
-    Request, Response, Status, Streaming,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
 
 use super::Counting;
 
@@ -160,11 +157,7 @@ pub(crate) async fn serve(
         .max_decoding_message_size(settings.max_message_size)
         .max_encoding_message_size(settings.max_message_size);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
-        .http2_keepalive_interval(Some(settings.keepalive_interval))
-        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
-        .initial_stream_window_size(Some(settings.flow_window))
-        .initial_connection_window_size(Some(settings.flow_window))
+    smcontroller_grpc::server::transport(&settings)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
