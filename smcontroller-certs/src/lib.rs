@@ -59,6 +59,7 @@ mod credentials;
 mod error;
 mod identity;
 mod loader;
+mod pkcs11_url;
 mod provider;
 mod reload;
 #[cfg(feature = "test-util")]
@@ -72,5 +73,6 @@ pub use credentials::{ALPN_H2, CredentialsBuilder, ServerCredentials, crypto_pro
 pub use error::{Error, Report};
 pub use identity::{IdentityField, PeerIdentity};
 pub use loader::{FileCertLoader, path_of_url};
+pub use pkcs11_url::{ObjectType, PinSource, Pkcs11Url, check_url, is_pkcs11_url, mask_pin};
 pub use provider::{DEFAULT_POLL_INTERVAL, FileCertProvider, FileCertProviderBuilder};
 pub use reload::{CredentialsReloader, DEFAULT_RETRY, ReloadSettings};

@@ -18,7 +18,8 @@ use crate::Error;
 ///   `RSA PRIVATE KEY` (PKCS#1) section of the file.
 ///
 /// Every error names the file and what was wrong with it (see [`Error`]). `pkcs11:` URLs are
-/// refused with [`Error::UnsupportedUrl`] ("not supported yet").
+/// refused with [`Error::UnsupportedUrl`]: the [`CredentialsBuilder`](crate::CredentialsBuilder)
+/// loads those from the token itself (feature `pkcs11`).
 ///
 /// The files are read with blocking calls: they are a few kilobytes on a local disk, read once
 /// per (re)build of the credentials.
@@ -108,7 +109,7 @@ impl CertLoader for FileCertLoader {
 /// `%XX` escapes decoded) or a plain absolute path.
 ///
 /// Anything else is an [`Error::UnsupportedUrl`]: a relative path, another host, another scheme,
-/// and `pkcs11:` URLs, which are not supported yet.
+/// and `pkcs11:` URLs, which name an object in a token (see [`Pkcs11Url`](crate::Pkcs11Url)).
 pub fn path_of_url(url: &str) -> Result<PathBuf, Error> {
     let unsupported = |reason: &str| Error::UnsupportedUrl {
         url: url.to_owned(),
@@ -134,10 +135,11 @@ pub fn path_of_url(url: &str) -> Result<PathBuf, Error> {
         })?;
         return Ok(PathBuf::from(decoded));
     }
-    if strip_prefix_ignore_case(url, "pkcs11:").is_some() {
-        return Err(unsupported(
-            "pkcs11: URLs (keys in a token) are not supported yet; use a file:// URL",
-        ));
+    if crate::is_pkcs11_url(url) {
+        return Err(Error::UnsupportedUrl {
+            url: crate::mask_pin(url).into_owned(),
+            reason: "a pkcs11: URL names an object in a token, not a file".to_owned(),
+        });
     }
     if let Some(scheme) = scheme_of(url) {
         return Err(unsupported(&format!(
@@ -276,9 +278,7 @@ mod tests {
             }
             other => panic!("{url}: {other:?}"),
         };
-        assert!(
-            reason("pkcs11:token=aos;object=sm?module-path=/x.so").contains("not supported yet")
-        );
+        assert!(reason("pkcs11:token=aos;object=sm?module-path=/x.so").contains("not a file"));
         assert!(reason("https://example.invalid/a.pem").contains("\"https\" is not supported"));
         assert!(reason("relative/a.pem").contains("relative paths"));
         assert!(reason("").contains("relative paths"));

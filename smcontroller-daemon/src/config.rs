@@ -527,19 +527,25 @@ impl<'a> Field<'a> {
         self.string().map(|s| (!s.is_empty()).then_some(s))
     }
 
-    /// A `file://` URL or an absolute path, as the certificate loader takes them; the empty
-    /// string counts as not set.
+    /// A `file://` URL or an absolute path, as the certificate loader takes them, or a `pkcs11:`
+    /// URL of an object in a token; the empty string counts as not set.
     fn file_url(&self) -> Result<Option<String>, ConfigError> {
         let Some(url) = self.optional_string()? else {
             return Ok(None);
         };
-        match smcontroller_certs::path_of_url(url) {
-            Ok(_) => Ok(Some(url.to_owned())),
-            Err(smcontroller_certs::Error::UnsupportedUrl { reason, .. }) => {
-                Err(self.invalid(format_args!("cannot be used: {reason}")))
-            }
-            Err(e) => Err(self.invalid(format_args!("cannot be used: {}", e.report()))),
-        }
+        let problem = match smcontroller_certs::check_url(url) {
+            Ok(()) => return Ok(Some(url.to_owned())),
+            Err(smcontroller_certs::Error::UnsupportedUrl { reason, .. }) => reason,
+            Err(e) => e.report().to_string(),
+        };
+        // A pkcs11: URL is shown with its PIN masked.
+        let shown = serde_json::Value::from(smcontroller_certs::mask_pin(url).into_owned());
+        Err(ConfigError::InvalidValue {
+            origin: self.origin.to_owned(),
+            key: self.key.to_owned(),
+            value: shown.to_string(),
+            problem: format!("cannot be used: {problem}"),
+        })
     }
 
     /// `"off"` (`None`), `"cn"`, `"dnsSan"` or `"any"`.
@@ -1072,13 +1078,21 @@ mod tests {
             err(r#"{"caCert": "ca.pem"}"#),
             r#"config.json: caCert: "ca.pem" cannot be used: not a file:// URL nor an absolute path (relative paths are not accepted)"#
         );
-        let e = err(r#"{"keyUrl": "pkcs11:token=aos;object=sm"}"#);
-        assert!(
-            e.starts_with(
-                r#"config.json: keyUrl: "pkcs11:token=aos;object=sm" cannot be used: pkcs11: URLs"#
-            ),
-            "{e}"
+        // A key in a token (R-TLS-5): a well-formed pkcs11: URL is taken, its PIN never shown.
+        let e = err(r#"{"keyUrl": "pkcs11:token=aos;object=sm?pin-value=1234"}"#);
+        assert_eq!(
+            e,
+            r#"config.json: keyUrl: "pkcs11:token=aos;object=sm?pin-value=***" cannot be used: module-path is missing (the PKCS#11 module to load, e.g. ?module-path=/usr/lib/softhsm/libsofthsm2.so)"#
         );
+        let key =
+            "pkcs11:token=aos;object=sm?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=1234";
+        let s = load_str(
+            ORIGIN,
+            &format!(r#"{{"keyUrl": "{key}", "insecure": true}}"#),
+            &cli(),
+        )
+        .unwrap();
+        assert_eq!(s.key_url.as_deref(), Some(key));
         let e = err(r#"{"certUrl": "https://example.com/sm.pem"}"#);
         assert!(
             e.starts_with(r#"config.json: certUrl: "https://example.com/sm.pem" cannot be used: the URL scheme"#),
