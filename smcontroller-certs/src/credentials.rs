@@ -25,7 +25,8 @@ pub struct ServerCredentials {
     /// The rustls configuration: the server's chain and key, client certificates required and
     /// verified against the CA, TLS 1.2 and 1.3, ALPN `h2`.
     pub config: Arc<ServerConfig>,
-    /// Where the chain and key came from, with the leaf's expiry as read from it.
+    /// Where the chain and key came from, with the leaf's expiry as read from it. A `pkcs11:`
+    /// URL is kept with its PIN masked (`pin-value=***`), so that this can be logged.
     pub cert: CertInfo,
     /// 0 for the credentials built at start; each successful rebuild by the
     /// [`CredentialsReloader`](crate::CredentialsReloader) adds one. The server closes every SM
@@ -118,16 +119,22 @@ impl CredentialsBuilder {
                 source,
             })?;
         let chain = self.load_chain(&cert.cert_url, "certificate chain").await?;
-        let key = self.load_key(&cert.key_url).await?;
-        let (not_after, written) = identity::not_after(&chain[0], &cert.cert_url)?;
+        let (not_after, written) = identity::not_after(&chain[0], &shown(&cert.cert_url))?;
         if not_after <= SystemTime::now() {
             return Err(Error::Expired {
-                url: cert.cert_url,
+                url: shown(&cert.cert_url),
                 not_after: written,
             });
         }
+        let certified = if crate::is_pkcs11_url(&cert.key_url) {
+            self.token_certified_key(chain, &cert).await?
+        } else {
+            let key = self.load_key(&cert.key_url).await?;
+            self.certified_key(chain, key, &cert)?
+        };
         cert.not_after = Some(not_after);
-        let certified = self.certified_key(chain, key, &cert)?;
+        cert.cert_url = shown(&cert.cert_url);
+        cert.key_url = shown(&cert.key_url);
         let verifier = self.client_verifier().await?;
 
         let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.crypto))
@@ -143,29 +150,59 @@ impl CredentialsBuilder {
         })
     }
 
+    /// The certificates at `url`: from the token for a `pkcs11:` URL, else from the loader.
     async fn load_chain(
         &self,
         url: &str,
         what: &'static str,
     ) -> Result<Vec<CertificateDer<'static>>, Error> {
-        let chain = self
-            .loader
-            .load_cert_chain(url)
-            .await
-            .map_err(|source| Error::Load {
-                what,
-                url: url.to_owned(),
-                source,
-            })?;
+        let chain = if crate::is_pkcs11_url(url) {
+            token_chain(url).await?
+        } else {
+            self.loader
+                .load_cert_chain(url)
+                .await
+                .map_err(|source| Error::Load {
+                    what,
+                    url: shown(url),
+                    source,
+                })?
+                .into_iter()
+                .map(|der| CertificateDer::from(der.0))
+                .collect()
+        };
         if chain.is_empty() {
-            return Err(Error::EmptyChain {
-                url: url.to_owned(),
-            });
+            return Err(Error::EmptyChain { url: shown(url) });
         }
-        Ok(chain
-            .into_iter()
-            .map(|der| CertificateDer::from(der.0))
-            .collect())
+        Ok(chain)
+    }
+
+    /// The chain with the token key its leaf certifies (`pkcs11:` key URLs): the key is found
+    /// in the token and stays there; rustls gets a signing key that asks the token to sign.
+    #[cfg(feature = "pkcs11")]
+    async fn token_certified_key(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        cert: &CertInfo,
+    ) -> Result<CertifiedKey, Error> {
+        let (key_url, cert_url) = (cert.key_url.clone(), cert.cert_url.clone());
+        let leaf = chain[0].clone();
+        let key = tokio::task::spawn_blocking(move || {
+            crate::pkcs11::load_signing_key(&key_url, &leaf, &cert_url)
+        })
+        .await
+        .map_err(|e| blocking_failed(&cert.key_url, e))??;
+        // The token checked the key against the leaf with a signature: they match.
+        Ok(CertifiedKey::new(chain, key))
+    }
+
+    #[cfg(not(feature = "pkcs11"))]
+    async fn token_certified_key(
+        &self,
+        _chain: Vec<CertificateDer<'static>>,
+        cert: &CertInfo,
+    ) -> Result<CertifiedKey, Error> {
+        Err(no_token_support(&cert.key_url))
     }
 
     async fn load_key(&self, url: &str) -> Result<PrivateKeyDer<'static>, Error> {
@@ -175,7 +212,7 @@ impl CredentialsBuilder {
             .await
             .map_err(|source| Error::Load {
                 what: "private key",
-                url: url.to_owned(),
+                url: shown(url),
                 source,
             })?;
         // The api carries the key's DER without its format; the DER itself tells PKCS#8, SEC1
@@ -198,25 +235,25 @@ impl CredentialsBuilder {
             .key_provider
             .load_private_key(key)
             .map_err(|source| Error::UnusableKey {
-                url: cert.key_url.clone(),
+                url: shown(&cert.key_url),
                 source,
             })?;
         let certified = CertifiedKey::new(chain, signing_key);
         match certified.keys_match() {
             Ok(()) => Ok(certified),
             Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-                warn!(cert = %cert.cert_url, key = %cert.key_url,
+                warn!(cert = %shown(&cert.cert_url), key = %shown(&cert.key_url),
                     "cannot tell whether the key matches the certificate; using them as they are");
                 Ok(certified)
             }
             Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
                 Err(Error::KeyMismatch {
-                    cert_url: cert.cert_url.clone(),
-                    key_url: cert.key_url.clone(),
+                    cert_url: shown(&cert.cert_url),
+                    key_url: shown(&cert.key_url),
                 })
             }
             Err(source) => Err(Error::UnusableCertificate {
-                url: cert.cert_url.clone(),
+                url: shown(&cert.cert_url),
                 source,
             }),
         }
@@ -229,15 +266,54 @@ impl CredentialsBuilder {
         let mut roots = RootCertStore::empty();
         for ca in cas {
             roots.add(ca).map_err(|source| Error::BadCaCertificate {
-                url: self.ca_url.clone(),
+                url: shown(&self.ca_url),
                 source,
             })?;
         }
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.crypto))
             .build()
             .map_err(|source| Error::ClientVerifier {
-                url: self.ca_url.clone(),
+                url: shown(&self.ca_url),
                 source,
             })
+    }
+}
+
+/// `url` as errors and logs show it: a `pkcs11:` URL with its PIN masked.
+fn shown(url: &str) -> String {
+    crate::mask_pin(url).into_owned()
+}
+
+/// The certificates at a `pkcs11:` URL, read from the token on the blocking pool.
+#[cfg(feature = "pkcs11")]
+async fn token_chain(url: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let owned = url.to_owned();
+    tokio::task::spawn_blocking(move || crate::pkcs11::load_cert_chain(&owned))
+        .await
+        .map_err(|e| blocking_failed(url, e))?
+}
+
+#[cfg(not(feature = "pkcs11"))]
+async fn token_chain(url: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    Err(no_token_support(url))
+}
+
+/// A token call on the blocking pool that panicked or was cancelled (the runtime shutting
+/// down).
+#[cfg(feature = "pkcs11")]
+fn blocking_failed(url: &str, e: tokio::task::JoinError) -> Error {
+    Error::UnsupportedUrl {
+        url: shown(url),
+        reason: format!("the token call did not complete: {e}"),
+    }
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn no_token_support(url: &str) -> Error {
+    Error::UnsupportedUrl {
+        url: shown(url),
+        reason: "this build cannot load from a token (pkcs11: URLs need the `pkcs11` feature of \
+                 smcontroller-certs)"
+            .to_owned(),
     }
 }

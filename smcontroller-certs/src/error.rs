@@ -10,8 +10,9 @@ use std::{fmt, io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The URL is not one this crate loads from: not `file://` nor an absolute path, a `pkcs11:`
-    /// URL (not supported yet), or a malformed `file://` URL.
+    /// The URL is not one this crate loads from: not `file://` nor an absolute path nor
+    /// `pkcs11:`, a malformed URL, or a `pkcs11:` URL where this build has no token support.
+    /// A `pkcs11:` URL is shown with its PIN masked.
     #[error("{url}: {reason}")]
     UnsupportedUrl {
         /// The URL as given.
@@ -165,6 +166,88 @@ pub enum Error {
     /// rustls refused the TLS settings (a bug here rather than a bad file).
     #[error("TLS settings refused by rustls")]
     Tls(#[source] rustls::Error),
+    /// The PKCS#11 module a `pkcs11:` URL names (`module-path`) cannot be loaded or
+    /// initialised.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: cannot load the PKCS#11 module {}", module.display())]
+    Pkcs11Module {
+        /// The URL, PIN masked.
+        url: String,
+        /// The module's path.
+        module: PathBuf,
+        /// What loading it said.
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// No token present matches a `pkcs11:` URL.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: no such token (tokens present: {present})")]
+    NoToken {
+        /// The URL, PIN masked.
+        url: String,
+        /// The tokens there are, with their labels, serials and slots, or `none`.
+        present: String,
+    },
+    /// The token refused the PIN of a `pkcs11:` URL.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: wrong PIN: token {token:?} refused it")]
+    WrongPin {
+        /// The URL, PIN masked.
+        url: String,
+        /// The token's label.
+        token: String,
+        /// What the token said.
+        #[source]
+        source: cryptoki::error::Error,
+    },
+    /// The `pin-source` file of a `pkcs11:` URL cannot be read.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: cannot read the PIN file {}", path.display())]
+    PinFile {
+        /// The URL, PIN masked.
+        url: String,
+        /// The PIN file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The token holds no object of the kind, label and id a `pkcs11:` URL asks for.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: no {what} with {searched} in token {token:?}")]
+    NoTokenObject {
+        /// The URL, PIN masked.
+        url: String,
+        /// `private key` or `certificate`.
+        what: &'static str,
+        /// The label and id looked for.
+        searched: String,
+        /// The token's label.
+        token: String,
+    },
+    /// The token key (or the certificate's key) cannot make a TLS signature: a kind of key
+    /// TLS cannot use here, a key that may not sign, or no mechanism for it that the token
+    /// offers and the key allows.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: the key cannot sign TLS handshakes: {reason}")]
+    UnsupportedTokenKey {
+        /// The URL, PIN masked.
+        url: String,
+        /// Why, naming the mechanisms needed and those there are.
+        reason: String,
+    },
+    /// A call to the token failed.
+    #[cfg(feature = "pkcs11")]
+    #[error("{url}: the token failed to {what}")]
+    Token {
+        /// The URL, PIN masked.
+        url: String,
+        /// What was asked of it: `open a session`, `sign a TLS handshake`, ...
+        what: &'static str,
+        /// What the token said.
+        #[source]
+        source: cryptoki::error::Error,
+    },
     /// The storage name is not one the [`FileCertProvider`](crate::FileCertProvider) knows.
     #[error("unknown certificate storage {storage:?}")]
     UnknownStorage {

@@ -59,6 +59,8 @@ mod credentials;
 mod error;
 mod identity;
 mod loader;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 mod pkcs11_url;
 mod provider;
 mod reload;

@@ -14,7 +14,7 @@ use smcontroller_api::{CertInfo, CertProvider};
 use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use crate::{Error, identity, loader};
+use crate::{Error, identity, loader, mask_pin};
 
 /// How often [`FileCertProvider`] looks at its files unless told otherwise.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -32,6 +32,12 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// the certificate and the key one after the other may be seen in between: the credentials
 /// built then fail (key does not match), and the next look publishes the second change, which the
 /// [`CredentialsReloader`](crate::CredentialsReloader) rebuilds at once.
+///
+/// A `pkcs11:` URL (a key, or a certificate, in a token) names no file: only the storage's
+/// files are watched, so with a key in a token, replacing the certificate file announces the
+/// renewal (the new key is put in the token first; the builder picks, among the keys with the
+/// URL's label and id, the one the new certificate certifies). URLs are logged with their PIN
+/// masked.
 ///
 /// The task stops when the provider is dropped; subscribers then see their channel closed.
 #[derive(Debug)]
@@ -52,8 +58,9 @@ pub struct FileCertProviderBuilder {
 struct Storage {
     cert_url: String,
     key_url: String,
-    cert_path: PathBuf,
-    key_path: PathBuf,
+    /// The files watched: the certificate's and the key's, unless they are in a token.
+    cert_path: Option<PathBuf>,
+    key_path: Option<PathBuf>,
     renewals: watch::Sender<CertInfo>,
 }
 
@@ -99,15 +106,18 @@ impl FileCertProviderBuilder {
     }
 
     /// Starts the provider: checks that every URL names a file (see
-    /// [`path_of_url`](crate::path_of_url)), notes the files as they are now, and spawns the
-    /// task that watches them. Must be called within a Tokio runtime.
+    /// [`path_of_url`](crate::path_of_url)) or is a well-formed `pkcs11:` URL (see
+    /// [`check_url`](crate::check_url)), notes the files as they are now, and spawns the task
+    /// that watches them. Must be called within a Tokio runtime.
     pub fn spawn(self) -> Result<FileCertProvider, Error> {
         let mut storages = HashMap::new();
         for (name, cert_url, key_url) in self.storages {
-            let cert_path = loader::path_of_url(&cert_url)?;
-            let key_path = loader::path_of_url(&key_url)?;
+            let cert_path = watched_file(&cert_url)?;
+            let key_path = watched_file(&key_url)?;
             let renewals = watch::Sender::new(CertInfo {
-                not_after: leaf_not_after(&cert_path, &cert_url),
+                not_after: cert_path
+                    .as_deref()
+                    .and_then(|path| leaf_not_after(path, &cert_url)),
                 cert_url: cert_url.clone(),
                 key_url: key_url.clone(),
             });
@@ -167,16 +177,34 @@ impl Storage {
         CertInfo {
             cert_url: self.cert_url.clone(),
             key_url: self.key_url.clone(),
-            not_after: leaf_not_after(&self.cert_path, &self.cert_url),
+            not_after: self
+                .cert_path
+                .as_deref()
+                .and_then(|path| leaf_not_after(path, &self.cert_url)),
         }
     }
 
-    /// Both files as they are now; `None` if either is missing.
-    fn stamp(&self) -> Option<(FileStamp, FileStamp)> {
-        Some((
-            FileStamp::of(&self.cert_path)?,
-            FileStamp::of(&self.key_path)?,
-        ))
+    /// The watched files as they are now (`None` for a URL in a token); `None` if a file is
+    /// missing.
+    fn stamp(&self) -> Option<Stamp> {
+        let of = |path: &Option<PathBuf>| match path {
+            Some(path) => FileStamp::of(path).map(Some),
+            None => Some(None),
+        };
+        Some((of(&self.cert_path)?, of(&self.key_path)?))
+    }
+}
+
+/// What one look at a storage's files found: the certificate's and the key's stamps.
+type Stamp = (Option<FileStamp>, Option<FileStamp>);
+
+/// The file `url` names, or `None` for a `pkcs11:` URL (an object in a token, checked here).
+fn watched_file(url: &str) -> Result<Option<PathBuf>, Error> {
+    if crate::is_pkcs11_url(url) {
+        crate::check_url(url)?;
+        Ok(None)
+    } else {
+        loader::path_of_url(url).map(Some)
     }
 }
 
@@ -224,7 +252,7 @@ impl FileStamp {
 /// Every `interval`, compares each storage's files with `last` and publishes the changed ones.
 async fn poll(
     storages: Arc<HashMap<String, Storage>>,
-    mut last: HashMap<String, Option<(FileStamp, FileStamp)>>,
+    mut last: HashMap<String, Option<Stamp>>,
     interval: Duration,
 ) {
     let mut ticks = tokio::time::interval(interval);
@@ -234,7 +262,8 @@ async fn poll(
         for (name, storage) in storages.iter() {
             let now = storage.stamp();
             let Some(stamp) = now else {
-                debug!(storage = %name, cert = %storage.cert_url, key = %storage.key_url,
+                debug!(storage = %name, cert = %mask_pin(&storage.cert_url),
+                    key = %mask_pin(&storage.key_url),
                     "certificate or key file missing; waiting for both");
                 continue;
             };
@@ -244,7 +273,7 @@ async fn poll(
             }
             *seen = Some(stamp);
             let info = storage.cert_info();
-            info!(storage = %name, cert = %info.cert_url, key = %info.key_url,
+            info!(storage = %name, cert = %mask_pin(&info.cert_url), key = %mask_pin(&info.key_url),
                 not_after = ?info.not_after, "certificate files changed; publishing the renewal");
             storage.renewals.send_replace(info);
         }
