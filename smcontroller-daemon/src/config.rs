@@ -1,48 +1,26 @@
 //! The daemon's settings: the JSON config file, the command line, and their validation.
 //!
-//! Start reading at [`load`]: it reads the file named by `--config` (if any), applies the
-//! command-line overrides and validates the result into a [`Settings`].
+//! Start reading at [`Settings`]: one field per key of the config file, with its default, its
+//! meaning and the reader that checks its value. [`load`] reads the file named by `--config`
+//! (if any) into it, applies the command-line overrides and checks the rules that span keys.
 //!
 //! # The config file
 //!
-//! A JSON object. The CM's own config file can be given as it is: its keys that the SM
-//! controller does not know are ignored and listed in [`Settings::unknown_keys`] so that the
-//! daemon can warn about them. A key set to `null` counts as not set.
-//!
-//! | key | meaning | default |
-//! |---|---|---|
-//! | `cmServerUrl` | listen address (see [`parse_listen`]) | `":8093"` |
-//! | `certStorage` | certificate storage of the server's TLS credentials, e.g. `"sm"` | none |
-//! | `caCert` | CA certificate that verifies SM client certificates: a `file://` URL or an absolute path | none |
-//! | `certUrl` | the server's certificate chain (PEM) in the storage `certStorage`: a `file://` URL or an absolute path | none |
-//! | `keyUrl` | the server's private key (PEM: PKCS#8, SEC1 or PKCS#1) in that storage: a `file://` URL or an absolute path | none |
-//! | `certReloadRetry` | retry period of a renewal whose new credentials fail to load | `"10s"` |
-//! | `identityBinding` | node identity binding: `"off"`, or which names of the client certificate `sm_info.node_id` must match: `"cn"`, `"dnsSan"` or `"any"` (either) | `"off"` |
-//! | `handshakeTimeout` | how long a TLS handshake may take | `"10s"` |
-//! | `insecure` | serve plain HTTP/2 without TLS (development only) | `false` |
-//! | `responseTimeout` | how long a sync call waits for its reply | `"5s"` |
-//! | `replyExpiry` | how long a sync command left unanswered keeps its place in the reply matching (at least `responseTimeout`) | twice `responseTimeout` |
-//! | `registrationTimeout` | how long a new stream may take to send `sm_info` | `"10s"` |
-//! | `queueBound` | bound of each node's inbound message queue | `256` |
-//! | `maxMessageSize` | largest message accepted, bytes (at least 1024) | `16777216` |
-//! | `flowWindow` | HTTP/2 flow-control window per stream and per connection, bytes | `262144` |
-//! | `keepaliveInterval` | HTTP/2 keepalive ping interval | `"10s"` |
-//! | `keepaliveTimeout` | how long a keepalive ping may go unanswered | `"5s"` |
-//!
-//! Durations are strings, either ISO 8601 (`"PT5S"`, `"PT0.5S"`, `"PT1M"`) or Go style
-//! (`"5s"`, `"500ms"`, `"1m30s"`, `"1.5h"`); see [`parse_duration`]. Every duration must be
+//! A JSON object whose keys are the fields of [`Settings`] in camelCase (`responseTimeout`),
+//! except `cmServerUrl`, the CM's name for the listen address. The CM's own config file can be
+//! given as it is: its keys that the SM controller does not know are ignored and listed in
+//! [`Settings::unknown_keys`] so that the daemon can warn about them. A key set to `null` counts
+//! as not set. Durations are strings, Go or humantime style (`"5s"`, `"500ms"`, `"1m30s"`,
+//! `"1.5h"`) or ISO 8601 (`"PT5S"`, `"PT0.5S"`); see [`parse_duration`]. Every duration must be
 //! greater than zero.
 //!
 //! Unless `insecure` is set (in the file or with `--insecure`), `caCert`, `certStorage`,
-//! `certUrl` and `keyUrl` are required: the server speaks mTLS only. The certificate and key
-//! files are watched: replacing them (a renewal) makes the server rebuild its credentials and
-//! restart its SM streams, without restarting the process.
+//! `certUrl` and `keyUrl` are required: the server speaks mTLS only.
 //!
 //! # Command line
 //!
 //! The flags override the file. `--pki DIR` is a development shortcut for a PKI written by
-//! `cargo xtask gen-certs DIR`: `caCert` `DIR/ca.pem`, `certUrl` `DIR/server.pem`, `keyUrl`
-//! `DIR/server.key`, `certStorage` `"sm"` unless the file sets it; it turns `insecure` off.
+//! `cargo xtask gen-certs DIR` (see [`Settings::use_dev_pki`]); it turns `insecure` off.
 //!
 //! # Exit code
 //!
@@ -51,75 +29,23 @@
 //! `EX_USAGE` of `sysexits.h`).
 
 use std::{
-    fmt, io,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::Parser;
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 use smcontroller_api::types::iso8601;
 use smcontroller_certs::IdentityField;
 
 /// Exit code of the daemon when its configuration is bad: 64, `EX_USAGE` of `sysexits.h`.
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
-/// The listen address when none is configured: every IPv4 interface, port 8093.
-pub const DEFAULT_LISTEN: &str = ":8093";
-/// Default of `responseTimeout`.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default of `registrationTimeout`.
-pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default of `queueBound`.
-pub const DEFAULT_QUEUE_BOUND: usize = 256;
-/// Default of `maxMessageSize`: 16 MiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
-/// The smallest `maxMessageSize` accepted: 1 KiB.
-pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
-/// Default of `flowWindow`: 256 KiB.
-pub const DEFAULT_FLOW_WINDOW: u32 = 256 * 1024;
-/// The smallest `flowWindow` accepted: HTTP/2's own initial window, 65,535 bytes.
-pub const MIN_FLOW_WINDOW: usize = 65_535;
-/// The largest `flowWindow` HTTP/2 allows: 2^31 - 1 bytes.
-pub const MAX_FLOW_WINDOW: usize = (1 << 31) - 1;
-/// Default of `keepaliveInterval`.
-pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Default of `keepaliveTimeout`.
-pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default of `certReloadRetry`.
-pub const DEFAULT_CERT_RELOAD_RETRY: Duration = Duration::from_secs(10);
-/// Default of `handshakeTimeout`.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = smcontroller_certs::DEFAULT_HANDSHAKE_TIMEOUT;
 /// The certificate storage `--pki` sets when the config file names none.
 pub const PKI_CERT_STORAGE: &str = "sm";
-
-/// The keys of the config file the SM controller reads; every other key is "unknown".
-const KNOWN_KEYS: &[&str] = &[
-    "cmServerUrl",
-    "certStorage",
-    "caCert",
-    "certUrl",
-    "keyUrl",
-    "identityBinding",
-    "handshakeTimeout",
-    "responseTimeout",
-    "replyExpiry",
-    "registrationTimeout",
-    "queueBound",
-    "maxMessageSize",
-    "flowWindow",
-    "keepaliveInterval",
-    "keepaliveTimeout",
-    "certReloadRetry",
-    "insecure",
-];
-
-/// The values of `identityBinding`, for error messages.
-const IDENTITY_BINDING_VALUES: &str = r#""off", "cn", "dnsSan" or "any""#;
-
-/// What a duration value should look like, for error messages.
-const DURATION_EXAMPLE: &str = "(expected e.g. \"5s\" or \"PT5S\")";
 
 /// The origin named in errors about command-line values.
 const CLI_ORIGIN: &str = "command line";
@@ -156,60 +82,87 @@ pub struct Cli {
     pub log: Option<String>,
 }
 
-/// The daemon's validated settings; the daemon maps them onto the router's and the server's
-/// settings.
+/// The daemon's settings: one field per key of the config file (its name in camelCase), read
+/// and checked by the function its `deserialize_with` names; a key that is missing or `null`
+/// keeps the field's value in [`Settings::default`]. The daemon maps them onto the router's and
+/// the server's settings.
 ///
-/// [`Settings::default`] holds the defaults of every key (and no TLS settings, so by itself it
-/// would not pass validation unless `insecure` is set).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// To add a setting: a field with a doc comment (what it is, its unit), its default in
+/// `Default`, a reader in `de` if the type needs checking, and a row in
+/// `docs/configuration.md` (a test fails without it).
+///
+/// [`Settings::default`] holds no TLS settings, so by itself it would not pass validation
+/// unless `insecure` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct Settings {
-    /// Address the gRPC server listens on (`cmServerUrl`, `--listen`).
+    /// Address the gRPC server listens on (`cmServerUrl`, `--listen`); see [`parse_listen`].
+    #[serde(rename = "cmServerUrl", deserialize_with = "de::listen")]
     pub listen: SocketAddr,
     /// Serve plain HTTP/2 without TLS (`insecure`, `--insecure`). The daemon warns when set.
+    #[serde(deserialize_with = "de::boolean")]
     pub insecure: bool,
     /// Certificate storage the server's credentials come from (`certStorage`), e.g. `"sm"`.
     /// Always set unless `insecure`.
+    #[serde(deserialize_with = "de::name")]
     pub cert_storage: Option<String>,
     /// CA certificate that verifies SM client certificates (`caCert`): a `file://` URL or an
     /// absolute path. Always set unless `insecure`.
+    #[serde(deserialize_with = "de::file_url")]
     pub ca_cert: Option<String>,
     /// The server's certificate chain in the storage `cert_storage` (`certUrl`): a `file://`
     /// URL or an absolute path, watched for renewal. Always set unless `insecure`.
+    #[serde(deserialize_with = "de::file_url")]
     pub cert_url: Option<String>,
     /// The server's private key in the storage `cert_storage` (`keyUrl`): a `file://` URL or
-    /// an absolute path, watched for renewal. Always set unless `insecure`.
+    /// an absolute path, watched for renewal, or a `pkcs11:` URL of a key in a token. Always set
+    /// unless `insecure`.
+    #[serde(deserialize_with = "de::file_url")]
     pub key_url: Option<String>,
     /// Node identity binding (`identityBinding`, R-TLS-4): `Some(field)` requires
     /// `sm_info.node_id` to match those names of the client certificate. Off (`None`) by
     /// default.
+    #[serde(deserialize_with = "de::identity_binding")]
     pub identity_binding: Option<IdentityField>,
     /// How long a TLS handshake may take (`handshakeTimeout`).
+    #[serde(deserialize_with = "de::duration")]
     pub handshake_timeout: Duration,
     /// How long a sync call waits for the node's reply (`responseTimeout`).
+    #[serde(deserialize_with = "de::duration")]
     pub response_timeout: Duration,
     /// How long a sync command left unanswered keeps its place in the reply matching
     /// (`replyExpiry`): its late reply is absorbed within that time (R-SYNC-3). `None`: twice
     /// the response timeout. The router never uses less than the response timeout.
+    #[serde(deserialize_with = "de::some_duration")]
     pub reply_expiry: Option<Duration>,
     /// How long a new stream may take to send its first `sm_info` (`registrationTimeout`).
+    #[serde(deserialize_with = "de::duration")]
     pub registration_timeout: Duration,
-    /// Bound of each node's inbound queue (`queueBound`); at least 1.
+    /// Bound of each node's inbound queue, messages (`queueBound`); at least 1.
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
     pub queue_bound: usize,
     /// Largest message accepted from an SM, bytes (`maxMessageSize`); at least 1 KiB.
+    #[serde(deserialize_with = "de::at_least::<1024, _>")]
     pub max_message_size: usize,
-    /// HTTP/2 flow-control window of each stream and connection, bytes (`flowWindow`). It
-    /// bounds what an SM whose stream is paused (full queue) can have buffered in the server.
+    /// HTTP/2 flow-control window of each stream and connection, bytes (`flowWindow`): 65,535
+    /// (HTTP/2's initial window) to 2^31 - 1. It bounds what an SM whose stream is paused (full
+    /// queue) can have buffered in the server.
+    #[serde(deserialize_with = "de::flow_window")]
     pub flow_window: u32,
     /// Interval of the server's HTTP/2 keepalive pings (`keepaliveInterval`).
+    #[serde(deserialize_with = "de::duration")]
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped
     /// (`keepaliveTimeout`).
+    #[serde(deserialize_with = "de::duration")]
     pub keepalive_timeout: Duration,
     /// Retry period of a renewal whose new credentials failed to load (`certReloadRetry`):
     /// meanwhile the server keeps serving with the previous ones.
+    #[serde(deserialize_with = "de::duration")]
     pub cert_reload_retry: Duration,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
+    #[serde(skip)]
     pub unknown_keys: Vec<String>,
 }
 
@@ -223,16 +176,16 @@ impl Default for Settings {
             cert_url: None,
             key_url: None,
             identity_binding: None,
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            handshake_timeout: smcontroller_certs::DEFAULT_HANDSHAKE_TIMEOUT,
+            response_timeout: Duration::from_secs(5),
             reply_expiry: None,
-            registration_timeout: DEFAULT_REGISTRATION_TIMEOUT,
-            queue_bound: DEFAULT_QUEUE_BOUND,
-            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-            flow_window: DEFAULT_FLOW_WINDOW,
-            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
-            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
-            cert_reload_retry: DEFAULT_CERT_RELOAD_RETRY,
+            registration_timeout: Duration::from_secs(10),
+            queue_bound: 256,
+            max_message_size: 16 * 1024 * 1024,
+            flow_window: 256 * 1024,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            cert_reload_retry: Duration::from_secs(10),
             unknown_keys: Vec::new(),
         }
     }
@@ -274,33 +227,16 @@ pub enum ConfigError {
         found: &'static str,
     },
 
-    /// A key has a value of the wrong kind or out of range.
-    #[error("{origin}: {key}: {value} {problem}")]
+    /// A key (or flag) has a bad value: of the wrong kind, out of range, malformed.
+    #[error("{origin}: {key}: {message}")]
     InvalidValue {
         /// The file, as given, or "command line".
         origin: String,
         /// The key (or flag).
         key: String,
-        /// The value, as JSON text.
-        value: String,
-        /// What is wrong with it, e.g. `is not a duration (expected e.g. "5s" or "PT5S")`.
-        problem: String,
-    },
-
-    /// A listen address is empty or malformed.
-    #[error(
-        "{origin}: {key}: {value:?} is not a listen address: {reason} \
-         (expected e.g. \":8093\", \"0.0.0.0:8093\" or \"[::1]:8093\")"
-    )]
-    InvalidListen {
-        /// The file, as given, or "command line".
-        origin: String,
-        /// `cmServerUrl` or `--listen`.
-        key: String,
-        /// The address given.
-        value: String,
-        /// What is wrong with it.
-        reason: ListenAddrError,
+        /// The value and what is wrong with it, e.g. `"5 sek" is not a duration (expected e.g.
+        /// "5s" or "PT5S")`.
+        message: String,
     },
 
     /// TLS is on (no `insecure`) but some of `caCert`, `certStorage`, `certUrl` and `keyUrl`
@@ -414,33 +350,48 @@ pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
 /// `cli.config` path is not read.
 pub fn load_str(origin: &str, json: &str, cli: &Cli) -> Result<Settings, ConfigError> {
     let value: Value = serde_json::from_str(json).map_err(|e| json_error(origin, &e))?;
-    let Value::Object(map) = value else {
+    let Value::Object(mut map) = value else {
         return Err(ConfigError::NotAnObject {
             origin: origin.to_owned(),
             found: kind_of(&value),
         });
     };
-    let settings = from_map(origin, &map)?;
+    // A key set to null counts as not set: its field keeps its default.
+    map.retain(|_, value| !value.is_null());
+    let mut unknown_keys = Vec::new();
+    let mut unknown = |path: serde_ignored::Path<'_>| unknown_keys.push(path.to_string());
+    let file = serde_ignored::Deserializer::new(Value::Object(map), &mut unknown);
+    let mut settings: Settings =
+        serde_path_to_error::deserialize(file).map_err(|e| ConfigError::InvalidValue {
+            origin: origin.to_owned(),
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+    unknown_keys.sort();
+    settings.unknown_keys = unknown_keys;
     finish(settings, origin, cli)
 }
 
 /// Applies the command-line overrides to `settings` and checks the rules that span keys.
 fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, ConfigError> {
+    let flag_error = |flag: &str, message: String| ConfigError::InvalidValue {
+        origin: CLI_ORIGIN.to_owned(),
+        key: flag.to_owned(),
+        message,
+    };
     if let Some(listen) = &cli.listen {
-        settings.listen = listen_value(CLI_ORIGIN, "--listen", listen)?;
+        settings.listen = parse_listen(listen).map_err(|e| {
+            flag_error("--listen", format!("{listen:?} {}", de::listen_problem(&e)))
+        })?;
     }
     if cli.insecure {
         settings.insecure = true;
     }
     if let Some(dir) = &cli.pki {
-        settings
-            .use_dev_pki(dir)
-            .map_err(|e| ConfigError::InvalidValue {
-                origin: CLI_ORIGIN.to_owned(),
-                key: "--pki".to_owned(),
-                value: format!("{:?}", dir.display().to_string()),
-                problem: format!("cannot be used: {e}"),
-            })?;
+        settings.use_dev_pki(dir).map_err(|e| {
+            let dir = dir.display().to_string();
+            flag_error("--pki", format!("{dir:?} cannot be used: {e}"))
+        })?;
     }
     if !settings.insecure {
         let missing: Vec<&str> = [
@@ -462,156 +413,137 @@ fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, C
     Ok(settings)
 }
 
-/// Reads every known key of the file's object into the defaults; records the others.
-fn from_map(origin: &str, map: &Map<String, Value>) -> Result<Settings, ConfigError> {
-    let mut settings = Settings::default();
-    for (key, value) in map {
-        if !KNOWN_KEYS.contains(&key.as_str()) {
-            settings.unknown_keys.push(key.clone());
-            continue;
-        }
-        if value.is_null() {
-            continue;
-        }
-        let field = Field { origin, key, value };
-        match key.as_str() {
-            "cmServerUrl" => settings.listen = listen_value(origin, key, field.string()?)?,
-            "certStorage" => settings.cert_storage = field.optional_string()?.map(str::to_owned),
-            "caCert" => settings.ca_cert = field.file_url()?,
-            "certUrl" => settings.cert_url = field.file_url()?,
-            "keyUrl" => settings.key_url = field.file_url()?,
-            "identityBinding" => settings.identity_binding = field.identity_binding()?,
-            "handshakeTimeout" => settings.handshake_timeout = field.duration()?,
-            "responseTimeout" => settings.response_timeout = field.duration()?,
-            "replyExpiry" => settings.reply_expiry = Some(field.duration()?),
-            "registrationTimeout" => settings.registration_timeout = field.duration()?,
-            "queueBound" => settings.queue_bound = field.size(1)?,
-            "maxMessageSize" => settings.max_message_size = field.size(MIN_MAX_MESSAGE_SIZE)?,
-            "flowWindow" => settings.flow_window = field.window()?,
-            "keepaliveInterval" => settings.keepalive_interval = field.duration()?,
-            "keepaliveTimeout" => settings.keepalive_timeout = field.duration()?,
-            "certReloadRetry" => settings.cert_reload_retry = field.duration()?,
-            "insecure" => settings.insecure = field.boolean()?,
-            _ => unreachable!("every known key is handled"),
-        }
-    }
-    settings.unknown_keys.sort();
-    Ok(settings)
-}
+/// The readers of [`Settings`]' values (`deserialize_with`). Each takes the key's value as JSON
+/// and, when it is bad, fails with the value (as JSON text) and what is wrong with it; the
+/// caller adds the file and the key.
+mod de {
+    use serde::{Deserialize, Deserializer, de::Error as _};
 
-/// One key's value with where it came from, for typed reads with good errors.
-struct Field<'a> {
-    origin: &'a str,
-    key: &'a str,
-    value: &'a Value,
-}
+    use super::*;
 
-impl<'a> Field<'a> {
-    fn invalid(&self, problem: impl fmt::Display) -> ConfigError {
-        ConfigError::InvalidValue {
-            origin: self.origin.to_owned(),
-            key: self.key.to_owned(),
-            value: self.value.to_string(),
-            problem: problem.to_string(),
-        }
+    /// The value, read by `check`; its error is the problem, shown after the value.
+    fn read<'de, D: Deserializer<'de>, T>(
+        deserializer: D,
+        check: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Result<T, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        check(&value).map_err(|problem| D::Error::custom(format_args!("{value} {problem}")))
     }
 
-    fn string(&self) -> Result<&'a str, ConfigError> {
-        self.value
-            .as_str()
-            .ok_or_else(|| self.invalid("is not a string"))
+    fn string(value: &Value) -> Result<&str, String> {
+        value.as_str().ok_or_else(|| "is not a string".to_owned())
     }
 
     /// A string; the empty string counts as not set.
-    fn optional_string(&self) -> Result<Option<&'a str>, ConfigError> {
-        self.string().map(|s| (!s.is_empty()).then_some(s))
+    fn optional_string(value: &Value) -> Result<Option<&str>, String> {
+        string(value).map(|s| Some(s).filter(|s| !s.is_empty()))
+    }
+
+    pub(super) fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        read(d, |v| {
+            v.as_bool()
+                .ok_or_else(|| "is not a boolean (expected true or false)".to_owned())
+        })
+    }
+
+    /// A name; the empty string counts as not set.
+    pub(super) fn name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        read(d, |v| Ok(optional_string(v)?.map(str::to_owned)))
     }
 
     /// A `file://` URL or an absolute path, as the certificate loader takes them, or a `pkcs11:`
-    /// URL of an object in a token; the empty string counts as not set.
-    fn file_url(&self) -> Result<Option<String>, ConfigError> {
-        let Some(url) = self.optional_string()? else {
-            return Ok(None);
+    /// URL of an object in a token; the empty string counts as not set. A refused `pkcs11:`
+    /// URL is shown with its PIN masked.
+    pub(super) fn file_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let value = Value::deserialize(d)?;
+        let url = match optional_string(&value) {
+            Ok(Some(url)) => url,
+            Ok(None) => return Ok(None),
+            Err(problem) => return Err(D::Error::custom(format_args!("{value} {problem}"))),
         };
         let problem = match smcontroller_certs::check_url(url) {
             Ok(()) => return Ok(Some(url.to_owned())),
             Err(smcontroller_certs::Error::UnsupportedUrl { reason, .. }) => reason,
             Err(e) => e.report().to_string(),
         };
-        // A pkcs11: URL is shown with its PIN masked.
-        let shown = serde_json::Value::from(smcontroller_certs::mask_pin(url).into_owned());
-        Err(ConfigError::InvalidValue {
-            origin: self.origin.to_owned(),
-            key: self.key.to_owned(),
-            value: shown.to_string(),
-            problem: format!("cannot be used: {problem}"),
+        let shown = Value::from(smcontroller_certs::mask_pin(url).into_owned());
+        Err(D::Error::custom(format_args!(
+            "{shown} cannot be used: {problem}"
+        )))
+    }
+
+    pub(super) fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        read(d, |v| {
+            parse_listen(string(v)?).map_err(|reason| listen_problem(&reason))
         })
     }
 
+    /// Why a value is not a listen address, to follow the value.
+    pub(super) fn listen_problem(reason: &ListenAddrError) -> String {
+        format!(
+            "is not a listen address: {reason} \
+             (expected e.g. \":8093\", \"0.0.0.0:8093\" or \"[::1]:8093\")"
+        )
+    }
+
     /// `"off"` (`None`), `"cn"`, `"dnsSan"` or `"any"`.
-    fn identity_binding(&self) -> Result<Option<IdentityField>, ConfigError> {
-        match self.value.as_str() {
+    pub(super) fn identity_binding<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<IdentityField>, D::Error> {
+        read(d, |v| match v.as_str() {
             Some("off") => Ok(None),
             Some("cn") => Ok(Some(IdentityField::CommonName)),
             Some("dnsSan") => Ok(Some(IdentityField::DnsSan)),
             Some("any") => Ok(Some(IdentityField::Any)),
-            _ => Err(self.invalid(format_args!("is not one of {IDENTITY_BINDING_VALUES}"))),
-        }
+            _ => Err(r#"is not one of "off", "cn", "dnsSan" or "any""#.to_owned()),
+        })
     }
 
-    fn boolean(&self) -> Result<bool, ConfigError> {
-        self.value
-            .as_bool()
-            .ok_or_else(|| self.invalid("is not a boolean (expected true or false)"))
+    /// A duration string greater than zero (see [`parse_duration`]).
+    pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        read(d, |v| {
+            let duration = v
+                .as_str()
+                .and_then(parse_duration)
+                .ok_or_else(|| r#"is not a duration (expected e.g. "5s" or "PT5S")"#.to_owned())?;
+            if duration.is_zero() {
+                return Err("must be greater than zero".to_owned());
+            }
+            Ok(duration)
+        })
     }
 
-    /// A duration string greater than zero.
-    fn duration(&self) -> Result<Duration, ConfigError> {
-        let text = self
-            .value
-            .as_str()
-            .ok_or_else(|| self.invalid(format_args!("is not a duration {DURATION_EXAMPLE}")))?;
-        let duration = parse_duration(text)
-            .ok_or_else(|| self.invalid(format_args!("is not a duration {DURATION_EXAMPLE}")))?;
-        if duration.is_zero() {
-            return Err(self.invalid("must be greater than zero"));
-        }
-        Ok(duration)
+    pub(super) fn some_duration<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
     }
 
-    /// A whole number of at least `min`.
+    /// A whole number of at least `MIN`.
+    pub(super) fn at_least<'de, const MIN: u64, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<usize, D::Error> {
+        read(d, whole_number::<MIN>)
+    }
+
+    fn whole_number<const MIN: u64>(v: &Value) -> Result<usize, String> {
+        v.as_u64()
+            .filter(|&n| n >= MIN)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format!("is not a whole number of at least {MIN}"))
+    }
+
     /// An HTTP/2 window size: 65,535 to 2^31 - 1 bytes.
-    fn window(&self) -> Result<u32, ConfigError> {
-        let n = self.size(MIN_FLOW_WINDOW)?;
-        u32::try_from(n)
-            .ok()
-            .filter(|&n| n as usize <= MAX_FLOW_WINDOW)
-            .ok_or_else(|| {
-                self.invalid(format_args!(
-                    "is larger than HTTP/2 allows ({MAX_FLOW_WINDOW})"
-                ))
-            })
+    pub(super) fn flow_window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        const MAX: u32 = (1 << 31) - 1;
+        read(d, |v| {
+            let n = whole_number::<65_535>(v)?;
+            u32::try_from(n)
+                .ok()
+                .filter(|&n| n <= MAX)
+                .ok_or_else(|| format!("is larger than HTTP/2 allows ({MAX})"))
+        })
     }
-
-    fn size(&self, min: usize) -> Result<usize, ConfigError> {
-        let problem = || self.invalid(format_args!("is not a whole number of at least {min}"));
-        let n = self.value.as_u64().ok_or_else(problem)?;
-        let n = usize::try_from(n).map_err(|_| problem())?;
-        if n < min {
-            return Err(problem());
-        }
-        Ok(n)
-    }
-}
-
-/// Parses a listen address, naming origin, key and value when it is bad.
-fn listen_value(origin: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    parse_listen(value).map_err(|reason| ConfigError::InvalidListen {
-        origin: origin.to_owned(),
-        key: key.to_owned(),
-        value: value.to_owned(),
-        reason,
-    })
 }
 
 /// Parses a listen address (contract R-LISTEN-1).
@@ -701,63 +633,17 @@ fn is_host_name(host: &str) -> bool {
         && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
-/// Parses a duration: ISO 8601 (`PT5S`, `PT0.5S`, `P1DT2H`) when it starts with `P`, otherwise
-/// Go style: one or more decimal numbers, each with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`,
-/// `h`), e.g. `5s`, `500ms`, `1m30s`, `1.5h`; or the bare `0`. `None` if it is neither.
+/// Parses a duration: ISO 8601 when it starts with `P` (`PT5S`, `PT0.5S`, `P1DT2H`; weeks to
+/// seconds, the same parser as node configurations use: years and months have no fixed length
+/// and are refused); otherwise Go or humantime style, by the `humantime` crate: numbers with a
+/// unit each (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`, and humantime's longer spellings such as
+/// `sec`, `min`, `days`), e.g. `5s`, `500ms`, `1m30s`, `1.5h`. `None` if it is neither.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     if text.starts_with('P') {
         iso8601::parse(text).ok()
     } else {
-        parse_go_duration(text)
+        humantime::parse_duration(text).ok()
     }
-}
-
-/// Go's `time.ParseDuration`, without signs.
-fn parse_go_duration(text: &str) -> Option<Duration> {
-    const NANOS_PER_SEC: u128 = 1_000_000_000;
-    if text == "0" {
-        return Some(Duration::ZERO);
-    }
-    if text.is_empty() {
-        return None;
-    }
-    let is_number = |c: char| c.is_ascii_digit() || c == '.';
-    let mut rest = text;
-    let mut total: u128 = 0;
-    while !rest.is_empty() {
-        let number_end = rest.find(|c| !is_number(c)).unwrap_or(rest.len());
-        let (number, after) = rest.split_at(number_end);
-        let unit_end = after.find(is_number).unwrap_or(after.len());
-        let (unit, after) = after.split_at(unit_end);
-        rest = after;
-
-        let nanos_per_unit: u128 = match unit {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => NANOS_PER_SEC,
-            "m" => 60 * NANOS_PER_SEC,
-            "h" => 3_600 * NANOS_PER_SEC,
-            _ => return None,
-        };
-        let (int, frac) = number.split_once('.').unwrap_or((number, ""));
-        if (int.is_empty() && frac.is_empty()) || frac.contains('.') || int.len() > 20 {
-            return None;
-        }
-        let whole: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
-        // Digits beyond the 18th cannot matter at nanosecond precision.
-        let frac = &frac[..frac.len().min(18)];
-        let frac_nanos = if frac.is_empty() {
-            0
-        } else {
-            let digits: u128 = frac.parse().ok()?;
-            digits * nanos_per_unit / 10u128.pow(u32::try_from(frac.len()).ok()?)
-        };
-        total = total.checked_add(whole.checked_mul(nanos_per_unit)?.checked_add(frac_nanos)?)?;
-    }
-    let secs = u64::try_from(total / NANOS_PER_SEC).ok()?;
-    let nanos = u32::try_from(total % NANOS_PER_SEC).ok()?;
-    Some(Duration::new(secs, nanos))
 }
 
 /// A JSON syntax error with its position, without serde_json's "at line L column C" suffix.
@@ -1140,8 +1026,8 @@ mod tests {
     #[test]
     fn bad_duration_names_file_key_and_value() {
         assert_eq!(
-            err(r#"{"responseTimeout": "5 sec"}"#),
-            r#"config.json: responseTimeout: "5 sec" is not a duration (expected e.g. "5s" or "PT5S")"#
+            err(r#"{"responseTimeout": "5 sek"}"#),
+            r#"config.json: responseTimeout: "5 sek" is not a duration (expected e.g. "5s" or "PT5S")"#
         );
         assert_eq!(
             err(r#"{"registrationTimeout": 5}"#),
@@ -1340,7 +1226,7 @@ mod tests {
     }
 
     #[test]
-    fn go_durations() {
+    fn go_style_durations() {
         let ms = Duration::from_millis;
         assert_eq!(parse_duration("5s"), Some(ms(5_000)));
         assert_eq!(parse_duration("500ms"), Some(ms(500)));
@@ -1348,18 +1234,15 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(ms(3_600_000)));
         assert_eq!(parse_duration("1m30s"), Some(ms(90_000)));
         assert_eq!(parse_duration("1.5s"), Some(ms(1_500)));
-        assert_eq!(parse_duration(".5s"), Some(ms(500)));
         assert_eq!(parse_duration("1.5h"), Some(ms(5_400_000)));
         assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
         assert_eq!(parse_duration("250µs"), Some(Duration::from_micros(250)));
         assert_eq!(parse_duration("7ns"), Some(Duration::from_nanos(7)));
         assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        assert_eq!(
-            parse_duration("0.1234567891s"),
-            Some(Duration::from_nanos(123_456_789))
-        );
+        // humantime's own spellings are accepted too.
+        assert_eq!(parse_duration("2 min"), Some(ms(120_000)));
         for bad in [
-            "", "5", "5 s", "5sec", "s", ".s", "1.2.3s", "-5s", "+5s", "5d", "1e3s",
+            "", "5", "s", "5 sek", ".5s", "1.2.3s", "-5s", "+5s", "1e3s", "soon",
         ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
@@ -1372,7 +1255,20 @@ mod tests {
         assert_eq!(parse_duration("PT0.5S"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("PT1M30S"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("P1D"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("P1M"), None);
-        assert_eq!(parse_duration("PT"), None);
+        for bad in ["P1M", "PT", "PT5Sjunk", "PT-5S", "PT1Y"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_are_case_sensitive() {
+        let s = load_str(
+            ORIGIN,
+            r#"{"ResponseTimeout": "1s", "insecure": true}"#,
+            &cli(),
+        )
+        .unwrap();
+        assert_eq!(s.unknown_keys, ["ResponseTimeout"]);
+        assert_eq!(s.response_timeout, Duration::from_secs(5));
     }
 }
