@@ -24,7 +24,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
-    config::{EXIT_BAD_CONFIG, Settings},
+    config::{BlobUrlTemplate, EXIT_BAD_CONFIG, Settings},
     receivers::Recorder,
 };
 
@@ -56,8 +56,8 @@ pub fn server_settings(settings: &Settings) -> ServerSettings {
     }
 }
 
-/// The daemon's blob resolver while no CM item store is wired in: every digest is unknown,
-/// so `GetBlobsInfos` answers `NOT_FOUND` naming it.
+/// The daemon's blob resolver when no `blobUrlTemplate` is configured: every digest is
+/// unknown, so `GetBlobsInfos` answers `NOT_FOUND` naming it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoBlobStore;
 
@@ -69,6 +69,26 @@ impl ItemInfoProvider for NoBlobStore {
             exit_code: 0,
             message: format!("no blob store is configured in this daemon; cannot resolve {digest}"),
         })
+    }
+}
+
+/// Blob URLs from the configured template (`blobUrlTemplate`): each digest is checked, then put
+/// into the template. A string that is not a digest is refused, so `GetBlobsInfos` answers
+/// `NOT_FOUND` naming it.
+#[async_trait]
+impl ItemInfoProvider for BlobUrlTemplate {
+    async fn get_blob_url(&self, digest: &str) -> smcontroller_api::Result<String> {
+        self.url(digest)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+}
+
+/// The daemon's blob resolver: the `blobUrlTemplate` if one is configured, otherwise
+/// [`NoBlobStore`].
+pub fn blob_resolver(settings: &Settings) -> Arc<dyn ItemInfoProvider> {
+    match &settings.blob_url_template {
+        Some(template) => Arc::new(template.clone()),
+        None => Arc::new(NoBlobStore),
     }
 }
 

@@ -160,6 +160,12 @@ pub struct Settings {
     /// meanwhile the server keeps serving with the previous ones.
     #[serde(deserialize_with = "de::duration")]
     pub cert_reload_retry: Duration,
+    /// Where SMs download blobs from (`blobUrlTemplate`): `GetBlobsInfos` answers each digest
+    /// with this URL, `{digest}` replaced by the digest, e.g.
+    /// `"https://cloud.example/blobs/{digest}"`. `None`: no blob store, every digest is answered
+    /// `NOT_FOUND`.
+    #[serde(deserialize_with = "de::blob_url_template")]
+    pub blob_url_template: Option<BlobUrlTemplate>,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
     #[serde(skip)]
@@ -186,6 +192,7 @@ impl Default for Settings {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             cert_reload_retry: Duration::from_secs(10),
+            blob_url_template: None,
             unknown_keys: Vec::new(),
         }
     }
@@ -299,6 +306,82 @@ pub enum ListenAddrError {
         /// The resolver's error, in words.
         reason: String,
     },
+}
+
+/// A URL template of the blobs SMs download (`blobUrlTemplate`): `{digest}` stands for the
+/// digest. It starts with a scheme (`https://`, `http://`, `file://`, ...), has `{digest}` at
+/// least once and no other `{`/`}`, and no spaces or control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobUrlTemplate(String);
+
+/// The longest digest [`BlobUrlTemplate::url`] takes, bytes: room for any algorithm's name and
+/// a SHA-512 in hex.
+pub const MAX_DIGEST_LEN: usize = 256;
+
+/// A digest that [`BlobUrlTemplate::url`] refuses to put into a URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not a blob digest (expected <algorithm>:<encoded>, e.g. \"sha256:\" and 64 hex digits, \
+     at most {MAX_DIGEST_LEN} bytes)"
+)]
+pub struct NotADigest;
+
+impl BlobUrlTemplate {
+    /// The placeholder of the digest.
+    pub const DIGEST: &str = "{digest}";
+
+    /// Checks `template`; the error says what is wrong with it.
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let scheme_end = template.find("://").unwrap_or(0);
+        let scheme = &template[..scheme_end];
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+        if !scheme_ok {
+            return Err("has no URL scheme such as https://".to_owned());
+        }
+        if !template.contains(Self::DIGEST) {
+            return Err(format!("has no {}", Self::DIGEST));
+        }
+        if template.replace(Self::DIGEST, "").contains(['{', '}']) {
+            return Err(format!(
+                "has a '{{' or '}}' that is not part of {}",
+                Self::DIGEST
+            ));
+        }
+        if template.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err("has spaces or control characters".to_owned());
+        }
+        Ok(Self(template.to_owned()))
+    }
+
+    /// The template as configured.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL of the blob `digest`. The digest is checked first, so that nothing but a digest
+    /// lands in the URL: `<algorithm>:<encoded>` as OCI image digests are written (algorithm:
+    /// lowercase letters and digits, joined by `+`, `.`, `_` or `-`; encoded: letters, digits,
+    /// `=`, `_`, `-`), at most [`MAX_DIGEST_LEN`] bytes.
+    pub fn url(&self, digest: &str) -> Result<String, NotADigest> {
+        let (algorithm, encoded) = digest.split_once(':').ok_or(NotADigest)?;
+        let algorithm_ok = algorithm.split(['+', '.', '_', '-']).all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+        let encoded_ok = !encoded.is_empty()
+            && encoded
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b));
+        if digest.len() > MAX_DIGEST_LEN || !algorithm_ok || !encoded_ok {
+            return Err(NotADigest);
+        }
+        Ok(self.0.replace(Self::DIGEST, digest))
+    }
 }
 
 impl Settings {
@@ -544,6 +627,24 @@ mod de {
                 .ok_or_else(|| format!("is larger than HTTP/2 allows ({MAX})"))
         })
     }
+
+    /// A blob URL template; the empty string counts as not set.
+    pub(super) fn blob_url_template<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<BlobUrlTemplate>, D::Error> {
+        read(d, |v| {
+            optional_string(v)?
+                .map(|t| {
+                    BlobUrlTemplate::parse(t).map_err(|problem| {
+                        format!(
+                            "is not a blob URL template: it {problem} (expected e.g. \
+                             \"https://cloud.example/blobs/{{digest}}\")"
+                        )
+                    })
+                })
+                .transpose()
+        })
+    }
 }
 
 /// Parses a listen address (contract R-LISTEN-1).
@@ -731,6 +832,7 @@ mod tests {
             "keepaliveInterval": "1m",
             "keepaliveTimeout": "500ms",
             "certReloadRetry": "PT0.5S",
+            "blobUrlTemplate": "https://cloud.example/blobs/{digest}",
             "insecure": false
         }"#;
         let s = load_str(ORIGIN, json, &cli()).unwrap();
@@ -754,6 +856,9 @@ mod tests {
                 keepalive_interval: Duration::from_secs(60),
                 keepalive_timeout: Duration::from_millis(500),
                 cert_reload_retry: Duration::from_millis(500),
+                blob_url_template: Some(
+                    BlobUrlTemplate::parse("https://cloud.example/blobs/{digest}").unwrap()
+                ),
                 unknown_keys: vec![],
             }
         );
@@ -1270,5 +1375,95 @@ mod tests {
         .unwrap();
         assert_eq!(s.unknown_keys, ["ResponseTimeout"]);
         assert_eq!(s.response_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn blob_url_template_is_checked_at_load() {
+        let json =
+            r#"{"blobUrlTemplate": "https://cloud.example/blobs/{digest}", "insecure": true}"#;
+        let template = load_str(ORIGIN, json, &cli())
+            .unwrap()
+            .blob_url_template
+            .expect("set");
+        assert_eq!(template.as_str(), "https://cloud.example/blobs/{digest}");
+        let s = load_str(
+            ORIGIN,
+            r#"{"blobUrlTemplate": "", "insecure": true}"#,
+            &cli(),
+        );
+        assert_eq!(
+            s.unwrap().blob_url_template,
+            None,
+            "empty counts as not set"
+        );
+        assert_eq!(Settings::default().blob_url_template, None);
+
+        for (bad, problem) in [
+            (
+                r#""cloud.example/blobs/{digest}""#,
+                "has no URL scheme such as https://",
+            ),
+            (
+                r#""://cloud.example/{digest}""#,
+                "has no URL scheme such as https://",
+            ),
+            (r#""https://cloud.example/blobs/""#, "has no {digest}"),
+            (
+                r#""https://cloud.example/{dgst}/{digest}""#,
+                "has a '{' or '}' that is not part of {digest}",
+            ),
+            (
+                r#""https://cloud.example/my blobs/{digest}""#,
+                "has spaces or control characters",
+            ),
+        ] {
+            assert_eq!(
+                err(&format!(r#"{{"blobUrlTemplate": {bad}}}"#)),
+                format!(
+                    r#"config.json: blobUrlTemplate: {bad} is not a blob URL template: it {problem} (expected e.g. "https://cloud.example/blobs/{{digest}}")"#
+                )
+            );
+        }
+        assert_eq!(
+            err(r#"{"blobUrlTemplate": 42}"#),
+            "config.json: blobUrlTemplate: 42 is not a string"
+        );
+    }
+
+    #[test]
+    fn blob_urls_take_digests_only() {
+        let template = BlobUrlTemplate::parse("file:///var/aos/blobs/{digest}/{digest}.json")
+            .expect("a template");
+        let sha256 = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            template.url(&sha256),
+            Ok(format!("file:///var/aos/blobs/{sha256}/{sha256}.json"))
+        );
+        for good in [
+            "sha512:0f1e",
+            "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
+            "sha256:YWJj=",
+        ] {
+            assert!(template.url(good).is_ok(), "{good}");
+        }
+        let too_long = format!("sha256:{}", "a".repeat(MAX_DIGEST_LEN));
+        for bad in [
+            "",
+            "sha256",
+            ":abab",
+            "sha256:",
+            "SHA256:abab",
+            "sha256:ab/../../etc/passwd",
+            "sha256:ab?x=1",
+            "sha256:ab#frag",
+            "sha256:a b",
+            "sha256:%2e%2e",
+            "sha256:{digest}",
+            "sha256:ab:cd",
+            "sha+:abab",
+            too_long.as_str(),
+        ] {
+            assert_eq!(template.url(bad), Err(NotADigest), "{bad:?}");
+        }
     }
 }

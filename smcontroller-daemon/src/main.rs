@@ -5,11 +5,11 @@
 //! and exits cleanly on SIGINT/SIGTERM. A bad config, or TLS credentials that cannot be loaded
 //! at start, exit with 64.
 
-use std::{process::ExitCode, sync::Arc};
+use std::process::ExitCode;
 
 use clap::Parser;
 use smcontroller_daemon::{
-    app::{self, NoBlobStore},
+    app,
     config::{self, Cli, EXIT_BAD_CONFIG},
     receivers::Recorder,
 };
@@ -37,7 +37,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let running = match app::start(&settings, Recorder::new(), Arc::new(NoBlobStore)).await {
+        let blobs = app::blob_resolver(&settings);
+        let running = match app::start(&settings, Recorder::new(), blobs).await {
             Ok(running) => running,
             Err(e) => {
                 error!(error = %e, "cannot serve");
