@@ -568,7 +568,7 @@ fn candidates(kind: KeyKind) -> Vec<(SignatureScheme, Vec<Method>)> {
 
 /// `r || s` (two big-endian halves of equal length) as DER `SEQUENCE { INTEGER r, INTEGER s }`.
 fn ecdsa_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

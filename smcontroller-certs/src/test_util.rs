@@ -14,6 +14,9 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
+#[cfg(feature = "pkcs11")]
+pub mod softhsm;
+
 /// A test PKI: the unit's CA and a foreign CA (one the server does not trust), both ECDSA P-256,
 /// and the leaf certificates they issue ([`TestPki::issue`]).
 pub struct TestPki {
@@ -176,6 +179,35 @@ impl TestPki {
     /// A new leaf certificate with a fresh key, as `spec` says.
     pub fn issue(&self, spec: &LeafSpec) -> Result<TestCert, TestPkiError> {
         let key = KeyPair::generate()?;
+        let cert = self.sign(spec, &key)?;
+        Ok(TestCert {
+            cert_der: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pkcs8_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A leaf certificate as `spec` says for a key kept elsewhere (in a token): only its public
+    /// key is needed.
+    pub fn issue_for(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<IssuedCert, TestPkiError> {
+        let cert = self.sign(spec, public_key)?;
+        Ok(IssuedCert {
+            cert_der: cert.der().clone(),
+            cert_pem: cert.pem(),
+        })
+    }
+
+    /// The certificate `spec` describes for `key`, signed by the CA it names.
+    fn sign(
+        &self,
+        spec: &LeafSpec,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<rcgen::Certificate, rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&spec.common_name);
         params.subject_alt_names = spec
@@ -207,13 +239,7 @@ impl TestPki {
             Signer::Ca => &self.ca,
             Signer::ForeignCa => &self.foreign_ca,
         };
-        let cert = params.signed_by(&key, issuer)?;
-        Ok(TestCert {
-            cert_der: cert.der().clone(),
-            cert_pem: cert.pem(),
-            key_pkcs8_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        })
+        params.signed_by(key, issuer)
     }
 
     /// [`LeafSpec::server`], issued.
@@ -273,6 +299,30 @@ impl TestPki {
         )?;
         put("foreign-ca.pem", &self.foreign_ca_pem(), false)?;
         Ok(written)
+    }
+}
+
+/// A certificate whose key is kept elsewhere (see [`TestPki::issue_for`]).
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+}
+
+impl IssuedCert {
+    /// The certificate, DER.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert_der.clone()
+    }
+
+    /// The certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Writes the certificate (PEM) to `path`, replacing it by a rename.
+    pub fn write(&self, path: &Path) -> Result<(), WriteError> {
+        write_file(path, &self.cert_pem, false)
     }
 }
 
