@@ -7,7 +7,11 @@
 //! | `fmt` | `cargo fmt --all -- --check` |
 //! | `clippy` | `cargo hack clippy --workspace --all-targets --each-feature -- -D warnings` |
 //! | `doc` | `RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features`, then `cargo hack doc --no-deps --each-feature --exclude-all-features` on each crate with features |
-//! | `test` | `cargo test --workspace --all-features`, then `cargo hack test --each-feature --exclude-all-features` on each crate with features |
+//! | `test` | SoftHSM2 installed if missing (below), then `cargo test --workspace --all-features`, then `cargo hack test --each-feature --exclude-all-features` on each crate with features |
+//!
+//! The PKCS#11 tests (contract R-TLS-5) need a real token: SoftHSM2, the Debian package
+//! `softhsm2`. When its module is missing, the `test` step installs it with `apt-get` if it runs
+//! as root (as CI does, on a fresh machine), and otherwise stops, saying how to install it.
 //!
 //! # The feature matrix, and what it costs
 //!
@@ -32,12 +36,13 @@
 
 use std::{
     path::Path,
-    process::ExitCode,
+    process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Subcommand;
+use smcontroller_certs::test_util::softhsm;
 
 use crate::cmd::Cmd;
 
@@ -109,6 +114,7 @@ impl Step {
                 )
             }
             Self::Test => {
+                ensure_softhsm()?;
                 command(Cmd::cargo(root).args(["test", "--workspace", "--all-features"]))?;
                 let featured = crates_with_features(root)?;
                 if featured.is_empty() {
@@ -195,6 +201,49 @@ fn ensure_cargo_hack(root: &Path) -> anyhow::Result<()> {
             .context("could not install cargo-hack: install it with the command above and rerun")
         }
     }
+}
+
+/// Makes sure SoftHSM2, the token of the PKCS#11 tests, is installed: with `apt-get` when it
+/// is missing and this runs as root, else an error saying how to install it.
+fn ensure_softhsm() -> anyhow::Result<()> {
+    if let Ok(module) = softhsm::module_path() {
+        println!("note: SoftHSM2 for the PKCS#11 tests: {}", module.display());
+        return Ok(());
+    }
+    let package = softhsm::SOFTHSM_PACKAGE;
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.trim_ascii() == b"0");
+    let has_apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !(is_root && has_apt) {
+        bail!(
+            "the PKCS#11 tests need SoftHSM2: install the Debian package {package} \
+             (`sudo apt-get install {package}`) and rerun"
+        );
+    }
+    println!("note: SoftHSM2 (the token of the PKCS#11 tests) is missing; installing {package}");
+    for args in [
+        &["update", "-qq"][..],
+        &["install", "-y", "-qq", "--no-install-recommends", package][..],
+    ] {
+        println!("---> apt-get {}", args.join(" "));
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("cannot run apt-get")?;
+        if !status.success() {
+            bail!("`apt-get {}` failed ({status})", args.join(" "));
+        }
+    }
+    let module = softhsm::module_path().context("SoftHSM2 still not found after installing it")?;
+    println!("note: SoftHSM2 installed: {}", module.display());
+    Ok(())
 }
 
 /// The workspace members that declare features (optional dependencies count), by name.

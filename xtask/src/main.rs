@@ -10,8 +10,9 @@
 //! - `cargo xtask bench [--quick] [ARGS..]`: the controller benchmark (every scenario of
 //!   `smcontroller-daemon/benches/controller.rs`, mTLS and the bare-relay floor included), with
 //!   the figures written to `target/bench/results.json`. See [`bench()`].
-//! - `cargo xtask gen-certs DIR [--nodes N]`: a development PKI (CA, server, one client per node,
-//!   and the bad clients the tests refuse) for running over mTLS. See [`gen_certs`].
+//! - `cargo xtask gen-certs DIR [--nodes N] [--pkcs11]`: a development PKI (CA, server, one
+//!   client per node, and the bad clients the tests refuse) for running over mTLS; with
+//!   `--pkcs11` the server key is made in a SoftHSM2 token instead. See [`gen_certs`].
 //!
 //! This crate is a tool, not a library: it may depend on anything, and uses `anyhow`.
 
@@ -70,6 +71,10 @@ enum Task {
         /// How many SM client certificates to make (node-1 .. node-N).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Make the server key in a SoftHSM2 token (DIR/softhsm/) rather than in server.key,
+        /// and write DIR/smcontrollerd-pkcs11.json, a daemon config with its pkcs11: key URL.
+        #[arg(long)]
+        pkcs11: bool,
     },
 }
 
@@ -80,7 +85,16 @@ fn main() -> ExitCode {
         Task::Ci { step } => ci::run(&root, step),
         Task::Demo { args } => demo(&root, &args),
         Task::Bench { quick, args } => bench(&root, quick, &args),
-        Task::GenCerts { dir, nodes } => gen_certs::run(&dir, nodes).map(|()| ExitCode::SUCCESS),
+        Task::GenCerts {
+            dir,
+            nodes,
+            pkcs11: false,
+        } => gen_certs::run(&dir, nodes).map(|()| ExitCode::SUCCESS),
+        Task::GenCerts {
+            dir,
+            nodes,
+            pkcs11: true,
+        } => gen_certs::run_pkcs11(&dir, nodes),
     };
     match outcome {
         Ok(code) => code,
