@@ -3,7 +3,8 @@
 //! Reads the config (`--config`, JSON, the CM's keys plus ours), serves `SMService` over mTLS
 //! (or plain HTTP/2 with `--insecure`, logged as a warning), records what nodes send in its log,
 //! and exits cleanly on SIGINT/SIGTERM. A bad config, or TLS credentials that cannot be loaded
-//! at start, exit with 64.
+//! at start, exit with 64. Under systemd (`Type=notify`, `packaging/smcontrollerd.service`) it
+//! notifies `READY=1` once it listens and `STOPPING=1` when it stops.
 
 use std::process::ExitCode;
 
@@ -51,8 +52,13 @@ fn main() -> ExitCode {
             }
         };
         info!(addr = %running.addr, "SM controller listening");
+        notify_systemd(&[
+            "READY=1",
+            &format!("STATUS=serving SMs on {}", running.addr),
+        ]);
         let signal = wait_for_signal().await;
         info!(signal, "stopping");
+        notify_systemd(&["STOPPING=1"]);
         match running.stop().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -61,6 +67,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Tells systemd how the daemon is doing (`Type=notify`: `READY=1` once it listens,
+/// `STOPPING=1` when it stops); nothing when `NOTIFY_SOCKET` is unset, as outside systemd.
+fn notify_systemd(states: &[&str]) {
+    #[cfg(unix)]
+    {
+        let states: Vec<_> = states
+            .iter()
+            .map(|s| sd_notify::NotifyState::Custom(s))
+            .collect();
+        if let Err(e) = sd_notify::notify(&states) {
+            warn!(error = %e, "cannot notify systemd");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = states;
 }
 
 fn exit(code: i32) -> ExitCode {

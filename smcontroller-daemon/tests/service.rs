@@ -167,3 +167,38 @@ async fn r_blob_1_without_a_template_every_digest_is_not_found() {
     assert!(status.message().contains("no blob store"), "{status:?}");
     assert!(daemon.terminate());
 }
+
+/// The notices a `Type=notify` unit waits for: `READY=1` once the SM listener is bound (its
+/// status names the address), `STOPPING=1` on SIGTERM. systemd's side is a Unix datagram socket
+/// named by `NOTIFY_SOCKET`; the test makes one.
+#[cfg(unix)]
+#[test]
+fn systemd_hears_ready_once_the_daemon_listens_and_stopping_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(DEADLINE)).unwrap();
+    let notice = || {
+        let mut buf = [0u8; 1024];
+        let n = systemd
+            .recv(&mut buf)
+            .expect("a notice before the deadline");
+        String::from_utf8(buf[..n].to_vec()).expect("UTF-8")
+    };
+
+    let mut daemon = Daemon::start(
+        &["--insecure", "--listen", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    let ready = notice();
+    let lines: Vec<&str> = ready.lines().collect();
+    assert_eq!(
+        lines,
+        ["READY=1", &format!("STATUS=serving SMs on {}", daemon.addr)],
+        "{ready:?}"
+    );
+    assert!(daemon.terminate(), "SIGTERM ends the daemon successfully");
+    assert_eq!(notice(), "STOPPING=1\n");
+}
