@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
 
+    // Our codec: prost's, with a guard against decode bombs and INVALID_ARGUMENT for
+    // undecodable messages (src/codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::codec::GuardedCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -44,6 +44,10 @@ pub enum Error {
         /// The message the node gave.
         message: String,
     },
+    /// A budget of the controller is used up (contract R-BAD-2): for example the node is not
+    /// reading its commands and its backlog is full. The message names the budget.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// The transport failed (stream error, TLS, I/O).
     #[error("transport error: {0}")]
     Transport(String),

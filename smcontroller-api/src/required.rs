@@ -55,7 +55,10 @@ pub trait CertLoader: Send + Sync {
 #[async_trait]
 pub trait ItemInfoProvider: Send + Sync {
     /// The URL the blob with `digest` can be downloaded from.
-    /// [`Error::NotFound`](crate::Error::NotFound) (or any error) when there is none.
+    /// [`Error::NotFound`](crate::Error::NotFound) (or `InvalidArgument`, or `Failed` with the
+    /// Aos code 5, "not found") when there is none: the SM is told `NOT_FOUND`. Any other error
+    /// means the provider cannot answer now: the SM is told `UNAVAILABLE` (or
+    /// `DEADLINE_EXCEEDED` for a `Timeout`) and may retry.
     async fn get_blob_url(&self, digest: &str) -> Result<String>;
 }
 

@@ -1,5 +1,11 @@
 //! [`TlsIncoming`]: TCP connections accepted and put through the TLS handshake with the current
-//! credentials, handed on as [`TlsConn`]s.
+//! credentials, handed on as [`TlsConn`]s; [`PlainIncoming`]: the same accept loop without TLS,
+//! for insecure mode.
+//!
+//! Both hold the listener to the same bounds (contract R-BAD-3): at most `max_connections`
+//! open at once, a connection beyond it closed as soon as it is accepted (counted, and logged
+//! at a bounded rate); `accept` errors such as running out of file descriptors pause the loop
+//! (10 ms growing to 1 s) and are logged once per run, so the loop never spins.
 
 use std::{
     fmt, io,
@@ -11,11 +17,13 @@ use std::{
 };
 
 use rustls::{CertificateError, pki_types::CertificateDer};
+use smcontroller_limits::{Budget, Refusals, WarnGate};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,
+    time::Instant,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{debug, info, warn};
@@ -45,8 +53,8 @@ pub struct AcceptSettings {
     /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
     /// How many connections may be open at once, handshaking or handed on (default
-    /// [`DEFAULT_MAX_CONNECTIONS`]). At the cap no more are accepted (they wait in the kernel's
-    /// backlog) until one closes.
+    /// [`DEFAULT_MAX_CONNECTIONS`]). At the cap a new connection is accepted and closed at once,
+    /// counted as [`Budget::Connections`], rather than left in the kernel's backlog.
     pub max_connections: usize,
     /// Whether to set `TCP_NODELAY` on accepted sockets (default `true`: gRPC messages are
     /// small and latency matters more than packet count).
@@ -116,10 +124,22 @@ impl TlsIncoming {
         credentials: watch::Receiver<ServerCredentials>,
         settings: AcceptSettings,
     ) -> Self {
+        Self::counted(listener, credentials, settings, Refusals::new())
+    }
+
+    /// [`new`](Self::new), counting connections over the cap and handshakes that time out
+    /// into `refusals`.
+    pub fn counted(
+        listener: impl Into<Arc<TcpListener>>,
+        credentials: watch::Receiver<ServerCredentials>,
+        settings: AcceptSettings,
+        refusals: Refusals,
+    ) -> Self {
         let listener = listener.into();
         let local_addr = listener.local_addr().ok();
         let (tx, accepted) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(accept_loop(listener, credentials, settings, tx));
+        let acceptor = TcpAcceptor::new(listener, settings, refusals);
+        let task = tokio::spawn(accept_loop(acceptor, credentials, settings, tx));
         Self {
             accepted,
             local_addr,
@@ -188,6 +208,7 @@ impl TlsConn {
 #[derive(Debug, Clone)]
 pub struct TlsConnInfo {
     peer_addr: SocketAddr,
+    accepted_at: Instant,
     generation: u64,
     peer_certificates: Arc<[CertificateDer<'static>]>,
     peer_identity: Option<Arc<PeerIdentity>>,
@@ -197,6 +218,12 @@ impl TlsConnInfo {
     /// The peer's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// When the TCP connection was accepted: the handshake timeout counts from here, for the
+    /// TLS handshake and what follows it (the HTTP/2 preface).
+    pub fn accepted_at(&self) -> Instant {
+        self.accepted_at
     }
 
     /// The generation of the [`ServerCredentials`] the handshake used.
@@ -363,68 +390,122 @@ impl fmt::Display for HandshakeRefusal {
     }
 }
 
+/// Accepts TCP connections within the connection cap, backing off on `accept` errors.
+struct TcpAcceptor {
+    listener: Arc<TcpListener>,
+    slots: Arc<Semaphore>,
+    nodelay: bool,
+    refusals: Refusals,
+    failures: u32,
+    backoff: Duration,
+    /// Connections over the cap: one line now and then, with the count.
+    over_cap: WarnGate,
+}
+
+/// One accepted connection, holding its place under the cap.
+struct Accepted {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    at: Instant,
+    slot: OwnedSemaphorePermit,
+}
+
+impl TcpAcceptor {
+    fn new(listener: Arc<TcpListener>, settings: AcceptSettings, refusals: Refusals) -> Self {
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+            nodelay: settings.nodelay,
+            refusals,
+            failures: 0,
+            backoff: MIN_ACCEPT_BACKOFF,
+            over_cap: WarnGate::default(),
+        }
+    }
+
+    /// The next connection under the cap. Connections over it are closed as they come.
+    async fn next(&mut self) -> Accepted {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) if is_per_connection(&e) => {
+                    debug!(error = %e, "a connection failed before it was accepted");
+                    continue;
+                }
+                Err(e) => {
+                    if self.failures == 0 {
+                        warn!(error = %e, "cannot accept connections; pausing and retrying \
+                            (further failures logged at debug level)");
+                    } else {
+                        debug!(error = %e, failures = self.failures, "still cannot accept connections");
+                    }
+                    self.failures = self.failures.saturating_add(1);
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            if self.failures > 0 {
+                info!(failures = self.failures, "accepting connections again");
+                self.failures = 0;
+                self.backoff = MIN_ACCEPT_BACKOFF;
+            }
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                self.refusals.count(Budget::Connections);
+                if let Some(gate) = self.over_cap.admit() {
+                    warn!(peer = %peer, suppressed = gate.suppressed,
+                        "connection refused: too many open connections (maxConnections)");
+                }
+                drop(tcp);
+                continue;
+            };
+            if self.nodelay
+                && let Err(e) = tcp.set_nodelay(true)
+            {
+                debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            return Accepted {
+                tcp,
+                peer,
+                at: Instant::now(),
+                slot,
+            };
+        }
+    }
+}
+
 /// Accepts connections and spawns their handshakes, until `tx`'s receiver is gone.
 async fn accept_loop(
-    listener: Arc<TcpListener>,
+    mut acceptor: TcpAcceptor,
     credentials: watch::Receiver<ServerCredentials>,
     settings: AcceptSettings,
     tx: mpsc::Sender<TlsConn>,
 ) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    let mut failures: u32 = 0;
-    let mut backoff = MIN_ACCEPT_BACKOFF;
+    // Refused handshakes are logged once each, and at a bounded rate all together.
+    let refused = Arc::new(WarnGate::default());
     loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return, // never closed
-            },
-            () = tx.closed() => return,
-        };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = acceptor.next() => accepted,
             () = tx.closed() => return,
         };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) if is_per_connection(&e) => {
-                debug!(error = %e, "a connection failed before it was accepted");
-                continue;
-            }
-            Err(e) => {
-                if failures == 0 {
-                    warn!(error = %e, "cannot accept connections; pausing and retrying \
-                        (further failures logged at debug level)");
-                } else {
-                    debug!(error = %e, failures, "still cannot accept connections");
-                }
-                failures = failures.saturating_add(1);
-                drop(slot);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                continue;
-            }
-        };
-        if failures > 0 {
-            info!(failures, "accepting connections again");
-            failures = 0;
-            backoff = MIN_ACCEPT_BACKOFF;
-        }
-        if settings.nodelay
-            && let Err(e) = tcp.set_nodelay(true)
-        {
-            debug!(peer = %peer, error = %e, "cannot set TCP_NODELAY");
-        }
         let credentials = credentials.borrow().clone();
         tokio::spawn(handshake(
-            tcp,
-            peer,
+            accepted,
             credentials,
             settings.handshake_timeout,
-            slot,
+            Refused {
+                gate: refused.clone(),
+                refusals: acceptor.refusals.clone(),
+            },
             tx.clone(),
         ));
     }
+}
+
+/// Where a refused handshake is logged and counted.
+struct Refused {
+    gate: Arc<WarnGate>,
+    refusals: Refusals,
 }
 
 /// Errors of `accept` that concern one connection only: the next `accept` may succeed at once.
@@ -439,27 +520,43 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
-/// One connection's handshake: handed on if it succeeds, logged once if it does not.
+/// One connection's handshake: handed on if it succeeds, logged (at a bounded rate) if not.
 async fn handshake(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    accepted: Accepted,
     credentials: ServerCredentials,
     timeout: Duration,
-    slot: OwnedSemaphorePermit,
+    refused: Refused,
     tx: mpsc::Sender<TlsConn>,
 ) {
+    let Accepted {
+        tcp,
+        peer,
+        at,
+        slot,
+    } = accepted;
     let acceptor = TlsAcceptor::from(Arc::clone(&credentials.config));
-    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+    let stream = match tokio::time::timeout_at(at + timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             let reason = HandshakeRefusal::of(&e);
-            warn!(peer = %peer, reason = %reason, error = %e,
-                generation = credentials.generation, "TLS handshake refused");
+            metrics::counter!("smcontroller_tls_handshake_failures_total", "reason" => reason.as_str())
+                .increment(1);
+            if let Some(gate) = refused.gate.admit() {
+                warn!(peer = %peer, reason = %reason, error = %e, suppressed = gate.suppressed,
+                    generation = credentials.generation, "TLS handshake refused");
+            }
             return;
         }
         Err(_) => {
-            warn!(peer = %peer, reason = %HandshakeRefusal::TimedOut, timeout = ?timeout,
-                generation = credentials.generation, "TLS handshake refused");
+            refused.refusals.count(Budget::Handshake);
+            metrics::counter!("smcontroller_tls_handshake_failures_total",
+                "reason" => HandshakeRefusal::TimedOut.as_str())
+            .increment(1);
+            if let Some(gate) = refused.gate.admit() {
+                warn!(peer = %peer, reason = %HandshakeRefusal::TimedOut, timeout = ?timeout,
+                    suppressed = gate.suppressed, generation = credentials.generation,
+                    "TLS handshake refused");
+            }
             return;
         }
     };
@@ -484,6 +581,7 @@ async fn handshake(
         stream,
         info: TlsConnInfo {
             peer_addr: peer,
+            accepted_at: at,
             generation: credentials.generation,
             peer_certificates,
             peer_identity,
@@ -492,4 +590,123 @@ async fn handshake(
     };
     // If the server is gone, the connection is just closed.
     let _ = tx.send(conn).await;
+}
+
+/// Connections accepted on a listener without TLS (insecure mode), under the same cap and
+/// backoff as [`TlsIncoming`]'s, as a stream of [`PlainConn`]s.
+#[derive(Debug)]
+pub struct PlainIncoming {
+    accepted: mpsc::Receiver<PlainConn>,
+    task: JoinHandle<()>,
+}
+
+impl PlainIncoming {
+    /// Starts accepting on `listener`, counting connections over the cap into `refusals`.
+    /// Must be called within a Tokio runtime.
+    pub fn new(
+        listener: impl Into<Arc<TcpListener>>,
+        settings: AcceptSettings,
+        refusals: Refusals,
+    ) -> Self {
+        let (tx, accepted) = mpsc::channel(QUEUE);
+        let mut acceptor = TcpAcceptor::new(listener.into(), settings, refusals);
+        let task = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = acceptor.next() => accepted,
+                    () = tx.closed() => return,
+                };
+                let conn = PlainConn {
+                    stream: accepted.tcp,
+                    peer_addr: accepted.peer,
+                    accepted_at: accepted.at,
+                    _slot: accepted.slot,
+                };
+                if tx.send(conn).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { accepted, task }
+    }
+}
+
+impl Drop for PlainIncoming {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl tokio_stream::Stream for PlainIncoming {
+    type Item = PlainConn;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PlainConn>> {
+        self.accepted.poll_recv(cx)
+    }
+}
+
+/// A connection accepted by [`PlainIncoming`]; it holds its place under the cap while open.
+#[derive(Debug)]
+pub struct PlainConn {
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    accepted_at: Instant,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl PlainConn {
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// When the connection was accepted.
+    pub fn accepted_at(&self) -> Instant {
+        self.accepted_at
+    }
+
+    /// The TCP stream.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl AsyncRead for PlainConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

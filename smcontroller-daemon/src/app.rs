@@ -53,6 +53,8 @@ pub fn server_settings(settings: &Settings) -> ServerSettings {
         keepalive_interval: settings.keepalive_interval,
         keepalive_timeout: settings.keepalive_timeout,
         flow_window: settings.flow_window,
+        accept: AcceptSettings::default().with_handshake_timeout(settings.handshake_timeout),
+        ..ServerSettings::default()
     }
 }
 
@@ -96,7 +98,6 @@ pub fn blob_resolver(settings: &Settings) -> Arc<dyn ItemInfoProvider> {
 pub fn tls_settings(settings: &Settings) -> TlsSettings {
     TlsSettings {
         identity_binding: settings.identity_binding,
-        accept: AcceptSettings::default().with_handshake_timeout(settings.handshake_timeout),
         ..TlsSettings::default()
     }
 }

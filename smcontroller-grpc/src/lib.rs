@@ -4,8 +4,11 @@
 //! Start reading at [`convert`] (every message in and out of the controller) and [`service`].
 //! Nothing outside this crate sees a prost or tonic type.
 
+pub mod codec;
 pub mod connections;
 pub mod convert;
+pub mod guard;
+pub mod ids;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -3,41 +3,72 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use smcontroller_api::ItemInfoProvider;
-use smcontroller_routing::Controller;
+use smcontroller_certs::{AcceptSettings, PlainIncoming};
+use smcontroller_routing::{CommandLimit, Controller, Outbound};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::{
-    connections::Connections, proto::servicemanager::v5::sm_service_server::SmServiceServer,
+    connections::Connections,
+    guard::{GuardSettings, Guarded},
+    proto::servicemanager::v5::{SmIncomingMessages, sm_service_server::SmServiceServer},
     service::SmService,
 };
 
-/// Settings of the gRPC server.
+/// Settings of the gRPC server. `Default` gives the contract's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
-    /// Largest message accepted or sent, bytes (R-BAD-1). Default 16 MiB.
+    /// Largest message accepted or sent, bytes (R-BAD-1). A larger message from an SM ends its
+    /// stream with `RESOURCE_EXHAUSTED`; a larger command fails its caller. Default 4 MiB,
+    /// gRPC's default and the reference controller's.
     pub max_message_size: usize,
     /// How often the server pings an SM's connection (R-DISC-2). Default 10 s.
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped. Default 5 s.
     pub keepalive_timeout: Duration,
-    /// HTTP/2 flow-control window, bytes, used both as each stream's initial window and as each
-    /// connection's. A stream paused for backpressure (R-TEL-3) holds at most this much unread
-    /// in the server beyond its queue; since the connection's window is the same size, it also
-    /// stops the other streams of that SM's connection (`GetBlobsInfos`) until the queue has
-    /// room. Default 256 KiB (hyper's own defaults are 1 MiB for each).
+    /// HTTP/2 flow-control window of each stream, bytes. A stream paused for backpressure
+    /// (R-TEL-3) holds at most this much unread in the server beyond its queue. Default
+    /// 256 KiB (hyper's own default is 1 MiB).
     pub flow_window: u32,
+    /// HTTP/2 flow-control window of each connection, bytes: larger than a stream's, so one
+    /// paused `RegisterSM` does not stop the other streams of that SM's connection
+    /// (`GetBlobsInfos`). Default 1 MiB.
+    pub connection_window: u32,
+    /// Streams one HTTP/2 connection may have open at once, advertised in SETTINGS
+    /// (R-BAD-3); HTTP/2 refuses the peer's extra streams. An SM needs two (`RegisterSM` and a
+    /// `GetBlobsInfos`). Default 16.
+    pub max_streams_per_connection: u32,
+    /// Longest id or name an SM may send (node id, runtime ids, item and subject ids, log
+    /// correlation ids, digests), bytes (R-BAD-3). Default 256.
+    pub max_id_len: usize,
+    /// Digests of one `GetBlobsInfos` looked up at once (R-BAD-2). Default 8.
+    pub blob_lookups: usize,
+    /// PING and SETTINGS frames a connection may send per second, on average; a connection
+    /// that sends more (a flood, R-BAD-3) is closed. Bursts of up to ten seconds' worth pass.
+    /// Default 20.
+    pub control_frames_per_sec: u32,
+    /// Accepting connections (R-BAD-3): the time a new connection has for its TLS handshake
+    /// and its HTTP/2 preface together (default 10 s; it is closed when that runs out), the
+    /// cap on open connections (default 4,096; one beyond it is closed as soon as it is
+    /// accepted), `TCP_NODELAY`.
+    pub accept: AcceptSettings,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
-            max_message_size: 16 * 1024 * 1024,
+            max_message_size: 4 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             flow_window: 256 * 1024,
+            connection_window: 1024 * 1024,
+            max_streams_per_connection: 16,
+            max_id_len: crate::ids::DEFAULT_MAX_ID_LEN,
+            blob_lookups: crate::service::DEFAULT_BLOB_LOOKUPS,
+            control_frames_per_sec: 20,
+            accept: AcceptSettings::default(),
         }
     }
 }
@@ -59,11 +90,23 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The tonic service with the message limits of `settings` applied (R-BAD-1).
+/// The tonic service with the message and id limits of `settings` applied (R-BAD-1, R-BAD-3).
+/// The controller is told the command size limit too, so a command too large to send fails
+/// its caller instead of the stream.
 pub fn sm_service(service: SmService, settings: &ServerSettings) -> SmServiceServer<SmService> {
+    service.controller().limit_commands(CommandLimit {
+        max_bytes: settings.max_message_size,
+        size_of: command_size,
+    });
+    let service = service.with_limits(settings.max_id_len, settings.blob_lookups);
     SmServiceServer::new(service)
         .max_decoding_message_size(settings.max_message_size)
         .max_encoding_message_size(settings.max_message_size)
+}
+
+/// A command's size on the wire.
+fn command_size(command: &Outbound) -> usize {
+    prost::Message::encoded_len(&SmIncomingMessages::from(command.clone()))
 }
 
 /// The HTTP/2 server with the transport settings of `settings` (keepalive, flow-control
@@ -73,7 +116,8 @@ pub fn transport(settings: &ServerSettings) -> Server {
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .initial_stream_window_size(Some(settings.flow_window))
-        .initial_connection_window_size(Some(settings.flow_window))
+        .initial_connection_window_size(Some(settings.connection_window.max(settings.flow_window)))
+        .max_concurrent_streams(Some(settings.max_streams_per_connection.max(1)))
 }
 
 /// Binds `addr` (port 0 picks a free port); the bound address is `listener.local_addr()`.
@@ -114,16 +158,87 @@ pub async fn serve_insecure_with(
         Ok(addr) => warn!(%addr, "serving SMService WITHOUT TLS (insecure mode, development only)"),
         Err(e) => warn!(error = %e, "serving SMService WITHOUT TLS (insecure mode)"),
     }
+    let refusals = controller.refusals();
     let service = sm_service(SmService::new(controller, items), &settings);
-    // `Server::tcp_nodelay` only reaches sockets tonic accepts itself; these are ours. Without
-    // it, Nagle held small frames back until the peer's delayed ACK (40 ms on Linux).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|socket| connections.track(socket)));
+    // Our own accept loop: the connection cap and a backoff on accept errors (R-BAD-3), and
+    // `TCP_NODELAY` (without it, Nagle held small frames back until the peer's delayed ACK).
+    let timeout = settings.accept.handshake_timeout;
+    let rate = settings.control_frames_per_sec;
+    let incoming =
+        PlainIncoming::new(listener, settings.accept, refusals.clone()).map(move |conn| {
+            let guard = GuardSettings {
+                preface_deadline: conn.accepted_at() + timeout,
+                control_frames_per_sec: rate,
+                refusals: refusals.clone(),
+            };
+            Ok::<_, std::convert::Infallible>(connections.track(Guarded::new(PlainSm(conn), guard)))
+        });
     transport(&settings)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     info!("gRPC server stopped");
     Ok(())
+}
+
+/// A plain connection as tonic sees it: the peer's address reaches every request, as with
+/// tonic's own `TcpIncoming`.
+#[derive(Debug)]
+pub struct PlainSm(smcontroller_certs::PlainConn);
+
+impl tonic::transport::server::Connected for PlainSm {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.0.get_ref().local_addr().ok(),
+            remote_addr: Some(self.0.peer_addr()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PlainSm {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PlainSm {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
 }

@@ -6,17 +6,21 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::{Stream, StreamExt, stream};
-use smcontroller_api::ItemInfoProvider;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use prost::Message;
+use smcontroller_api::{Error, ItemInfoProvider};
 use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
+use smcontroller_limits::{Budget, Refusals, clip};
 use smcontroller_routing::{
-    Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing,
+    AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
 use crate::{
+    codec::DECODED_SIZE_REFUSAL,
     convert::ConvertError,
+    ids,
     proto::servicemanager::v5::{
         BlobsInfos, BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages,
         sm_outgoing_messages::SmOutgoingMessage, sm_service_server,
@@ -32,7 +36,12 @@ pub struct SmService {
     controller: Controller,
     items: Arc<dyn ItemInfoProvider>,
     identity_binding: Option<IdentityField>,
+    max_id_len: usize,
+    blob_lookups: usize,
 }
+
+/// How many digests of one `GetBlobsInfos` are looked up at once, by default.
+pub const DEFAULT_BLOB_LOOKUPS: usize = 8;
 
 impl std::fmt::Debug for SmService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,7 +58,22 @@ impl SmService {
             controller,
             items,
             identity_binding: None,
+            max_id_len: ids::DEFAULT_MAX_ID_LEN,
+            blob_lookups: DEFAULT_BLOB_LOOKUPS,
         }
+    }
+
+    /// The controller streams are routed into.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// Refuses ids and names longer than `max` bytes (R-BAD-3), and resolves at most `lookups`
+    /// digests of one `GetBlobsInfos` at once (R-BAD-2).
+    pub fn with_limits(mut self, max_id_len: usize, blob_lookups: usize) -> Self {
+        self.max_id_len = max_id_len;
+        self.blob_lookups = blob_lookups.max(1);
+        self
     }
 
     /// Requires each `sm_info.node_id` to be one of the client certificate's names that `field`
@@ -81,13 +105,16 @@ impl sm_service_server::SmService for SmService {
                 peer: conn.map(|c| c.peer_addr().to_string()),
             }
         });
+        let refusals = self.controller.refusals();
+        let max_id_len = self.max_id_len;
         let inbound = request.into_inner().map(move |item| match item {
             Ok(message) => match binding.as_ref().and_then(|b| b.refuse(&message)) {
                 Some(denied) => denied,
-                None => inbound_event(message),
+                None => inbound_event(message, max_id_len, &refusals),
             },
             Err(status) => {
                 let status = over_size_is_resource_exhausted(status);
+                count_refusal(&status, &refusals);
                 let event =
                     InboundEvent::Failed(format!("{:?}: {}", status.code(), status.message()));
                 *seen
@@ -96,10 +123,10 @@ impl sm_service_server::SmService for SmService {
                 event
             }
         });
-        let outgoing = self
-            .controller
-            .attach(inbound)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let outgoing = self.controller.attach(inbound).map_err(|e| match e {
+            AttachError::ShuttingDown => Status::unavailable(e.to_string()),
+            AttachError::PendingStreams(_) => Status::resource_exhausted(e.to_string()),
+        })?;
         Ok(Response::new(command_stream(outgoing, failure)))
     }
 
@@ -108,16 +135,30 @@ impl sm_service_server::SmService for SmService {
         request: Request<BlobsInfosRequest>,
     ) -> Result<Response<BlobsInfos>, Status> {
         let digests = request.into_inner().digests;
-        let lookups = digests.iter().map(|digest| {
+        for (i, digest) in digests.iter().enumerate() {
+            if digest.len() > self.max_id_len {
+                self.controller.refusals().count(Budget::IdLength);
+                return Err(Status::invalid_argument(format!(
+                    "digests[{i}] is {} bytes, over the limit of {} bytes for ids",
+                    digest.len(),
+                    self.max_id_len
+                )));
+            }
+        }
+        // At most `blob_lookups` at once, answers in the order asked; the first failure ends
+        // the call.
+        let urls = stream::iter(digests.into_iter().map(|digest| {
             let items = self.items.clone();
             async move {
                 items
-                    .get_blob_url(digest)
+                    .get_blob_url(&digest)
                     .await
-                    .map_err(|e| Status::not_found(format!("blob {digest}: {e}")))
+                    .map_err(|e| blob_status(&digest, &e))
             }
-        });
-        let urls = futures::future::try_join_all(lookups).await?;
+        }))
+        .buffered(self.blob_lookups)
+        .try_collect()
+        .await?;
         Ok(Response::new(BlobsInfos { urls }))
     }
 }
@@ -172,10 +213,35 @@ impl Binding {
 
 /// A peer's string cut to a length fit for a log line or a status.
 fn clipped(value: &str) -> String {
-    const MAX: usize = 128;
-    match value.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}... ({} bytes)", &value[..end], value.len()),
-        None => value.to_owned(),
+    clip(value).into_owned()
+}
+
+/// The status of a blob look-up that failed: `NOT_FOUND` naming the digest for what the
+/// provider cannot resolve (R-BLOB-1: not found, or a digest it does not take); a provider
+/// that cannot answer now (timeout, transport, its own failure) is `DEADLINE_EXCEEDED` or
+/// `UNAVAILABLE`, so the SM retries rather than giving the blob up.
+fn blob_status(digest: &str, error: &Error) -> Status {
+    let message = format!("blob {}: {error}", clip(digest));
+    match error {
+        Error::NotFound { .. } | Error::InvalidArgument(_) => Status::not_found(message),
+        Error::Failed { aos_code, .. } if *aos_code == AOS_NOT_FOUND => Status::not_found(message),
+        Error::Timeout { .. } => Status::deadline_exceeded(message),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(message),
+        _ => Status::unavailable(message),
+    }
+}
+
+/// The Aos error kind "not found" (`eNotFound`).
+const AOS_NOT_FOUND: i32 = 5;
+
+/// Counts a stream failure that is a budget: an over-size message, a decode bomb.
+fn count_refusal(status: &Status, refusals: &Refusals) {
+    if status.code() == tonic::Code::ResourceExhausted {
+        if status.message().starts_with(DECODED_SIZE_REFUSAL) {
+            refusals.count(Budget::DecodedSize);
+        } else {
+            refusals.count(Budget::MessageSize);
+        }
     }
 }
 
@@ -189,14 +255,29 @@ fn over_size_is_resource_exhausted(status: Status) -> Status {
     }
 }
 
-/// Converts one received message for the router (R-TEL-4: a bad one is rejected, not fatal).
-fn inbound_event(message: SmOutgoingMessages) -> InboundEvent {
+/// Converts one received message for the router (R-TEL-4: a bad one is rejected, not fatal;
+/// R-BAD-3: ids over the length limit are refused, naming the field).
+fn inbound_event(
+    message: SmOutgoingMessages,
+    max_id_len: usize,
+    refusals: &Refusals,
+) -> InboundEvent {
     let name = message
         .sm_outgoing_message
         .as_ref()
         .map_or("SMOutgoingMessages", |m| kind(m).name());
+    if let Some(body) = &message.sm_outgoing_message
+        && let Err(too_long) = ids::check(body, max_id_len)
+    {
+        refusals.count(Budget::IdLength);
+        return InboundEvent::Rejected {
+            message: name,
+            reason: too_long.to_string(),
+        };
+    }
+    let wire_size = message.encoded_len();
     match message.try_into() {
-        Ok(message) => InboundEvent::Message(message),
+        Ok(message) => InboundEvent::Message { message, wire_size },
         Err(error @ ConvertError::EmptyOneof(_)) => InboundEvent::Rejected {
             message: name,
             reason: format!("{error} (empty message ignored)"),
@@ -230,7 +311,11 @@ fn command_stream(outgoing: Commands, failure: Arc<Mutex<Option<Status>>>) -> Co
         async move {
             let mut outgoing = state?;
             match outgoing.recv().await {
-                Some(Outgoing::Command(command)) => Some((Ok(command.into()), Some(outgoing))),
+                Some(Outgoing::Command(command)) => {
+                    metrics::counter!("smcontroller_messages_out_total", "kind" => command.name())
+                        .increment(1);
+                    Some((Ok(command.into()), Some(outgoing)))
+                }
                 Some(Outgoing::Close(Some(end))) => Some((Err(end_status(end)), None)),
                 Some(Outgoing::Close(None)) | None => {
                     let failed = failure
@@ -251,5 +336,6 @@ fn end_status(end: EndStatus) -> Status {
         EndCode::Aborted => Status::aborted(end.message),
         EndCode::Unavailable => Status::unavailable(end.message),
         EndCode::PermissionDenied => Status::permission_denied(end.message),
+        EndCode::ResourceExhausted => Status::resource_exhausted(end.message),
     }
 }

@@ -19,9 +19,7 @@ use std::{
 };
 
 use smcontroller_api::ItemInfoProvider;
-use smcontroller_certs::{
-    AcceptSettings, IdentityField, ServerCredentials, TlsConn, TlsConnInfo, TlsIncoming,
-};
+use smcontroller_certs::{IdentityField, ServerCredentials, TlsConn, TlsConnInfo, TlsIncoming};
 use smcontroller_routing::Controller;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -35,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::{
     connections::Connections,
+    guard::{GuardSettings, Guarded},
     server::{ServeError, ServerSettings},
     service::SmService,
 };
@@ -45,8 +44,6 @@ pub struct TlsSettings {
     /// Node identity binding (R-TLS-4): `Some(field)` requires `sm_info.node_id` to be one of
     /// the client certificate's names that `field` selects. Off (`None`) by default.
     pub identity_binding: Option<IdentityField>,
-    /// Handshake timeout, connection cap, `TCP_NODELAY`.
-    pub accept: AcceptSettings,
     /// After a renewal, how long the old connections may still carry the ends of their streams
     /// before they are closed. Default 200 ms.
     pub restart_grace: Duration,
@@ -56,7 +53,6 @@ impl Default for TlsSettings {
     fn default() -> Self {
         Self {
             identity_binding: None,
-            accept: AcceptSettings::default(),
             restart_grace: Duration::from_millis(200),
         }
     }
@@ -159,12 +155,22 @@ pub async fn serve_tls(
         stop.clone(),
     ));
 
+    let refusals = controller.refusals();
     let service = SmService::new(controller, items).with_identity_binding(tls.identity_binding);
     let service = crate::server::sm_service(service, &settings);
-    let incoming = TlsIncoming::new(listener, credentials, tls.accept).map(move |conn| {
-        let epoch = conn.info().generation();
-        Ok::<_, Infallible>(connections.track_in(SmConn(conn), epoch))
-    });
+    let timeout = settings.accept.handshake_timeout;
+    let rate = settings.control_frames_per_sec;
+    let incoming = TlsIncoming::counted(listener, credentials, settings.accept, refusals.clone())
+        .map(move |conn| {
+            let epoch = conn.info().generation();
+            // The TLS handshake and the HTTP/2 preface share one deadline (R-BAD-3).
+            let guard = GuardSettings {
+                preface_deadline: conn.info().accepted_at() + timeout,
+                control_frames_per_sec: rate,
+                refusals: refusals.clone(),
+            };
+            Ok::<_, Infallible>(connections.track_in(Guarded::new(SmConn(conn), guard), epoch))
+        });
     let result = crate::server::transport(&settings)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async {

@@ -1,9 +1,12 @@
 //! The controller: node registry, command routing and sync calls, cloud status relay,
 //! shutdown. Implements every provided interface of `smcontroller-api`.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Instant, SystemTime},
 };
 
 use async_trait::async_trait;
@@ -13,21 +16,40 @@ use smcontroller_api::{
     LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
     NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
 };
+use smcontroller_limits::{Budget, Refusals, WarnGate};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
     Receivers, Settings,
-    lifecycle::{Commands, Link, Registry},
+    lifecycle::{Backlog, Commands, Link, Registry, SendError},
     message::{InboundEvent, LogQuery, Outbound},
     session::{self, Context},
     waiters::{Reply, ReplyKind},
 };
 
-/// The router is stopping; no new streams are taken.
+/// Why [`Controller::attach`] did not take a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the SM controller is shutting down")]
-pub struct ShuttingDown;
+pub enum AttachError {
+    /// The router is stopping; no new streams are taken.
+    #[error("the SM controller is shutting down")]
+    ShuttingDown,
+    /// As many streams as allowed have not sent `sm_info` yet (R-BAD-2).
+    #[error(
+        "too many SM streams waiting to register: {0} have not sent sm_info yet \
+         (maxPendingStreams)"
+    )]
+    PendingStreams(usize),
+}
+
+/// The largest command a transport can send, and how it measures one.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandLimit {
+    /// Bytes a command may take on the wire.
+    pub max_bytes: usize,
+    /// The size of a command as the transport would encode it.
+    pub size_of: fn(&Outbound) -> usize,
+}
 
 /// What the controller can tell of one registered node's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +60,18 @@ pub struct NodeStatus {
     pub stalls: u64,
     /// Whether the stream is paused right now, waiting for the receivers.
     pub stalled: bool,
+    /// When the stream registered.
+    pub connected_at: Option<SystemTime>,
+    /// When its last message was read.
+    pub last_message_at: Option<SystemTime>,
+    /// Messages queued for the receivers.
+    pub queued_messages: usize,
+    /// Their bytes, as sent on the wire (R-BAD-2).
+    pub queued_bytes: usize,
+    /// Commands waiting to be written to the node.
+    pub backlog_commands: usize,
+    /// Their bytes.
+    pub backlog_bytes: usize,
 }
 
 /// The SM controller's router. Cheap to clone; all clones are one controller.
@@ -51,6 +85,7 @@ pub struct Controller {
     ctx: Arc<Context>,
     settings: Arc<Settings>,
     next_session: Arc<AtomicU64>,
+    command_limit: Arc<OnceLock<CommandLimit>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -67,14 +102,19 @@ impl Controller {
     pub fn new(settings: Settings, receivers: Receivers) -> Self {
         Self {
             ctx: Arc::new(Context {
-                registry: Arc::new(Registry::default()),
+                registry: Arc::new(Registry::new(settings.max_nodes)),
                 receivers,
                 registration_timeout: settings.registration_timeout,
                 queue_bound: settings.queue_bound,
+                queue_bytes: settings.inbound_queue_bytes,
+                refusals: Refusals::new(),
+                pending: AtomicUsize::new(0),
+                refused_early: WarnGate::default(),
                 shutdown: CancellationToken::new(),
                 cut: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
+            command_limit: Arc::new(OnceLock::new()),
             settings: Arc::new(settings),
             next_session: Arc::new(AtomicU64::new(0)),
         }
@@ -92,15 +132,38 @@ impl Controller {
     ///
     /// Must be called within a tokio runtime: it spawns the stream's reader task (and, once the
     /// SM registers, its dispatcher task).
-    pub fn attach<S>(&self, inbound: S) -> Result<Commands, ShuttingDown>
+    ///
+    /// A stream beyond [`Settings::max_pending_streams`] (streams not registered yet) is
+    /// refused, counted as [`Budget::PendingStreams`].
+    pub fn attach<S>(&self, inbound: S) -> Result<Commands, AttachError>
     where
         S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
     {
         if self.ctx.shutdown.is_cancelled() {
-            return Err(ShuttingDown);
+            return Err(AttachError::ShuttingDown);
+        }
+        let max = self.settings.max_pending_streams;
+        let taken = self
+            .ctx
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            self.ctx.refusals.count(Budget::PendingStreams);
+            return Err(AttachError::PendingStreams(max));
         }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let link = Arc::new(Link::new(id, self.settings.reply_expiry()));
+        let backlog = Backlog {
+            commands: self.settings.outbound_backlog.max(1),
+            bytes: self.settings.outbound_backlog_bytes,
+        };
+        let link = Arc::new(Link::new(
+            id,
+            self.settings.reply_expiry(),
+            backlog,
+            self.ctx.refusals.clone(),
+        ));
         link.send_cloud(self.ctx.registry.cloud_connected());
         let commands = Commands::new(link.clone());
         self.ctx
@@ -133,10 +196,37 @@ impl Controller {
         self.ctx.tracker.len()
     }
 
+    /// How often each budget was reached (R-BAD-2), counted by this controller and by the
+    /// transport serving it: one set per server.
+    pub fn refusals(&self) -> Refusals {
+        self.ctx.refusals.clone()
+    }
+
+    /// How many streams have not sent `sm_info` yet.
+    pub fn pending_streams(&self) -> usize {
+        self.ctx.pending.load(Ordering::Acquire)
+    }
+
+    /// Sets the largest command the transport can send: a call with a larger one fails with
+    /// `InvalidArgument` and the stream goes on (R-BAD-2). Its measure also weighs the
+    /// commands in each node's backlog. Only the first call takes effect; a transport makes
+    /// it when it starts serving.
+    pub fn limit_commands(&self, limit: CommandLimit) {
+        let _ = self.command_limit.set(limit);
+    }
+
     /// What the controller can tell of a registered node's stream; `None` if not registered.
     pub fn node_status(&self, node: &NodeId) -> Option<NodeStatus> {
         let link = self.ctx.registry.link(node)?;
+        let (queued_messages, queued_bytes) = link.inbound_depth.get().map_or((0, 0), |f| f());
+        let (backlog_commands, backlog_bytes) = link.backlog();
         Some(NodeStatus {
+            connected_at: link.registered_at.get().copied(),
+            last_message_at: link.last_message_at(),
+            queued_messages,
+            queued_bytes,
+            backlog_commands,
+            backlog_bytes,
             session: link.session,
             stalls: link.stalls.load(Ordering::Relaxed),
             stalled: link.stalled.load(Ordering::Relaxed),
@@ -219,14 +309,45 @@ impl Controller {
             .ok_or_else(|| Error::not_found(node.clone()))
     }
 
-    fn send(&self, node: &NodeId, command: Outbound) -> Result<()> {
-        let request = command.name();
-        self.link(node)?
-            .send(command)
-            .map_err(|_| Error::Disconnected {
+    /// The size of `command` on the wire (0 with no transport limit), or `InvalidArgument` if
+    /// it is too large to send.
+    fn measure(&self, node: &NodeId, command: &Outbound) -> Result<usize> {
+        let Some(limit) = self.command_limit.get() else {
+            return Ok(0);
+        };
+        let size = (limit.size_of)(command);
+        if size > limit.max_bytes {
+            self.ctx.refusals.count(Budget::CommandSize);
+            return Err(Error::InvalidArgument(format!(
+                "{} for node {node} is {size} bytes encoded, over the message size limit of {} \
+                 bytes; not sent",
+                command.name(),
+                limit.max_bytes
+            )));
+        }
+        Ok(size)
+    }
+
+    /// The error of a send that did not queue.
+    fn send_error(node: &NodeId, request: &'static str, error: SendError) -> Error {
+        match error {
+            SendError::Closed => Error::Disconnected {
                 node: node.clone(),
                 request,
-            })
+            },
+            SendError::Backlog { commands, bytes } => Error::ResourceExhausted(format!(
+                "node {node} does not read its commands: {commands} commands ({bytes} bytes) \
+                 wait to be written (outboundBacklog); {request} not sent"
+            )),
+        }
+    }
+
+    fn send(&self, node: &NodeId, command: Outbound) -> Result<()> {
+        let request = command.name();
+        let size = self.measure(node, &command)?;
+        self.link(node)?
+            .send(command, size)
+            .map_err(|e| Self::send_error(node, request, e))
     }
 
     /// Sends `command` and waits for the reply of `kind` (R-SYNC-1, R-SYNC-3).
@@ -238,21 +359,32 @@ impl Controller {
         };
         // The reply's place is taken with the command, so no reply can outrun it, and a caller
         // that gives up leaves the place to absorb its own late reply.
+        let size = self.measure(node, &command)?;
         let mut rx = self
             .link(node)?
-            .send_sync(command, kind)
-            .map_err(|_| disconnected())?;
+            .send_sync(command, size, kind)
+            .map_err(|e| Self::send_error(node, request, e))?;
         let after = self.settings.response_timeout;
-        match tokio::time::timeout(after, &mut rx).await {
+        let started = Instant::now();
+        let reply = match tokio::time::timeout(after, &mut rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(disconnected()),
             // The reply may have landed just as the deadline passed.
-            Err(_) => rx.try_recv().map_err(|_| Error::Timeout {
-                node: node.clone(),
-                request,
-                after,
+            Err(_) => rx.try_recv().map_err(|_| {
+                metrics::counter!("smcontroller_sync_timeouts_total", "command" => request)
+                    .increment(1);
+                Error::Timeout {
+                    node: node.clone(),
+                    request,
+                    after,
+                }
             }),
+        };
+        if reply.is_ok() {
+            metrics::histogram!("smcontroller_sync_round_trip_seconds", "command" => request)
+                .record(started.elapsed().as_secs_f64());
         }
+        reply
     }
 
     /// Sends a node config command and waits for its `node_config_status`, whole (R-SYNC-1).
@@ -382,24 +514,26 @@ impl LogProvider for Controller {
             from: request.from,
             till: request.till,
         };
-        let mut gone = Vec::new();
+        let mut failed = None;
         for (node, link) in links {
             let command = match request.log_type {
                 LogType::System => Outbound::SystemLog(Box::new(query.clone())),
                 LogType::Instance => Outbound::InstanceLog(Box::new(query.clone())),
                 LogType::Crash => Outbound::CrashLog(Box::new(query.clone())),
             };
-            if link.send(command).is_err() {
-                gone.push(node);
+            let request = command.name();
+            let sent = self.measure(&node, &command).and_then(|size| {
+                link.send(command, size)
+                    .map_err(|e| Self::send_error(&node, request, e))
+            });
+            // A node that left a moment ago, or does not read: the others still get theirs.
+            if let Err(e) = sent {
+                failed.get_or_insert(e);
             }
         }
-        match gone.first() {
+        match failed {
             None => Ok(()),
-            // It was registered a moment ago; it left while the request went out.
-            Some(node) => Err(Error::Disconnected {
-                node: node.clone(),
-                request: "log request",
-            }),
+            Some(e) => Err(e),
         }
     }
 }

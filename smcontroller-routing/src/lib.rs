@@ -20,10 +20,11 @@ mod session;
 mod settings;
 mod waiters;
 
-pub use controller::{Controller, NodeStatus, ShuttingDown};
+pub use controller::{AttachError, CommandLimit, Controller, NodeStatus};
 pub use lifecycle::Commands;
 pub use message::{
     EndCode, EndStatus, Inbound, InboundEvent, InboundKind, LogQuery, Outbound, Outgoing,
 };
 pub use receivers::Receivers;
 pub use settings::Settings;
+pub use smcontroller_limits::{Budget, Refusals};

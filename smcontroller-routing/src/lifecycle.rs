@@ -20,13 +20,14 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, RwLock,
-        atomic::{AtomicBool, AtomicU64},
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use smcontroller_api::NodeId;
+use smcontroller_limits::{Budget, Refusals};
 use tokio::{
     sync::{Notify, oneshot, watch},
     time::Instant,
@@ -34,13 +35,43 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    message::{EndStatus, Outbound, Outgoing},
+    message::{EndCode, EndStatus, Outbound, Outgoing},
     waiters::{Delivery, Reply, ReplyKind, Waiters},
 };
 
 /// The stream has been closed: nothing more can be sent on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
+
+/// Why a command was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// The stream has been closed.
+    Closed,
+    /// The node's backlog is full: it does not read its commands (R-BAD-2).
+    Backlog {
+        /// Commands queued.
+        commands: usize,
+        /// Their bytes.
+        bytes: usize,
+    },
+}
+
+impl From<Closed> for SendError {
+    fn from(Closed: Closed) -> Self {
+        Self::Closed
+    }
+}
+
+/// How much may wait to be written to one node (R-BAD-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backlog {
+    pub(crate) commands: usize,
+    pub(crate) bytes: usize,
+}
+
+/// The inbound queue's depth as the reader sees it: messages and bytes.
+pub(crate) type DepthProbe = Box<dyn Fn() -> (usize, usize) + Send + Sync>;
 
 /// One SM stream's handle: what callers send through, and what the registry points at.
 pub(crate) struct Link {
@@ -55,10 +86,20 @@ pub(crate) struct Link {
     pub(crate) replaced: CancellationToken,
     /// Set when the end is a server restart rather than a replacement.
     restart: AtomicBool,
+    /// Set when the stream is ended because the SM does not read its commands.
+    stalled_out: AtomicBool,
     /// Times the reader found the inbound queue full and paused the stream (R-TEL-2).
     pub(crate) stalls: AtomicU64,
     /// Whether the reader is waiting for room in the queue right now.
     pub(crate) stalled: AtomicBool,
+    backlog: Backlog,
+    refusals: Refusals,
+    /// When the stream registered.
+    pub(crate) registered_at: OnceLock<SystemTime>,
+    /// When the last message was read, in milliseconds since the Unix epoch (0: none yet).
+    last_message_ms: AtomicU64,
+    /// The inbound queue's depth, once the stream has registered.
+    pub(crate) inbound_depth: OnceLock<DepthProbe>,
 }
 
 struct LinkState {
@@ -66,9 +107,13 @@ struct LinkState {
     closed: bool,
     /// `Close` has been queued to the transport.
     close_sent: bool,
-    /// What the transport has still to write, in order. A `VecDeque` rather than a channel:
-    /// it takes memory only for what is queued (a channel allocates a block per stream).
-    out: VecDeque<Outgoing>,
+    /// What the transport has still to write, in order, with each command's size. A
+    /// `VecDeque` rather than a channel: it takes memory only for what is queued (a channel
+    /// allocates a block per stream).
+    out: VecDeque<(Outgoing, usize)>,
+    /// Commands in `out`, and their bytes (R-BAD-2).
+    out_commands: usize,
+    out_bytes: usize,
     /// The transport took `Close`: nothing more comes.
     close_taken: bool,
     /// The transport dropped its [`Commands`]: nothing queued will be written.
@@ -79,7 +124,12 @@ struct LinkState {
 }
 
 impl Link {
-    pub(crate) fn new(session: u64, reply_expiry: Duration) -> Self {
+    pub(crate) fn new(
+        session: u64,
+        reply_expiry: Duration,
+        backlog: Backlog,
+        refusals: Refusals,
+    ) -> Self {
         Self {
             session,
             writer: Notify::new(),
@@ -87,6 +137,8 @@ impl Link {
                 closed: false,
                 close_sent: false,
                 out: VecDeque::new(),
+                out_commands: 0,
+                out_bytes: 0,
                 close_taken: false,
                 writer_gone: false,
                 cloud_sent: None,
@@ -94,9 +146,37 @@ impl Link {
             }),
             replaced: CancellationToken::new(),
             restart: AtomicBool::new(false),
+            stalled_out: AtomicBool::new(false),
             stalls: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
+            backlog,
+            refusals,
+            registered_at: OnceLock::new(),
+            last_message_ms: AtomicU64::new(0),
+            inbound_depth: OnceLock::new(),
         }
+    }
+
+    /// Notes that a message was read now.
+    pub(crate) fn touch(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.last_message_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// When the last message was read.
+    pub(crate) fn last_message_at(&self) -> Option<SystemTime> {
+        match self.last_message_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    /// Commands waiting to be written, and their bytes.
+    pub(crate) fn backlog(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.out_commands, state.out_bytes)
     }
 
     fn state(&self) -> MutexGuard<'_, LinkState> {
@@ -104,38 +184,63 @@ impl Link {
     }
 
     /// Queues an item for the transport (under the state lock, so items keep their order).
-    fn push(&self, state: &mut LinkState, item: Outgoing) -> Result<(), Closed> {
+    fn push(&self, state: &mut LinkState, item: Outgoing, size: usize) -> Result<(), Closed> {
         if state.writer_gone {
             return Err(Closed);
         }
-        state.out.push_back(item);
+        if matches!(item, Outgoing::Command(_)) {
+            state.out_commands += 1;
+            state.out_bytes = state.out_bytes.saturating_add(size);
+        }
+        state.out.push_back((item, size));
         self.writer.notify_one();
         Ok(())
     }
 
-    /// Queues a command to the SM, in call order (R-ASYNC-1).
-    pub(crate) fn send(&self, command: Outbound) -> Result<(), Closed> {
+    /// Whether one more command of `size` bytes fits the backlog; counts the refusal if not.
+    fn room(&self, state: &LinkState, size: usize) -> Result<(), SendError> {
+        let full = state.out_commands >= self.backlog.commands
+            || (state.out_commands > 0
+                && state.out_bytes.saturating_add(size) > self.backlog.bytes);
+        if full {
+            self.refusals.count(Budget::OutboundBacklog);
+            return Err(SendError::Backlog {
+                commands: state.out_commands,
+                bytes: state.out_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a command of `size` bytes (as encoded) to the SM, in call order (R-ASYNC-1).
+    pub(crate) fn send(&self, command: Outbound, size: usize) -> Result<(), SendError> {
         let mut state = self.state();
         if state.closed {
-            return Err(Closed);
+            return Err(SendError::Closed);
         }
-        self.push(&mut state, Outgoing::Command(command))
+        self.room(&state, size)?;
+        Ok(self.push(&mut state, Outgoing::Command(command), size)?)
     }
 
     /// Queues a sync command and the entry its reply will be matched to, in one step.
     pub(crate) fn send_sync(
         &self,
         command: Outbound,
+        size: usize,
         kind: ReplyKind,
-    ) -> Result<oneshot::Receiver<Reply>, Closed> {
+    ) -> Result<oneshot::Receiver<Reply>, SendError> {
         let mut state = self.state();
         if state.closed {
-            return Err(Closed);
+            return Err(SendError::Closed);
         }
+        self.room(&state, size)?;
         let rx = state.waiters.push(kind, Instant::now()).ok_or(Closed)?;
-        if self.push(&mut state, Outgoing::Command(command)).is_err() {
+        if self
+            .push(&mut state, Outgoing::Command(command), size)
+            .is_err()
+        {
             state.waiters.pop_unsent();
-            return Err(Closed);
+            return Err(SendError::Closed);
         }
         Ok(rx)
     }
@@ -145,14 +250,32 @@ impl Link {
         self.state().waiters.deliver(reply, Instant::now())
     }
 
-    /// Queues `connection_status` unless the SM was already told this state.
+    /// Queues `connection_status` unless the SM was already told this state. A node whose
+    /// backlog is full is not reading its stream: it cannot be told, and its stream is ended as
+    /// a stalled node (R-BAD-2), so it reconnects and learns the state at registration.
     pub(crate) fn send_cloud(&self, connected: bool) {
         let mut state = self.state();
         if state.closed || state.cloud_sent == Some(connected) {
             return;
         }
+        if let Err(SendError::Backlog { commands, bytes }) = self.room(&state, 0) {
+            Self::stop(&mut state);
+            state.close_sent = true;
+            let end = EndStatus {
+                code: EndCode::ResourceExhausted,
+                message: format!(
+                    "the SM does not read its stream: {commands} commands ({bytes} bytes) \
+                     wait to be written; closed as a stalled node"
+                ),
+            };
+            let _ = self.push(&mut state, Outgoing::Close(Some(end)), 0);
+            drop(state);
+            self.stalled_out.store(true, Ordering::Release);
+            self.replaced.cancel();
+            return;
+        }
         let status = Outgoing::Command(Outbound::ConnectionStatus(connected));
-        if self.push(&mut state, status).is_ok() {
+        if self.push(&mut state, status, 0).is_ok() {
             state.cloud_sent = Some(connected);
         }
     }
@@ -180,7 +303,11 @@ impl Link {
 
     /// Why the stream was ended from our side.
     pub(crate) fn ending(&self) -> smcontroller_api::DisconnectReason {
-        if self.restart.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stalled_out.load(Ordering::Acquire) {
+            smcontroller_api::DisconnectReason::Error(
+                "stalled: the SM does not read its commands (outbound backlog full)".into(),
+            )
+        } else if self.restart.load(Ordering::Acquire) {
             smcontroller_api::DisconnectReason::Shutdown
         } else {
             smcontroller_api::DisconnectReason::Replaced
@@ -194,7 +321,7 @@ impl Link {
         Self::stop(&mut state);
         if !state.close_sent {
             state.close_sent = true;
-            let _ = self.push(&mut state, Outgoing::Close(status));
+            let _ = self.push(&mut state, Outgoing::Close(status), 0);
         }
     }
 }
@@ -244,9 +371,13 @@ impl Commands {
 
     fn take(&self) -> Option<Outgoing> {
         let mut state = self.link.state();
-        let item = state.out.pop_front()?;
-        if matches!(item, Outgoing::Close(_)) {
-            state.close_taken = true;
+        let (item, size) = state.out.pop_front()?;
+        match item {
+            Outgoing::Close(_) => state.close_taken = true,
+            Outgoing::Command(_) => {
+                state.out_commands -= 1;
+                state.out_bytes -= size;
+            }
         }
         if state.out.is_empty() && state.out.capacity() > KEEP {
             state.out.shrink_to(KEEP);
@@ -260,6 +391,8 @@ impl Drop for Commands {
         let mut state = self.link.state();
         state.writer_gone = true;
         state.out.clear();
+        state.out_commands = 0;
+        state.out_bytes = 0;
     }
 }
 
@@ -298,15 +431,31 @@ impl Drop for SessionEnd {
     }
 }
 
+/// The node limit is reached: a new node id cannot register (R-BAD-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeLimit(pub(crate) usize);
+
 /// The registry: node id to slot, plus the cloud status that every registered node is told.
-#[derive(Default)]
 pub(crate) struct Registry {
     slots: RwLock<HashMap<NodeId, Slot>>,
+    /// Slots with a current link: the registered nodes (kept under the `slots` write lock).
+    registered: AtomicU64,
+    max_nodes: usize,
     /// Orders cloud status changes against each other and against registrations.
     cloud: Mutex<bool>,
 }
 
 impl Registry {
+    /// An empty registry taking at most `max_nodes` registered nodes.
+    pub(crate) fn new(max_nodes: usize) -> Self {
+        Self {
+            slots: RwLock::default(),
+            registered: AtomicU64::new(0),
+            max_nodes,
+            cloud: Mutex::default(),
+        }
+    }
+
     /// The link commands for `node` go to.
     pub(crate) fn link(&self, node: &NodeId) -> Option<Arc<Link>> {
         read(&self.slots).get(node)?.current.clone()
@@ -347,10 +496,7 @@ impl Registry {
 
     /// How many nodes are registered (addressable).
     pub(crate) fn node_count(&self) -> usize {
-        read(&self.slots)
-            .values()
-            .filter(|s| s.current.is_some())
-            .count()
+        usize::try_from(self.registered.load(Ordering::Acquire)).unwrap_or(usize::MAX)
     }
 
     /// How many node ids have a slot (registered, or a session still finishing).
@@ -380,19 +526,29 @@ impl Registry {
 
     /// Makes `link` the node's current stream. A live older stream is replaced (it stops taking
     /// commands and its callers fail now). The returned guard finishes the session when dropped.
+    ///
+    /// A new node id beyond the node limit is refused (R-BAD-2); a node replacing its own
+    /// stream is always taken.
     pub(crate) fn register(
         self: &Arc<Self>,
         node: &NodeId,
         link: &Arc<Link>,
-    ) -> (Registration, SessionEnd) {
+    ) -> Result<(Registration, SessionEnd), NodeLimit> {
         let (end_tx, end_rx) = watch::channel(());
         let cloud = lock(&self.cloud);
         let mut slots = write(&self.slots);
+        let known = slots.get(node).is_some_and(|s| s.current.is_some());
+        if !known && self.node_count() >= self.max_nodes {
+            return Err(NodeLimit(self.max_nodes));
+        }
         let registration = match slots.get_mut(node) {
             Some(slot) => {
                 let old = slot.current.replace(link.clone());
-                if let Some(old) = &old {
-                    old.replace();
+                match &old {
+                    Some(old) => old.replace(),
+                    None => {
+                        self.registered.fetch_add(1, Ordering::AcqRel);
+                    }
                 }
                 slot.sessions += 1;
                 Registration {
@@ -401,6 +557,7 @@ impl Registry {
                 }
             }
             None => {
+                self.registered.fetch_add(1, Ordering::AcqRel);
                 slots.insert(
                     node.clone(),
                     Slot {
@@ -424,7 +581,7 @@ impl Registry {
             node: node.clone(),
             end: Some(end_tx),
         };
-        (registration, end)
+        Ok((registration, end))
     }
 
     /// Ends every registered stream for a server restart; returns how many.
@@ -446,6 +603,7 @@ impl Registry {
             && slot.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, link))
         {
             slot.current = None;
+            self.registered.fetch_sub(1, Ordering::AcqRel);
         }
     }
 

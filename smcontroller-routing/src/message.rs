@@ -157,7 +157,13 @@ impl InboundKind {
 #[derive(Debug)]
 pub enum InboundEvent {
     /// A message that converted cleanly.
-    Message(Inbound),
+    Message {
+        /// The message.
+        message: Inbound,
+        /// Its size on the wire, bytes: what it counts against the node's inbound queue budget
+        /// (R-BAD-2).
+        wire_size: usize,
+    },
     /// A message that arrived but could not be converted (R-TEL-4) or had an empty oneof
     /// (R-BAD-1): logged with the node id and skipped; the stream stays up.
     Rejected {
@@ -209,4 +215,7 @@ pub enum EndCode {
     Unavailable,
     /// The SM is not allowed what it asked (its certificate does not carry its node id).
     PermissionDenied,
+    /// A budget is used up (R-BAD-2): too many nodes, too many streams not yet registered, or
+    /// the node does not read its commands.
+    ResourceExhausted,
 }

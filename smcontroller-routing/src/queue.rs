@@ -6,6 +6,10 @@
 //! although a node whose receivers keep up has one or two messages queued at a time. This queue
 //! is a `VecDeque` that grows with what is queued, up to the bound, and gives back what a burst
 //! made it take once it is empty again.
+//!
+//! It is bounded twice (R-BAD-2): in items, and in bytes, each item weighing what the transport
+//! says it took on the wire. A single item heavier than the byte bound still goes into an
+//! empty queue, so no message can wedge the stream.
 
 use std::{
     collections::VecDeque,
@@ -20,6 +24,7 @@ const KEEP: usize = 4;
 struct Shared<T> {
     state: Mutex<State<T>>,
     bound: usize,
+    byte_bound: usize,
     /// Woken when an item is queued or the sender is gone.
     readable: Notify,
     /// Woken when an item is taken or the receiver is gone.
@@ -27,7 +32,9 @@ struct Shared<T> {
 }
 
 struct State<T> {
-    items: VecDeque<T>,
+    items: VecDeque<(T, usize)>,
+    /// The sum of the queued items' weights.
+    bytes: usize,
     sender_gone: bool,
     receiver_gone: bool,
 }
@@ -41,7 +48,7 @@ impl<T> Shared<T> {
 /// Why an item was not queued.
 #[derive(Debug)]
 pub(crate) enum TrySendError<T> {
-    /// The queue holds `bound` items.
+    /// The queue holds `bound` items, or the item's weight would take it over the byte bound.
     Full(T),
     /// The receiver is gone.
     Closed,
@@ -53,15 +60,17 @@ pub(crate) struct Sender<T>(Arc<Shared<T>>);
 /// The dispatcher's end.
 pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 
-/// A queue of at most `bound` items (at least 1).
-pub(crate) fn bounded<T>(bound: usize) -> (Sender<T>, Receiver<T>) {
+/// A queue of at most `bound` items (at least 1) weighing at most `byte_bound` together.
+pub(crate) fn bounded<T>(bound: usize, byte_bound: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
+            bytes: 0,
             sender_gone: false,
             receiver_gone: false,
         }),
         bound: bound.max(1),
+        byte_bound,
         readable: Notify::new(),
         writable: Notify::new(),
     });
@@ -69,27 +78,30 @@ pub(crate) fn bounded<T>(bound: usize) -> (Sender<T>, Receiver<T>) {
 }
 
 impl<T> Sender<T> {
-    /// Queues `item` unless the queue is full or the receiver is gone.
-    pub(crate) fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+    /// Queues `item` of `weight` bytes unless the queue is full or the receiver is gone.
+    pub(crate) fn try_send(&self, item: T, weight: usize) -> Result<(), TrySendError<T>> {
         let mut state = self.0.state();
         if state.receiver_gone {
             return Err(TrySendError::Closed);
         }
-        if state.items.len() >= self.0.bound {
+        let heavy =
+            !state.items.is_empty() && state.bytes.saturating_add(weight) > self.0.byte_bound;
+        if state.items.len() >= self.0.bound || heavy {
             return Err(TrySendError::Full(item));
         }
-        state.items.push_back(item);
+        state.bytes = state.bytes.saturating_add(weight);
+        state.items.push_back((item, weight));
         drop(state);
         self.0.readable.notify_one();
         Ok(())
     }
 
-    /// Queues `item`, waiting for room; `Err` if the receiver is gone.
-    pub(crate) async fn send(&self, mut item: T) -> Result<(), ()> {
+    /// Queues `item` of `weight` bytes, waiting for room; `Err` if the receiver is gone.
+    pub(crate) async fn send(&self, mut item: T, weight: usize) -> Result<(), ()> {
         loop {
             // Registered before the check: a wake between the check and the wait is kept.
             let writable = self.0.writable.notified();
-            match self.try_send(item) {
+            match self.try_send(item, weight) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Closed) => return Err(()),
                 Err(TrySendError::Full(back)) => item = back,
@@ -113,7 +125,8 @@ impl<T> Receiver<T> {
             let readable = self.0.readable.notified();
             {
                 let mut state = self.0.state();
-                if let Some(item) = state.items.pop_front() {
+                if let Some((item, weight)) = state.items.pop_front() {
+                    state.bytes -= weight;
                     if state.items.is_empty() && state.items.capacity() > KEEP {
                         state.items.shrink_to(KEEP);
                     }
@@ -135,11 +148,20 @@ impl<T> Receiver<T> {
     }
 }
 
+impl<T> Sender<T> {
+    /// How many items are queued, and their weight.
+    pub(crate) fn depth(&self) -> (usize, usize) {
+        let state = self.0.state();
+        (state.items.len(), state.bytes)
+    }
+}
+
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.0.state();
         state.receiver_gone = true;
         state.items.clear();
+        state.bytes = 0;
         drop(state);
         self.0.writable.notify_one();
     }
@@ -155,13 +177,13 @@ mod tests {
 
     #[tokio::test]
     async fn items_come_out_in_order_and_the_bound_holds() {
-        let (tx, mut rx) = bounded(2);
-        tx.try_send(1).unwrap();
-        tx.try_send(2).unwrap();
-        assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
+        let (tx, mut rx) = bounded(2, usize::MAX);
+        tx.try_send(1, 1).unwrap();
+        tx.try_send(2, 1).unwrap();
+        assert!(matches!(tx.try_send(3, 1), Err(TrySendError::Full(3))));
         assert_eq!(rx.len(), 2);
         assert_eq!(rx.recv().await, Some(1));
-        tx.try_send(3).unwrap();
+        tx.try_send(3, 1).unwrap();
         assert_eq!(rx.recv().await, Some(2));
         assert_eq!(rx.recv().await, Some(3));
         drop(tx);
@@ -170,10 +192,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_makes_the_sender_wait_until_an_item_is_taken() {
-        let (tx, mut rx) = bounded(1);
-        tx.try_send(1).unwrap();
+        let (tx, mut rx) = bounded(1, usize::MAX);
+        tx.try_send(1, 1).unwrap();
         let sender = tokio::spawn(async move {
-            tx.send(2).await.unwrap();
+            tx.send(2, 1).await.unwrap();
             tx
         });
         tokio::task::yield_now().await;
@@ -185,14 +207,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_is_woken_by_an_item_and_by_the_senders_end() {
-        let (tx, mut rx) = bounded::<u32>(4);
+        let (tx, mut rx) = bounded::<u32>(4, usize::MAX);
         let receiver = tokio::spawn(async move {
             let first = rx.recv().await;
             let end = rx.recv().await;
             (first, end)
         });
         tokio::task::yield_now().await;
-        tx.try_send(7).unwrap();
+        tx.try_send(7, 1).unwrap();
         drop(tx);
         let (first, end) = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
         assert_eq!((first, end), (Some(7), None));
@@ -200,9 +222,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_receiver_fails_the_sender_also_while_it_waits() {
-        let (tx, rx) = bounded(1);
-        tx.try_send(1).unwrap();
-        let sender = tokio::spawn(async move { tx.send(2).await });
+        let (tx, rx) = bounded(1, usize::MAX);
+        tx.try_send(1, 1).unwrap();
+        let sender = tokio::spawn(async move { tx.send(2, 1).await });
         tokio::task::yield_now().await;
         drop(rx);
         let sent = tokio::time::timeout(WAIT, sender).await.unwrap().unwrap();
@@ -210,10 +232,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_byte_bound_holds_but_one_heavy_item_still_passes_alone() {
+        let (tx, mut rx) = bounded(100, 10);
+        tx.try_send(1, 6).unwrap();
+        assert!(matches!(tx.try_send(2, 5), Err(TrySendError::Full(2))));
+        tx.try_send(2, 4).unwrap();
+        assert_eq!(tx.depth(), (2, 10));
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(tx.depth(), (0, 0));
+        // Heavier than the whole bound: taken, but only into an empty queue.
+        tx.try_send(3, 1000).unwrap();
+        assert!(matches!(tx.try_send(4, 1), Err(TrySendError::Full(4))));
+        assert_eq!(rx.recv().await, Some(3));
+        tx.try_send(4, 1).unwrap();
+    }
+
+    #[tokio::test]
     async fn an_emptied_queue_gives_back_the_memory_of_a_burst() {
-        let (tx, mut rx) = bounded(256);
+        let (tx, mut rx) = bounded(256, usize::MAX);
         for i in 0..256 {
-            tx.try_send(i).unwrap();
+            tx.try_send(i, 1).unwrap();
         }
         for _ in 0..256 {
             rx.recv().await.unwrap();

@@ -15,12 +15,16 @@ use std::{
     any::Any,
     future::Future,
     panic::AssertUnwindSafe,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use futures::{FutureExt, Stream, StreamExt};
 use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo};
+use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use tokio::sync::{oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -39,6 +43,14 @@ pub(crate) struct Context {
     pub(crate) receivers: Receivers,
     pub(crate) registration_timeout: Duration,
     pub(crate) queue_bound: usize,
+    pub(crate) queue_bytes: usize,
+    /// The budgets reached, for this controller and its transport (R-BAD-2).
+    pub(crate) refusals: Refusals,
+    /// Streams attached that have not registered (or ended) yet.
+    pub(crate) pending: AtomicUsize,
+    /// Rate limit of the warnings about streams refused before they registered: such streams
+    /// have no node id to limit by, and anyone can open them.
+    pub(crate) refused_early: WarnGate,
     /// Cancelled when the controller stops: streams end, queued telemetry is dropped.
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the shutdown grace has run out: every task still running is cut.
@@ -110,6 +122,24 @@ where
     read(ctx, link, inbound).instrument(span).await;
 }
 
+/// Holds one of the pending-stream places (`max_pending_streams`) until the stream registers
+/// or ends.
+struct Pending<'a>(Option<&'a AtomicUsize>);
+
+impl Pending<'_> {
+    fn release(&mut self) {
+        if let Some(pending) = self.0.take() {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Ends the stream for the transport if the reader did not (it was cut at shutdown).
 struct CloseOnDrop(Arc<Link>);
 
@@ -126,11 +156,15 @@ async fn read<S>(ctx: Arc<Context>, link: Arc<Link>, mut inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
+    let mut pending = Pending(Some(&ctx.pending));
     let info = match registration(&ctx, &mut inbound).await {
         Ok(info) => info,
         Err(end) => {
-            if let Some(end) = &end {
-                warn!(reason = %end.message, "SM stream refused before registration");
+            if let Some(end) = &end
+                && let Some(gate) = ctx.refused_early.admit()
+            {
+                warn!(reason = %clip(&end.message), suppressed = gate.suppressed,
+                    "SM stream refused before registration");
             }
             link.close(end);
             return;
@@ -139,13 +173,51 @@ where
     let node = info.node_id.clone();
     tracing::Span::current().record("node_id", tracing::field::display(&node));
 
-    let (registration, session_end) = ctx.registry.register(&node, &link);
+    let registered = ctx.registry.register(&node, &link);
+    pending.release();
+    let (registration, session_end) = match registered {
+        Ok(registered) => registered,
+        Err(limit) => {
+            ctx.refusals.count(Budget::Nodes);
+            if let Some(gate) = ctx.refused_early.admit() {
+                warn!(
+                    max_nodes = limit.0,
+                    suppressed = gate.suppressed,
+                    "SM stream refused: node limit reached"
+                );
+            }
+            link.close(Some(EndStatus {
+                code: EndCode::ResourceExhausted,
+                message: format!(
+                    "node limit reached: {} nodes are registered (maxNodes); node {} refused",
+                    limit.0, node
+                ),
+            }));
+            return;
+        }
+    };
+    let _ = link.registered_at.set(SystemTime::now());
+    link.touch();
+    metrics::counter!("smcontroller_registrations_total").increment(1);
     if registration.replaced {
         info!("a new stream replaces the node's older one");
     }
     info!(runtimes = info.runtimes.len(), "node registered");
 
-    let (queue, queued) = queue::bounded(ctx.queue_bound);
+    let (queue, queued) = queue::bounded(ctx.queue_bound, ctx.queue_bytes);
+    let queue = Arc::new(queue);
+    let probe = Arc::downgrade(&queue);
+    let _ = link.inbound_depth.set(Box::new(move || {
+        probe.upgrade().map_or((0, 0), |queue| queue.depth())
+    }));
+    // Warnings this node's stream causes (rejected messages, unwanted replies, stalls) are
+    // rate-limited; what was suppressed is said when the stream ends.
+    let warnings = WarnGate::default().on_drop(|suppressed| {
+        warn!(
+            suppressed,
+            "similar warnings of this stream were suppressed"
+        );
+    });
     let (reason_tx, reason_rx) = oneshot::channel();
     ctx.spawn(
         dispatch(
@@ -171,16 +243,21 @@ where
             () = &mut replaced => break link.ending(),
             event = inbound.next() => event,
         };
-        let message = match event {
+        let (message, wire_size) = match event {
             None => break DisconnectReason::Closed,
             Some(InboundEvent::Failed(error)) => break DisconnectReason::Error(error),
             Some(InboundEvent::Denied(why)) => break DisconnectReason::ProtocolViolation(why),
             Some(InboundEvent::Rejected { message, reason }) => {
-                warn!(message, %reason, "message from SM rejected and skipped");
+                if let Some(gate) = warnings.admit() {
+                    warn!(message, reason = %clip(&reason), suppressed = gate.suppressed,
+                        "message from SM rejected and skipped");
+                }
                 continue;
             }
-            Some(InboundEvent::Message(message)) => message,
+            Some(InboundEvent::Message { message, wire_size }) => (message, wire_size),
         };
+        link.touch();
+        metrics::counter!("smcontroller_messages_in_total", "kind" => message.name()).increment(1);
         if let Inbound::SmInfo(info) = &message
             && info.node_id != node
         {
@@ -194,10 +271,18 @@ where
                 match link.deliver(reply) {
                     Delivery::Answered => {}
                     Delivery::Absorbed(after) => {
+                        metrics::counter!("smcontroller_replies_dropped_total").increment(1);
                         info!(?after, "late reply to a call that gave up; dropped");
                     }
                     Delivery::Unwanted(reply) => {
-                        warn!(reply = reply.name(), "reply nobody waits for; dropped");
+                        metrics::counter!("smcontroller_replies_dropped_total").increment(1);
+                        if let Some(gate) = warnings.admit() {
+                            warn!(
+                                reply = reply.name(),
+                                suppressed = gate.suppressed,
+                                "reply nobody waits for; dropped"
+                            );
+                        }
                     }
                 }
                 continue;
@@ -205,7 +290,7 @@ where
             Read::Telemetry(telemetry) => telemetry,
         };
         // Lossless backpressure: while the queue is full the stream is not read.
-        let telemetry = match queue.try_send(telemetry) {
+        let telemetry = match queue.try_send(telemetry, wire_size) {
             Ok(()) => continue,
             Err(TrySendError::Closed) => {
                 break DisconnectReason::Error("dispatcher stopped".into());
@@ -214,16 +299,24 @@ where
         };
         let stalls = link.stalls.fetch_add(1, Ordering::Relaxed) + 1;
         link.stalled.store(true, Ordering::Relaxed);
-        warn!(
-            stalls,
-            bound = ctx.queue_bound,
-            "receivers are behind: inbound queue full, stream paused"
-        );
+        ctx.refusals.count(Budget::InboundQueue);
+        if let Some(gate) = warnings.admit() {
+            let (messages, bytes) = queue.depth();
+            warn!(
+                stalls,
+                messages,
+                bytes,
+                bound = ctx.queue_bound,
+                byte_bound = ctx.queue_bytes,
+                suppressed = gate.suppressed,
+                "receivers are behind: inbound queue full, stream paused"
+            );
+        }
         let queued = tokio::select! {
             biased;
             () = &mut shutdown => break DisconnectReason::Shutdown,
             () = &mut replaced => break link.ending(),
-            queued = queue.send(telemetry) => queued,
+            queued = queue.send(telemetry, wire_size) => queued,
         };
         link.stalled.store(false, Ordering::Relaxed);
         if queued.is_err() {
@@ -233,16 +326,33 @@ where
 
     ctx.registry.leave(&node, &link);
     let status = end_status(&node, &reason);
-    info!(%reason, "node stream ended");
+    metrics::counter!("smcontroller_disconnects_total", "reason" => reason_label(&reason))
+        .increment(1);
+    info!(reason = %clip(&reason.to_string()), "node stream ended");
+    drop(warnings);
     link.close(status);
     drop(inbound);
     let _ = reason_tx.send(reason);
 }
 
+/// The `reason` label of `smcontroller_disconnects_total`.
+fn reason_label(reason: &DisconnectReason) -> &'static str {
+    match reason {
+        DisconnectReason::Closed => "closed",
+        DisconnectReason::Error(_) => "error",
+        DisconnectReason::Replaced => "replaced",
+        DisconnectReason::ProtocolViolation(_) => "protocol_violation",
+        DisconnectReason::Shutdown => "shutdown",
+    }
+}
+
 /// The status the transport ends the response with, for the end we caused.
 fn end_status(node: &NodeId, reason: &DisconnectReason) -> Option<EndStatus> {
     match reason {
-        DisconnectReason::Closed | DisconnectReason::Error(_) => None,
+        DisconnectReason::Closed => None,
+        // Ended from our side for not reading (the link queued its own status); a transport
+        // failure has its own status too.
+        DisconnectReason::Error(_) => None,
         DisconnectReason::Replaced => Some(EndStatus {
             code: EndCode::Aborted,
             message: format!("replaced by a newer stream of node {node}"),
@@ -294,14 +404,17 @@ where
             code: EndCode::PermissionDenied,
             message: why,
         })),
-        Ok(Some(InboundEvent::Message(Inbound::SmInfo(info)))) => {
+        Ok(Some(InboundEvent::Message {
+            message: Inbound::SmInfo(info),
+            ..
+        })) => {
             if info.node_id.as_str().is_empty() {
                 invalid("sm_info.node_id is empty".into())
             } else {
                 Ok(info)
             }
         }
-        Ok(Some(InboundEvent::Message(other))) => invalid(format!(
+        Ok(Some(InboundEvent::Message { message: other, .. })) => invalid(format!(
             "the first message must be sm_info, got {}",
             other.name()
         )),

@@ -20,6 +20,24 @@ pub struct Settings {
     /// How long [`Controller::shutdown`](crate::Controller::shutdown) waits for sessions to
     /// finish before it aborts them (R-STOP-1). Default 500 ms.
     pub shutdown_grace: Duration,
+    /// Nodes registered at once (R-BAD-2). An `sm_info` for a new node id beyond it ends that
+    /// stream with `RESOURCE_EXHAUSTED`; a node that replaces its own stream is always taken.
+    /// Default 4,096 (the connection cap's default: one stream per SM).
+    pub max_nodes: usize,
+    /// Streams that have not sent `sm_info` yet (R-BAD-2). A new stream beyond it is refused
+    /// with `RESOURCE_EXHAUSTED`. Each is held at most the registration timeout. Default 1,024.
+    pub max_pending_streams: usize,
+    /// Bytes (as sent on the wire) each node's inbound queue holds before the controller stops
+    /// reading that stream (R-BAD-2, with `queue_bound` for the count). One message larger
+    /// than this is still taken when the queue is empty. Default 8 MiB.
+    pub inbound_queue_bytes: usize,
+    /// Commands waiting to be written to one node (R-BAD-2). A call beyond it fails at once with
+    /// [`Error::ResourceExhausted`](smcontroller_api::Error::ResourceExhausted): the node is not
+    /// reading its stream. Default 64.
+    pub outbound_backlog: usize,
+    /// Bytes of commands waiting to be written to one node (as encoded for the wire), beyond
+    /// which a call fails like for `outbound_backlog`. Default 8 MiB.
+    pub outbound_backlog_bytes: usize,
 }
 
 impl Default for Settings {
@@ -30,6 +48,11 @@ impl Default for Settings {
             queue_bound: 256,
             reply_expiry: None,
             shutdown_grace: Duration::from_millis(500),
+            max_nodes: 4096,
+            max_pending_streams: 1024,
+            inbound_queue_bytes: 8 * 1024 * 1024,
+            outbound_backlog: 64,
+            outbound_backlog_bytes: 8 * 1024 * 1024,
         }
     }
 }

@@ -225,8 +225,13 @@ impl Sm {
     }
 
     pub fn send(&self, message: Inbound) {
+        self.send_sized(message, 64);
+    }
+
+    /// Sends `message` as if it took `wire_size` bytes on the wire.
+    pub fn send_sized(&self, message: Inbound, wire_size: usize) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(InboundEvent::Message(message));
+            let _ = tx.send(InboundEvent::Message { message, wire_size });
         }
     }
 
@@ -249,6 +254,25 @@ impl Sm {
                 Err(_) => panic!("no command within {deadline:?}"),
             }
         }
+    }
+
+    /// Waits until the controller ends the stream; returns the end status it gave.
+    pub async fn end_status(
+        &mut self,
+        deadline: Duration,
+    ) -> Option<smcontroller_routing::EndStatus> {
+        let wait = async {
+            loop {
+                match self.out.recv().await {
+                    Some(Outgoing::Close(status)) => return status,
+                    None => return None,
+                    Some(Outgoing::Command(_)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(deadline, wait)
+            .await
+            .expect("the controller did not end the stream in time")
     }
 
     /// Waits until the controller ends the stream.

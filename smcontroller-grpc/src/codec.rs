@@ -1,0 +1,339 @@
+//! The protobuf codec of `SMService`: prost's, with two guards in front of decoding (contract
+//! R-BAD-1, R-BAD-2).
+//!
+//! - **Decoded size.** A message's decoded form can be far larger than its wire form: an empty
+//!   element of a repeated message field is two bytes on the wire and a whole struct in memory
+//!   (about 100 times more). Before decoding, a message larger than [`SCAN_FROM`] bytes is
+//!   walked with the schema (which fields are messages, from the compiled descriptor set) and
+//!   the messages it holds are counted. Each costs [`MESSAGE_COST`] bytes in the estimate; a
+//!   message whose estimate exceeds [`INFLATION`] times its wire size is refused with
+//!   `RESOURCE_EXHAUSTED` before prost allocates anything.
+//! - **Undecodable bytes** (invalid UTF-8 in a string, a truncated field) are the peer's
+//!   error: `INVALID_ARGUMENT` naming the field, where prost's codec says `INTERNAL`.
+
+use std::{collections::HashMap, marker::PhantomData, sync::OnceLock};
+
+use prost::{
+    Message,
+    bytes::Buf,
+    encoding::{WireType, decode_key, decode_varint},
+};
+use prost_types::{FileDescriptorSet, field_descriptor_proto::Type};
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::ProstEncoder;
+
+/// Messages up to this size are decoded without a scan: even made of nothing but empty
+/// elements, they cannot inflate past [`INFLATION`] times [`SCAN_FROM`].
+pub const SCAN_FROM: usize = 4 * 1024;
+/// What one message nested in another is taken to cost once decoded, bytes (a prost struct
+/// with a few strings and vectors; `InstanceStatus` is about 200).
+pub const MESSAGE_COST: usize = 128;
+/// How many times its wire size a message may take once decoded, by the estimate. A real
+/// node's messages stay well under 8; a message of empty elements is at about 64.
+pub const INFLATION: usize = 16;
+/// The start of the status message of a refusal for decoded size, so the service can count it.
+pub(crate) const DECODED_SIZE_REFUSAL: &str = "message would decode to";
+/// The start of the status message of an undecodable message.
+pub(crate) const UNDECODABLE: &str = "undecodable message:";
+
+/// The codec `tonic-prost-build` is told to use (see `build.rs`): prost's encoder, and
+/// [`GuardedDecoder`].
+#[derive(Debug, Clone)]
+pub struct GuardedCodec<T, U> {
+    _types: PhantomData<(T, U)>,
+}
+
+impl<T, U> Default for GuardedCodec<T, U> {
+    fn default() -> Self {
+        Self {
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T, U> Codec for GuardedCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = GuardedDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        GuardedDecoder { _type: PhantomData }
+    }
+}
+
+/// Decodes `U` after the decoded-size guard; decode errors are `INVALID_ARGUMENT`.
+#[derive(Debug, Clone)]
+pub struct GuardedDecoder<U> {
+    _type: PhantomData<U>,
+}
+
+impl<U: Message + Default> Decoder for GuardedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let wire = buf.remaining();
+        if wire > SCAN_FROM {
+            // The whole message is in one contiguous chunk (tonic collects it before decoding);
+            // if it ever is not, the guard falls back to decoding unguarded rather than failing.
+            let chunk = buf.chunk();
+            if chunk.len() == wire
+                && let Some(schema) = schema()
+                && let Some(nested) = schema.count_nested(full_name::<U>(), chunk)
+            {
+                check_inflation(wire, nested)?;
+            }
+        }
+        U::decode(buf)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("{UNDECODABLE} {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// Refuses a message of `wire` bytes holding `nested` messages if its decoded estimate is over
+/// the inflation bound.
+fn check_inflation(wire: usize, nested: usize) -> Result<(), Status> {
+    let estimate = wire.saturating_add(nested.saturating_mul(MESSAGE_COST));
+    let bound = wire.saturating_mul(INFLATION);
+    if estimate > bound {
+        return Err(Status::resource_exhausted(format!(
+            "{DECODED_SIZE_REFUSAL} about {estimate} bytes ({nested} nested messages in \
+             {wire} bytes), over {INFLATION} times its size on the wire; refused"
+        )));
+    }
+    Ok(())
+}
+
+/// The protobuf full name of the messages this crate decodes, by their Rust type.
+fn full_name<U>() -> &'static str {
+    let rust = std::any::type_name::<U>();
+    if rust.ends_with("SmOutgoingMessages") {
+        ".servicemanager.v5.SMOutgoingMessages"
+    } else if rust.ends_with("SmIncomingMessages") {
+        ".servicemanager.v5.SMIncomingMessages"
+    } else if rust.ends_with("BlobsInfosRequest") {
+        ".servicemanager.v5.BlobsInfosRequest"
+    } else if rust.ends_with("BlobsInfos") {
+        ".servicemanager.v5.BlobsInfos"
+    } else {
+        ""
+    }
+}
+
+/// Which fields of each message type are messages themselves: all the scan needs.
+#[derive(Debug, Default)]
+struct Schema {
+    /// Message full name (`.package.Name`) to its message-typed fields: number to type name.
+    messages: HashMap<String, HashMap<u32, String>>,
+}
+
+/// How deep the scan follows nested messages (prost's own recursion limit is 100).
+const MAX_DEPTH: usize = 100;
+
+fn schema() -> Option<&'static Schema> {
+    static SCHEMA: OnceLock<Option<Schema>> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let set = FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).ok()?;
+            let mut schema = Schema::default();
+            for file in &set.file {
+                let package = file.package();
+                for message in &file.message_type {
+                    schema.add(&format!(".{package}"), message);
+                }
+            }
+            Some(schema)
+        })
+        .as_ref()
+}
+
+impl Schema {
+    fn add(&mut self, scope: &str, message: &prost_types::DescriptorProto) {
+        let name = format!("{scope}.{}", message.name());
+        let fields = message
+            .field
+            .iter()
+            .filter(|f| f.r#type() == Type::Message)
+            .filter_map(|f| Some((u32::try_from(f.number()).ok()?, f.type_name().to_owned())))
+            .collect();
+        for nested in &message.nested_type {
+            self.add(&name, nested);
+        }
+        self.messages.insert(name, fields);
+    }
+
+    /// How many messages `bytes` (a `type_name` on the wire) holds, at every depth; `None` if
+    /// the type is unknown or the bytes do not parse (prost then says what is wrong).
+    fn count_nested(&self, type_name: &str, bytes: &[u8]) -> Option<usize> {
+        let mut count = 0;
+        self.walk(type_name, bytes, 0, &mut count).then_some(count)
+    }
+
+    fn walk(&self, type_name: &str, mut bytes: &[u8], depth: usize, count: &mut usize) -> bool {
+        if depth > MAX_DEPTH {
+            return false;
+        }
+        let Some(fields) = self.messages.get(type_name) else {
+            return false;
+        };
+        while bytes.has_remaining() {
+            let Ok((number, wire_type)) = decode_key(&mut bytes) else {
+                return false;
+            };
+            match wire_type {
+                WireType::Varint => {
+                    if decode_varint(&mut bytes).is_err() {
+                        return false;
+                    }
+                }
+                WireType::SixtyFourBit => {
+                    if bytes.remaining() < 8 {
+                        return false;
+                    }
+                    bytes.advance(8);
+                }
+                WireType::ThirtyTwoBit => {
+                    if bytes.remaining() < 4 {
+                        return false;
+                    }
+                    bytes.advance(4);
+                }
+                WireType::LengthDelimited => {
+                    let Ok(len) = decode_varint(&mut bytes) else {
+                        return false;
+                    };
+                    let Ok(len) = usize::try_from(len) else {
+                        return false;
+                    };
+                    if bytes.remaining() < len {
+                        return false;
+                    }
+                    let (inner, rest) = bytes.split_at(len);
+                    bytes = rest;
+                    if let Some(child) = fields.get(&number) {
+                        *count += 1;
+                        if !self.walk(child, inner, depth + 1, count) {
+                            return false;
+                        }
+                    }
+                }
+                WireType::StartGroup | WireType::EndGroup => return false,
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::common::v2::InstanceIdent;
+    use crate::proto::servicemanager::v5::{
+        InstanceStatus, NodeInstancesStatus, SmOutgoingMessages,
+        sm_outgoing_messages::SmOutgoingMessage,
+    };
+
+    /// `n` instance statuses: empty ones, or small but real ones (short ids, as a test SM
+    /// might send).
+    fn instances(n: usize, real: bool) -> SmOutgoingMessages {
+        let status = |i: usize| {
+            if !real {
+                return InstanceStatus::default();
+            }
+            InstanceStatus {
+                instance: Some(InstanceIdent {
+                    item_id: "item1".into(),
+                    subject_id: "subj1".into(),
+                    instance: i as u64,
+                    ..InstanceIdent::default()
+                }),
+                version: "1.0.0".into(),
+                runtime_id: "crun".into(),
+                state: "active".into(),
+                ..InstanceStatus::default()
+            }
+        };
+        SmOutgoingMessages {
+            sm_outgoing_message: Some(SmOutgoingMessage::NodeInstancesStatus(
+                NodeInstancesStatus {
+                    instances: (0..n).map(status).collect(),
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn the_scan_counts_every_nested_message() {
+        let schema = schema().expect("the descriptor set parses");
+        let bytes = instances(1000, false).encode_to_vec();
+        // The oneof member, and each instance.
+        assert_eq!(
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            Some(1001)
+        );
+        // And each instance's ident.
+        let bytes = instances(1000, true).encode_to_vec();
+        assert_eq!(
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            Some(2001)
+        );
+    }
+
+    #[test]
+    fn r_bad_2_empty_elements_are_refused_and_real_ones_pass() {
+        let schema = schema().unwrap();
+        let bomb = instances(100_000, false).encode_to_vec();
+        let nested = schema
+            .count_nested(".servicemanager.v5.SMOutgoingMessages", &bomb)
+            .unwrap();
+        let refused = check_inflation(bomb.len(), nested).expect_err("a decode bomb");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().starts_with(DECODED_SIZE_REFUSAL));
+
+        let real = instances(10_000, true).encode_to_vec();
+        let nested = schema
+            .count_nested(".servicemanager.v5.SMOutgoingMessages", &real)
+            .unwrap();
+        check_inflation(real.len(), nested).expect("real instance statuses pass");
+    }
+
+    #[test]
+    fn truncated_bytes_are_left_to_prost() {
+        let schema = schema().unwrap();
+        let mut bytes = instances(10, true).encode_to_vec();
+        bytes.truncate(bytes.len() - 3);
+        assert_eq!(
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            None
+        );
+    }
+
+    #[test]
+    fn every_decoded_type_has_a_name_in_the_schema() {
+        let schema = schema().unwrap();
+        for name in [
+            full_name::<SmOutgoingMessages>(),
+            full_name::<crate::proto::servicemanager::v5::SmIncomingMessages>(),
+            full_name::<crate::proto::servicemanager::v5::BlobsInfosRequest>(),
+            full_name::<crate::proto::servicemanager::v5::BlobsInfos>(),
+        ] {
+            assert!(schema.messages.contains_key(name), "{name}");
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! A watch on what a peer sends before and around its gRPC calls (contract R-BAD-3), as a
+//! wrapper of the connection's byte stream (after TLS, so it sees HTTP/2 frames).
+//!
+//! - **Preface deadline.** The HTTP/2 client preface (the 24-byte magic and the first SETTINGS
+//!   frame) must arrive before the connection's deadline (the handshake timeout, counted from
+//!   the accept, so the TLS handshake and the preface share it). Keepalive only starts after
+//!   the preface; without this, a socket that sends nothing would be held for ever.
+//! - **Control frame flood.** PING and SETTINGS frames (not their acknowledgements) draw from a
+//!   token bucket of `rate` per second with a burst of ten seconds' worth. hyper answers each
+//!   PING and SETTINGS and offers no limit of its own; a peer that floods them makes the
+//!   server work for nothing. When the bucket is empty the connection ends.
+//!
+//! The wrapper only reads frame headers as the bytes go by (nine bytes per frame); it never
+//! buffers, delays or changes them.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use smcontroller_limits::{Budget, Refusals};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+use tonic::transport::server::Connected;
+
+/// The HTTP/2 client connection preface magic (RFC 9113, section 3.4).
+const MAGIC: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+/// How long a burst of control frames may be, in seconds' worth of the rate.
+const BURST_SECS: u32 = 10;
+
+/// What a [`Guarded`] connection is held to.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    /// When the preface must have arrived.
+    pub preface_deadline: Instant,
+    /// PING and SETTINGS frames per second, on average.
+    pub control_frames_per_sec: u32,
+    /// Where the refusals are counted.
+    pub refusals: Refusals,
+}
+
+/// A connection under the guard.
+pub struct Guarded<IO> {
+    io: IO,
+    /// Until the preface is complete: the deadline.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the magic seen so far (24 when done).
+    magic_seen: usize,
+    /// The header of the frame being read, and how much of it is in.
+    header: [u8; FRAME_HEADER],
+    header_len: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+    /// Frames complete so far (the first one completes the preface).
+    frames: u64,
+    tokens: f64,
+    refilled: Instant,
+    rate: f64,
+    refusals: Refusals,
+}
+
+impl<IO> std::fmt::Debug for Guarded<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded")
+            .field("preface_done", &self.deadline.is_none())
+            .field("frames", &self.frames)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> Guarded<IO> {
+    /// Puts `io` under the guard.
+    pub fn new(io: IO, settings: GuardSettings) -> Self {
+        let rate = f64::from(settings.control_frames_per_sec.max(1));
+        Self {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep_until(
+                settings.preface_deadline,
+            ))),
+            magic_seen: 0,
+            header: [0; FRAME_HEADER],
+            header_len: 0,
+            skip: 0,
+            frames: 0,
+            tokens: rate * f64::from(BURST_SECS),
+            refilled: Instant::now(),
+            rate,
+            refusals: settings.refusals,
+        }
+    }
+
+    /// The connection inside.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Looks at `bytes`, just read; `Err` ends the connection.
+    fn inspect(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        if self.magic_seen < MAGIC.len() {
+            let take = bytes.len().min(MAGIC.len() - self.magic_seen);
+            if bytes[..take] != MAGIC[self.magic_seen..self.magic_seen + take] {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not an HTTP/2 client: the connection preface is wrong",
+                ));
+            }
+            self.magic_seen += take;
+            bytes = &bytes[take..];
+        }
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                if self.skip == 0 {
+                    self.frame_done();
+                }
+                continue;
+            }
+            let n = (FRAME_HEADER - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len < FRAME_HEADER {
+                break;
+            }
+            self.header_len = 0;
+            let length = usize::from(self.header[0]) << 16
+                | usize::from(self.header[1]) << 8
+                | usize::from(self.header[2]);
+            let (kind, flags) = (self.header[3], self.header[4]);
+            if (kind == PING || kind == SETTINGS) && flags & ACK == 0 {
+                self.take_token()?;
+            }
+            self.skip = length;
+            if length == 0 {
+                self.frame_done();
+            }
+        }
+        Ok(())
+    }
+
+    fn frame_done(&mut self) {
+        self.frames += 1;
+        // The client's first frame is its SETTINGS: the preface is complete.
+        self.deadline = None;
+    }
+
+    fn take_token(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * f64::from(BURST_SECS));
+        if self.tokens < 1.0 {
+            self.refusals.count(Budget::ControlFrames);
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!(
+                    "PING/SETTINGS flood: more than {} per second; connection closed",
+                    self.rate
+                ),
+            ));
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if read.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.inspect(read)?;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Some(deadline) = this.deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    this.refusals.count(Budget::Handshake);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout; connection closed",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<IO: Connected> Connected for Guarded<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The deadline of a connection accepted at `accepted` with `timeout` for its handshake and
+/// preface.
+pub fn preface_deadline(accepted: Instant, timeout: Duration) -> Instant {
+    accepted + timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut out = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            0,
+        ];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn guard(
+        io: tokio::io::DuplexStream,
+        rate: u32,
+        timeout: Duration,
+    ) -> Guarded<tokio::io::DuplexStream> {
+        Guarded::new(
+            io,
+            GuardSettings {
+                preface_deadline: Instant::now() + timeout,
+                control_frames_per_sec: rate,
+                refusals: Refusals::new(),
+            },
+        )
+    }
+
+    async fn drain(guarded: &mut Guarded<tokio::io::DuplexStream>) -> io::Result<usize> {
+        let mut buf = [0_u8; 4096];
+        let mut total = 0;
+        loop {
+            match guarded.read(&mut buf).await? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r_bad_3_a_connection_without_a_preface_ends_at_the_deadline() {
+        let (ours, _peer) = duplex(1024);
+        let mut guarded = guard(ours, 20, Duration::from_secs(10));
+        let error = drain(&mut guarded).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(guarded.refusals.get(Budget::Handshake), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_preface_in_time_lifts_the_deadline_even_in_small_pieces() {
+        let (ours, mut peer) = duplex(1024);
+        let mut guarded = guard(ours, 20, Duration::from_secs(10));
+        let mut preface = MAGIC.to_vec();
+        preface.extend(frame(SETTINGS, 0, &[0, 3, 0, 0, 0, 100]));
+        let writer = tokio::spawn(async move {
+            for byte in preface {
+                peer.write_all(&[byte]).await.unwrap();
+            }
+            peer
+        });
+        let mut buf = [0_u8; 64];
+        let mut got = 0;
+        while got < 24 + 9 + 6 {
+            got += guarded.read(&mut buf).await.unwrap();
+        }
+        let _peer = writer.await.unwrap();
+        assert_eq!(guarded.frames, 1);
+        // Long after the deadline, an idle connection is the keepalive's business, not ours.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let read = tokio::time::timeout(Duration::from_secs(1), guarded.read(&mut buf)).await;
+        assert!(read.is_err(), "the read waits: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn r_bad_3_a_ping_flood_ends_the_connection_but_acks_and_data_do_not_count() {
+        let (ours, mut peer) = duplex(1 << 20);
+        let mut guarded = guard(ours, 5, Duration::from_secs(10));
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(frame(SETTINGS, 0, &[]));
+        for _ in 0..1000 {
+            bytes.extend(frame(PING, ACK, &[0; 8]));
+            bytes.extend(frame(0x0, 0, &[1; 100]));
+        }
+        peer.write_all(&bytes).await.unwrap();
+        let mut buf = vec![0_u8; bytes.len()];
+        guarded
+            .read_exact(&mut buf)
+            .await
+            .expect("acks and data pass");
+
+        let mut flood = Vec::new();
+        for _ in 0..100 {
+            flood.extend(frame(PING, 0, &[0; 8]));
+        }
+        peer.write_all(&flood).await.unwrap();
+        drop(peer);
+        let error = drain(&mut guarded).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(error.to_string().contains("flood"), "{error}");
+        assert_eq!(guarded.refusals.get(Budget::ControlFrames), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_preface_is_refused() {
+        let (ours, mut peer) = duplex(1024);
+        let mut guarded = guard(ours, 5, Duration::from_secs(10));
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let error = drain(&mut guarded).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+}

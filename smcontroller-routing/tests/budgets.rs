@@ -1,0 +1,258 @@
+//! The router's budgets (contract R-BAD-2) without a network: pending streams, nodes, the
+//! outbound backlog, the command size limit and the inbound queue in bytes. Each budget, when
+//! reached, gives its error or status and its counter, and the nodes that behave go on.
+
+mod support;
+
+use std::time::Duration;
+
+use smcontroller_api::{Error, InstanceInfo, InstanceRunner, NodeConfigHandler, NodeId};
+use smcontroller_routing::{
+    AttachError, Budget, CommandLimit, EndCode, Inbound, Outbound, Settings,
+};
+use support::{Ev, SLOW, Sm, config_status, controller, monitoring};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn node(id: &str) -> NodeId {
+    NodeId::new(id)
+}
+
+#[tokio::test]
+async fn r_bad_2_streams_beyond_the_pending_budget_are_refused_until_one_registers() {
+    let (controller, _recorder) = controller(Settings {
+        max_pending_streams: 3,
+        ..Settings::default()
+    });
+    let first = Sm::attach(&controller);
+    let _second = Sm::attach(&controller);
+    let _third = Sm::attach(&controller);
+    let refused = controller
+        .attach(futures::stream::pending())
+        .expect_err("a fourth unregistered stream is over the budget");
+    assert_eq!(refused, AttachError::PendingStreams(3));
+    assert!(
+        refused.to_string().contains("maxPendingStreams"),
+        "{refused}"
+    );
+    assert_eq!(controller.refusals().get(Budget::PendingStreams), 1);
+
+    // Registering frees a place.
+    first.send(Inbound::SmInfo(support::sm_info("n1", "s1")));
+    tokio::time::timeout(WAIT, async {
+        while controller.pending_streams() != 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the registered stream left the pending ones");
+    let _fourth = Sm::attach(&controller);
+}
+
+#[tokio::test]
+async fn r_bad_2_a_new_node_beyond_the_node_budget_is_refused_but_a_known_node_may_reconnect() {
+    let (controller, recorder) = controller(Settings {
+        max_nodes: 2,
+        ..Settings::default()
+    });
+    let _a = Sm::register(&controller, "a", "s1");
+    let _b = Sm::register(&controller, "b", "s1");
+    recorder
+        .wait_for("two nodes", WAIT, |e| {
+            e.iter().filter(|e| matches!(e, Ev::SmInfo(..))).count() == 2
+        })
+        .await;
+
+    let mut c = Sm::register(&controller, "c", "s1");
+    let end = c.end_status(WAIT).await.expect("refused with a status");
+    assert_eq!(end.code, EndCode::ResourceExhausted);
+    assert!(end.message.contains("maxNodes"), "{}", end.message);
+    assert_eq!(controller.refusals().get(Budget::Nodes), 1);
+    assert_eq!(controller.node_count(), 2);
+    assert!(recorder.of("c").is_empty(), "{:?}", recorder.of("c"));
+
+    // A registered node replacing its own stream is not a new node.
+    let _a2 = Sm::register(&controller, "a", "s2");
+    recorder
+        .wait_for("a's new stream", WAIT, |e| {
+            e.contains(&Ev::SmInfo("a".into(), "s2".into()))
+        })
+        .await;
+    assert_eq!(controller.node_count(), 2);
+    assert_eq!(controller.pending_streams(), 0);
+}
+
+#[tokio::test]
+async fn r_bad_2_a_node_that_does_not_read_fails_calls_at_once_and_nothing_grows() {
+    let (controller, recorder) = controller(Settings {
+        outbound_backlog: 4,
+        ..Settings::default()
+    });
+    let mut sm = Sm::register(&controller, "n1", "s1");
+    recorder
+        .wait_for("registered", WAIT, |e| e.len() == 2)
+        .await;
+    // The cloud status went first; the transport took it. Then the SM stops reading.
+    assert_eq!(sm.cloud_statuses(), vec![false]);
+    for _ in 0..4 {
+        controller
+            .update_instances(&node("n1"), &[], &[])
+            .await
+            .expect("within the backlog");
+    }
+    for _ in 0..1000 {
+        let refused = controller
+            .update_instances(&node("n1"), &[], &[])
+            .await
+            .expect_err("over the backlog");
+        assert!(
+            matches!(&refused, Error::ResourceExhausted(m) if m.contains("outboundBacklog")),
+            "{refused:?}"
+        );
+    }
+    // A sync call fails at once too, not after the response timeout.
+    let started = tokio::time::Instant::now();
+    let refused = controller
+        .get_node_config_status(&node("n1"))
+        .await
+        .expect_err("over the backlog");
+    assert!(
+        matches!(refused, Error::ResourceExhausted(_)),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(controller.refusals().get(Budget::OutboundBacklog), 1001);
+    let status = controller.node_status(&node("n1")).unwrap();
+    assert_eq!((status.backlog_commands, status.backlog_bytes), (4, 0));
+
+    // The SM reads again: the backlog drains and calls go through.
+    for _ in 0..4 {
+        assert!(matches!(
+            sm.command(WAIT).await,
+            Outbound::UpdateInstances { .. }
+        ));
+    }
+    controller
+        .update_instances(&node("n1"), &[], &[])
+        .await
+        .expect("room again");
+}
+
+#[tokio::test]
+async fn r_bad_2_a_cloud_change_for_a_node_that_does_not_read_closes_it_as_stalled() {
+    let (controller, recorder) = controller(Settings {
+        outbound_backlog: 2,
+        ..Settings::default()
+    });
+    let mut sm = Sm::register(&controller, "n1", "s1");
+    recorder
+        .wait_for("registered", WAIT, |e| e.len() == 2)
+        .await;
+    assert_eq!(sm.cloud_statuses(), vec![false]);
+    for _ in 0..2 {
+        controller
+            .update_instances(&node("n1"), &[], &[])
+            .await
+            .unwrap();
+    }
+    controller.set_cloud_connected(true);
+    let end = sm.end_status(WAIT).await.expect("closed with a status");
+    assert_eq!(end.code, EndCode::ResourceExhausted);
+    assert!(end.message.contains("does not read"), "{}", end.message);
+    recorder
+        .wait_for("disconnected as stalled", WAIT, |e| {
+            e.iter().any(
+                |e| matches!(e, Ev::Disconnected(n, why) if n == "n1" && why.contains("stalled")),
+            )
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn r_bad_2_a_command_over_the_size_limit_fails_its_call_and_the_stream_goes_on() {
+    let (controller, recorder) = controller(Settings::default());
+    // A transport measuring every start instance as 1 KiB, with a 4 KiB limit.
+    controller.limit_commands(CommandLimit {
+        max_bytes: 4096,
+        size_of: |command| match command {
+            Outbound::UpdateInstances { start, .. } => start.len() * 1024,
+            _ => 8,
+        },
+    });
+    let mut sm = Sm::register(&controller, "n1", "s1");
+    recorder
+        .wait_for("registered", WAIT, |e| e.len() == 2)
+        .await;
+    let big = vec![InstanceInfo::default(); 5];
+    let refused = controller
+        .update_instances(&node("n1"), &[], &big)
+        .await
+        .expect_err("too large to send");
+    assert!(
+        matches!(&refused, Error::InvalidArgument(m) if m.contains("5120 bytes") && m.contains("4096")),
+        "{refused:?}"
+    );
+    assert_eq!(controller.refusals().get(Budget::CommandSize), 1);
+
+    // The stream is still up and the next call goes out.
+    let small = vec![InstanceInfo::default(); 2];
+    controller
+        .update_instances(&node("n1"), &[], &small)
+        .await
+        .unwrap();
+    match sm.command(WAIT).await {
+        Outbound::UpdateInstances { start, .. } => assert_eq!(start.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    let status = controller
+        .node_status(&node("n1"))
+        .expect("still registered");
+    assert_eq!(status.backlog_bytes, 0);
+    let check = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.get_node_config_status(&node("n1")).await }
+    });
+    assert_eq!(sm.command(WAIT).await, Outbound::GetNodeConfigStatus);
+    sm.send(config_status("1", false));
+    check.await.unwrap().expect("answered");
+}
+
+#[tokio::test]
+async fn r_bad_2_the_inbound_queue_is_bounded_in_bytes_and_pauses_the_stream() {
+    let (controller, recorder) = controller(Settings {
+        queue_bound: 1000,
+        inbound_queue_bytes: 10_000,
+        ..Settings::default()
+    });
+    let sm = Sm::register(&controller, "n1", "s1");
+    recorder
+        .wait_for("registered", WAIT, |e| e.len() == 2)
+        .await;
+    // The first sample blocks its receiver; the rest wait in the queue, 3,000 bytes each.
+    sm.send_sized(Inbound::InstantMonitoring(monitoring(1000, SLOW)), 3000);
+    for i in 0..10 {
+        sm.send_sized(Inbound::InstantMonitoring(monitoring(1000 + i, 0)), 3000);
+    }
+    tokio::time::timeout(WAIT, async {
+        while !controller
+            .node_status(&node("n1"))
+            .is_some_and(|s| s.stalled)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the stream paused on the byte budget, far below the message bound");
+    let status = controller.node_status(&node("n1")).unwrap();
+    assert!(status.queued_bytes <= 10_000, "{status:?}");
+    assert_eq!(status.queued_messages, 3, "{status:?}");
+    assert!(controller.refusals().get(Budget::InboundQueue) >= 1);
+
+    // Nothing is lost: released, every sample arrives in order.
+    recorder.release();
+    recorder
+        .wait_for("every sample", WAIT, |e| {
+            e.iter().filter(|e| matches!(e, Ev::Monitoring(..))).count() == 11
+        })
+        .await;
+}
