@@ -42,6 +42,11 @@ pub fn router_settings(settings: &Settings) -> smcontroller_routing::Settings {
         reply_expiry: settings.reply_expiry,
         registration_timeout: settings.registration_timeout,
         queue_bound: settings.queue_bound,
+        max_nodes: settings.max_nodes,
+        max_pending_streams: settings.max_pending_streams,
+        inbound_queue_bytes: settings.inbound_queue_bytes,
+        outbound_backlog: settings.outbound_backlog,
+        outbound_backlog_bytes: settings.outbound_backlog_bytes,
         ..smcontroller_routing::Settings::default()
     }
 }
@@ -53,8 +58,14 @@ pub fn server_settings(settings: &Settings) -> ServerSettings {
         keepalive_interval: settings.keepalive_interval,
         keepalive_timeout: settings.keepalive_timeout,
         flow_window: settings.flow_window,
-        accept: AcceptSettings::default().with_handshake_timeout(settings.handshake_timeout),
-        ..ServerSettings::default()
+        connection_window: settings.connection_window.max(settings.flow_window),
+        max_streams_per_connection: settings.max_streams_per_connection,
+        max_id_len: settings.max_id_length,
+        blob_lookups: settings.blob_lookups,
+        control_frames_per_sec: settings.control_frames_per_second,
+        accept: AcceptSettings::default()
+            .with_handshake_timeout(settings.handshake_timeout)
+            .with_max_connections(settings.max_connections),
     }
 }
 

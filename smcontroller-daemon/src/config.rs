@@ -166,6 +166,50 @@ pub struct Settings {
     /// `NOT_FOUND`.
     #[serde(deserialize_with = "de::blob_url_template")]
     pub blob_url_template: Option<BlobUrlTemplate>,
+    /// Budgets against hostile or broken peers (R-BAD-2, R-BAD-3): each is reached with a
+    /// clear status or error and counted (`smcontroller_budget_refusals_total{budget}`).
+    ///
+    /// Nodes registered at once (`maxNodes`): an `sm_info` for a new node id beyond it ends
+    /// that stream with `RESOURCE_EXHAUSTED`.
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
+    pub max_nodes: usize,
+    /// Streams that have not sent `sm_info` yet (`maxPendingStreams`): a new `RegisterSM`
+    /// beyond it is refused with `RESOURCE_EXHAUSTED`.
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
+    pub max_pending_streams: usize,
+    /// Bytes each node's inbound queue holds (`inboundQueueBytes`), as sent on the wire; when
+    /// full the stream is paused (backpressure, nothing is dropped).
+    #[serde(deserialize_with = "de::at_least::<1024, _>")]
+    pub inbound_queue_bytes: usize,
+    /// Commands waiting to be written to one node (`outboundBacklog`): a call beyond it fails
+    /// at once (the node does not read its stream).
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
+    pub outbound_backlog: usize,
+    /// Bytes of commands waiting to be written to one node (`outboundBacklogBytes`).
+    #[serde(deserialize_with = "de::at_least::<1024, _>")]
+    pub outbound_backlog_bytes: usize,
+    /// HTTP/2 flow-control window of each connection, bytes (`connectionWindow`): at least
+    /// `flowWindow`, so one paused stream does not stop the connection's others.
+    #[serde(deserialize_with = "de::flow_window")]
+    pub connection_window: u32,
+    /// Streams one HTTP/2 connection may have open (`maxStreamsPerConnection`), advertised in
+    /// SETTINGS.
+    #[serde(deserialize_with = "de::small_count")]
+    pub max_streams_per_connection: u32,
+    /// Longest id or name an SM may send, bytes (`maxIdLength`): node id, runtime ids, item and
+    /// subject ids, log correlation ids, digests.
+    #[serde(deserialize_with = "de::at_least::<16, _>")]
+    pub max_id_length: usize,
+    /// Digests of one `GetBlobsInfos` looked up at once (`blobLookups`).
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
+    pub blob_lookups: usize,
+    /// HTTP/2 PING and SETTINGS frames a connection may send per second on average
+    /// (`controlFramesPerSecond`); more (a flood) closes it.
+    #[serde(deserialize_with = "de::small_count")]
+    pub control_frames_per_second: u32,
+    /// Connections open at once (`maxConnections`); one beyond it is closed when accepted.
+    #[serde(deserialize_with = "de::at_least::<1, _>")]
+    pub max_connections: usize,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
     #[serde(skip)]
@@ -173,7 +217,10 @@ pub struct Settings {
 }
 
 impl Default for Settings {
+    /// The libraries' defaults, which are the contract's.
     fn default() -> Self {
+        let router = smcontroller_routing::Settings::default();
+        let server = smcontroller_grpc::server::ServerSettings::default();
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8093),
             insecure: false,
@@ -187,12 +234,23 @@ impl Default for Settings {
             reply_expiry: None,
             registration_timeout: Duration::from_secs(10),
             queue_bound: 256,
-            max_message_size: 16 * 1024 * 1024,
+            max_message_size: server.max_message_size,
             flow_window: 256 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             cert_reload_retry: Duration::from_secs(10),
             blob_url_template: None,
+            max_nodes: router.max_nodes,
+            max_pending_streams: router.max_pending_streams,
+            inbound_queue_bytes: router.inbound_queue_bytes,
+            outbound_backlog: router.outbound_backlog,
+            outbound_backlog_bytes: router.outbound_backlog_bytes,
+            connection_window: server.connection_window,
+            max_streams_per_connection: server.max_streams_per_connection,
+            max_id_length: server.max_id_len,
+            blob_lookups: server.blob_lookups,
+            control_frames_per_second: server.control_frames_per_sec,
+            max_connections: server.accept.max_connections,
             unknown_keys: Vec::new(),
         }
     }
@@ -616,6 +674,14 @@ mod de {
             .ok_or_else(|| format!("is not a whole number of at least {MIN}"))
     }
 
+    /// A count from 1 to 2^32 - 1.
+    pub(super) fn small_count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        read(d, |v| {
+            let n = whole_number::<1>(v)?;
+            u32::try_from(n).map_err(|_| format!("is larger than {}", u32::MAX))
+        })
+    }
+
     /// An HTTP/2 window size: 65,535 to 2^31 - 1 bytes.
     pub(super) fn flow_window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         const MAX: u32 = (1 << 31) - 1;
@@ -833,6 +899,17 @@ mod tests {
             "keepaliveTimeout": "500ms",
             "certReloadRetry": "PT0.5S",
             "blobUrlTemplate": "https://cloud.example/blobs/{digest}",
+            "maxNodes": 64,
+            "maxPendingStreams": 16,
+            "inboundQueueBytes": 1048576,
+            "outboundBacklog": 8,
+            "outboundBacklogBytes": 65536,
+            "connectionWindow": 524288,
+            "maxStreamsPerConnection": 4,
+            "maxIdLength": 128,
+            "blobLookups": 2,
+            "controlFramesPerSecond": 5,
+            "maxConnections": 128,
             "insecure": false
         }"#;
         let s = load_str(ORIGIN, json, &cli()).unwrap();
@@ -859,9 +936,41 @@ mod tests {
                 blob_url_template: Some(
                     BlobUrlTemplate::parse("https://cloud.example/blobs/{digest}").unwrap()
                 ),
+                max_nodes: 64,
+                max_pending_streams: 16,
+                inbound_queue_bytes: 1 << 20,
+                outbound_backlog: 8,
+                outbound_backlog_bytes: 65_536,
+                connection_window: 524_288,
+                max_streams_per_connection: 4,
+                max_id_length: 128,
+                blob_lookups: 2,
+                control_frames_per_second: 5,
+                max_connections: 128,
                 unknown_keys: vec![],
             }
         );
+    }
+
+    #[test]
+    fn r_bad_2_budgets_default_to_the_contract_and_refuse_zero() {
+        let s = Settings::default();
+        assert_eq!(s.max_message_size, 4 << 20);
+        assert_eq!((s.max_nodes, s.max_connections), (4096, 4096));
+        assert_eq!(s.max_id_length, 256);
+        for key in [
+            "maxNodes",
+            "maxPendingStreams",
+            "outboundBacklog",
+            "blobLookups",
+            "maxStreamsPerConnection",
+            "controlFramesPerSecond",
+            "maxConnections",
+        ] {
+            let json = format!(r#"{{"insecure": true, "{key}": 0}}"#);
+            let e = load_str(ORIGIN, &json, &cli()).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("at least 1"), "{key}: {e}");
+        }
     }
 
     #[test]
@@ -879,7 +988,7 @@ mod tests {
         assert_eq!(s.response_timeout, Duration::from_secs(5));
         assert_eq!(s.registration_timeout, Duration::from_secs(10));
         assert_eq!(s.queue_bound, 256);
-        assert_eq!(s.max_message_size, 16 << 20);
+        assert_eq!(s.max_message_size, 4 << 20);
         assert_eq!(s.keepalive_interval, Duration::from_secs(10));
         assert_eq!(s.keepalive_timeout, Duration::from_secs(5));
         assert_eq!(s.cert_reload_retry, Duration::from_secs(10));

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt, TryStreamExt, stream};
 use prost::Message;
 use smcontroller_api::{Error, ItemInfoProvider};
 use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
-use smcontroller_limits::{Budget, Refusals, clip};
+use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use smcontroller_routing::{
     AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing,
 };
@@ -38,6 +38,8 @@ pub struct SmService {
     identity_binding: Option<IdentityField>,
     max_id_len: usize,
     blob_lookups: usize,
+    /// Rate limit of the warnings about streams refused by the identity binding.
+    denied_log: Arc<WarnGate>,
 }
 
 /// How many digests of one `GetBlobsInfos` are looked up at once, by default.
@@ -60,6 +62,7 @@ impl SmService {
             identity_binding: None,
             max_id_len: ids::DEFAULT_MAX_ID_LEN,
             blob_lookups: DEFAULT_BLOB_LOOKUPS,
+            denied_log: Arc::new(WarnGate::default()),
         }
     }
 
@@ -103,6 +106,7 @@ impl sm_service_server::SmService for SmService {
                 field,
                 identity: conn.and_then(|c| c.peer_identity().cloned()),
                 peer: conn.map(|c| c.peer_addr().to_string()),
+                log: self.denied_log.clone(),
             }
         });
         let refusals = self.controller.refusals();
@@ -168,6 +172,7 @@ struct Binding {
     field: IdentityField,
     identity: Option<PeerIdentity>,
     peer: Option<String>,
+    log: Arc<WarnGate>,
 }
 
 impl Binding {
@@ -180,14 +185,18 @@ impl Binding {
         match &self.identity {
             Some(identity) if identity.matches(node, self.field) => None,
             Some(identity) => {
-                warn!(
-                    node_id = %clipped(node),
-                    cert_common_name = ?identity.common_name().map(clipped),
-                    cert_dns_names = ?identity.dns_names().iter().map(|n| clipped(n)).collect::<Vec<_>>(),
-                    peer = ?self.peer,
-                    field = ?self.field,
-                    "refused: sm_info.node_id is not a name of the client certificate"
-                );
+                let gate = self.log.admit();
+                if let Some(gate) = gate {
+                    warn!(
+                        suppressed = gate.suppressed,
+                        node_id = %clipped(node),
+                        cert_common_name = ?identity.common_name().map(clipped),
+                        cert_dns_names = ?identity.dns_names().iter().map(|n| clipped(n)).collect::<Vec<_>>(),
+                        peer = ?self.peer,
+                        field = ?self.field,
+                        "refused: sm_info.node_id is not a name of the client certificate"
+                    );
+                }
                 Some(InboundEvent::Denied(format!(
                     "sm_info.node_id {:?} is not a name of the client certificate ({:?}: common name {:?}, DNS names {:?})",
                     clipped(node),
@@ -201,7 +210,10 @@ impl Binding {
                 )))
             }
             None => {
-                warn!(node_id = %clipped(node), peer = ?self.peer, "refused: no client certificate to bind the node id to");
+                if let Some(gate) = self.log.admit() {
+                    warn!(node_id = %clipped(node), peer = ?self.peer, suppressed = gate.suppressed,
+                        "refused: no client certificate to bind the node id to");
+                }
                 Some(InboundEvent::Denied(
                     "node identity binding is on and the connection has no client certificate"
                         .into(),
