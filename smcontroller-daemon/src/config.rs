@@ -3,6 +3,8 @@
 //! Start reading at [`Settings`]: one field per key of the config file, with its default, its
 //! meaning and the reader that checks its value. [`load`] reads the file named by `--config`
 //! (if any) into it, applies the command-line overrides and checks the rules that span keys.
+//! For operators, `docs/configuration.md` describes every key and
+//! `smcontroller-daemon/config.sample.json` has them all; tests keep both complete.
 //!
 //! # The config file
 //!
@@ -88,8 +90,8 @@ pub struct Cli {
 /// the server's settings.
 ///
 /// To add a setting: a field with a doc comment (what it is, its unit), its default in
-/// `Default`, a reader in `de` if the type needs checking, and a row in
-/// `docs/configuration.md` (a test fails without it).
+/// `Default`, a reader in `de` if the type needs checking, a row in `docs/configuration.md`
+/// and the key in `config.sample.json` (tests fail without them).
 ///
 /// [`Settings::default`] holds no TLS settings, so by itself it would not pass validation
 /// unless `insecure` is set.
@@ -144,7 +146,7 @@ pub struct Settings {
     /// Largest message accepted from an SM, bytes (`maxMessageSize`); at least 1 KiB.
     #[serde(deserialize_with = "de::at_least::<1024, _>")]
     pub max_message_size: usize,
-    /// HTTP/2 flow-control window of each stream and connection, bytes (`flowWindow`): 65,535
+    /// HTTP/2 flow-control window of each stream, bytes (`flowWindow`): 65,535
     /// (HTTP/2's initial window) to 2^31 - 1. It bounds what an SM whose stream is paused (full
     /// queue) can have buffered in the server.
     #[serde(deserialize_with = "de::flow_window")]
@@ -1573,6 +1575,83 @@ mod tests {
             too_long.as_str(),
         ] {
             assert_eq!(template.url(bad), Err(NotADigest), "{bad:?}");
+        }
+    }
+
+    /// The keys [`Settings`] reads, as serde's derive names them: a deserializer that only
+    /// records the field list the derived code asks for.
+    fn settings_keys() -> &'static [&'static str] {
+        use serde::de::{self, Visitor};
+
+        struct Keys<'a>(&'a mut &'static [&'static str]);
+
+        impl<'de> serde::Deserializer<'de> for Keys<'_> {
+            type Error = de::value::Error;
+
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("only a struct has keys"))
+            }
+
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(de::Error::custom("keys recorded"))
+            }
+
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+
+        let mut keys: &'static [&'static str] = &[];
+        let _ = Settings::deserialize(Keys(&mut keys));
+        keys
+    }
+
+    const SAMPLE: &str = include_str!("../config.sample.json");
+    const DOC: &str = include_str!("../../docs/configuration.md");
+
+    #[test]
+    fn the_sample_config_has_every_key_and_loads() {
+        let keys = settings_keys();
+        assert!(keys.contains(&"cmServerUrl") && keys.contains(&"blobUrlTemplate"));
+        assert!(!keys.contains(&"unknownKeys"), "not a key of the file");
+        let sample: serde_json::Map<String, Value> = serde_json::from_str(SAMPLE).unwrap();
+        for key in keys {
+            assert!(
+                sample.contains_key(*key),
+                "config.sample.json has no {key:?}"
+            );
+        }
+        let s = load_str("config.sample.json", SAMPLE, &cli()).expect("the sample loads");
+        assert_eq!(s.unknown_keys, Vec::<String>::new());
+        assert!(!s.insecure, "the sample serves mTLS");
+        // The sample shows the defaults, where there is one.
+        let expected = Settings {
+            cert_storage: s.cert_storage.clone(),
+            ca_cert: s.ca_cert.clone(),
+            cert_url: s.cert_url.clone(),
+            key_url: s.key_url.clone(),
+            reply_expiry: Some(2 * Settings::default().response_timeout),
+            blob_url_template: s.blob_url_template.clone(),
+            ..Settings::default()
+        };
+        assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn the_configuration_doc_describes_every_key() {
+        for key in settings_keys() {
+            assert!(
+                DOC.contains(&format!("\n| `{key}` |")),
+                "docs/configuration.md has no row for `{key}`"
+            );
         }
     }
 }
