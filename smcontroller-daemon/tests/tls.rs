@@ -523,3 +523,99 @@ async fn r_tls_4_without_binding_any_good_certificate_may_register_any_node_id()
     let _sm = h.registered("node-2", "node-1").await;
     h.stop().await;
 }
+
+/// Issue 10: `grpc.health.v1` on the SM endpoint reports serving, not serving while a renewal
+/// restarts the streams, and serving again on the new credentials; server reflection lets a
+/// generic client (grpcurl) discover `SMService`.
+#[tokio::test]
+async fn health_is_not_serving_during_a_credential_restart_and_reflection_lists_the_service() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let h = TlsHarness::start(None).await;
+    let client = h.pki.client("node-1").unwrap();
+    let channel = |h: &TlsHarness| {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(h.pki.ca_pem()))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(client.cert_pem(), client.key_pem()));
+        Endpoint::from_shared(format!("https://{}", h.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    };
+    let service = |name: &str| HealthCheckRequest {
+        service: name.into(),
+    };
+
+    let mut health = HealthClient::new(channel(&h).connect().await.unwrap());
+    for name in ["", "servicemanager.v5.SMService"] {
+        let status = health
+            .check(service(name))
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{name:?}");
+    }
+
+    // Reflection names the service, as `grpcurl list` asks it.
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel(&h).connect().await.unwrap(),
+        );
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    let listed = format!("{answer:?}");
+    assert!(listed.contains("servicemanager.v5.SMService"), "{listed}");
+    assert!(listed.contains("grpc.health.v1.Health"), "{listed}");
+
+    // Watch the SM service, then renew: the watcher hears NOT_SERVING before its connection
+    // (of the old credentials) is closed.
+    let mut watch = health
+        .watch(service("servicemanager.v5.SMService"))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().unwrap().status(), ServingStatus::Serving);
+    h.renew();
+    let next = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .expect("a status change during the restart");
+    assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
+
+    // A new connection (new credentials) finds it serving again once the restart is over.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never serving again"
+        );
+        if let Ok(conn) = channel(&h).connect().await
+            && let Ok(answer) = HealthClient::new(conn)
+                .check(service("servicemanager.v5.SMService"))
+                .await
+            && answer.into_inner().status() == ServingStatus::Serving
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    h.stop().await;
+}

@@ -13,7 +13,10 @@ use tracing::{info, warn};
 use crate::{
     connections::Connections,
     guard::{GuardSettings, Guarded},
-    proto::servicemanager::v5::{SmIncomingMessages, sm_service_server::SmServiceServer},
+    proto::{
+        FILE_DESCRIPTOR_SET,
+        servicemanager::v5::{SmIncomingMessages, sm_service_server::SmServiceServer},
+    },
     service::SmService,
 };
 
@@ -88,6 +91,63 @@ pub enum ServeError {
     /// The HTTP/2 server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not read the compiled descriptor set (a build error).
+    #[error("cannot serve reflection: {0}")]
+    Reflection(String),
+}
+
+/// The health of the SM endpoint as `grpc.health.v1` reports it: `SERVING` once the server
+/// listens, `NOT_SERVING` while a credential restart closes the SM streams (R-TLS-3). Both the
+/// server as a whole (`""`) and `servicemanager.v5.SMService` are reported.
+#[derive(Clone)]
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").finish_non_exhaustive()
+    }
+}
+
+impl Health {
+    /// Reports the SM endpoint as serving or not.
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter
+            .set_service_status(SM_SERVICE_NAME, status)
+            .await;
+    }
+}
+
+/// The full name of the SM service, as health checks and reflection name it.
+pub const SM_SERVICE_NAME: &str = "servicemanager.v5.SMService";
+
+/// The HTTP/2 server of `settings` with every service of the SM endpoint: `SMService`, its
+/// health (`grpc.health.v1`, reported serving) and server reflection (so `grpcurl` and other
+/// generic clients can discover it). The one place the endpoint's services are put together.
+pub(crate) async fn endpoint(
+    settings: &ServerSettings,
+    service: SmService,
+) -> Result<(tonic::transport::server::Router, Health), ServeError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health { reporter };
+    health.set(true).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let router = transport(settings)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(sm_service(service, settings));
+    Ok((router, health))
 }
 
 /// The tonic service with the message and id limits of `settings` applied (R-BAD-1, R-BAD-3).
@@ -159,7 +219,7 @@ pub async fn serve_insecure_with(
         Err(e) => warn!(error = %e, "serving SMService WITHOUT TLS (insecure mode)"),
     }
     let refusals = controller.refusals();
-    let service = sm_service(SmService::new(controller, items), &settings);
+    let (router, _health) = endpoint(&settings, SmService::new(controller, items)).await?;
     // Our own accept loop: the connection cap and a backoff on accept errors (R-BAD-3), and
     // `TCP_NODELAY` (without it, Nagle held small frames back until the peer's delayed ACK).
     let timeout = settings.accept.handshake_timeout;
@@ -173,8 +233,7 @@ pub async fn serve_insecure_with(
             };
             Ok::<_, std::convert::Infallible>(connections.track(Guarded::new(PlainSm(conn), guard)))
         });
-    transport(&settings)
-        .add_service(service)
+    router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     info!("gRPC server stopped");

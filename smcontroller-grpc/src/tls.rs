@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::{
     connections::Connections,
     guard::{GuardSettings, Guarded},
-    server::{ServeError, ServerSettings},
+    server::{Health, ServeError, ServerSettings},
     service::SmService,
 };
 
@@ -146,18 +146,20 @@ pub async fn serve_tls(
         identity_binding = ?tls.identity_binding,
         "serving SMService over mTLS"
     );
+    let refusals = controller.refusals();
+    let service = SmService::new(controller.clone(), items)
+        .with_identity_binding(tls.identity_binding);
+    let (router, health) = crate::server::endpoint(&settings, service).await?;
     let stop = CancellationToken::new();
     let restarts = tokio::spawn(restart_on_renewal(
-        controller.clone(),
+        controller,
         credentials.clone(),
         connections.clone(),
         tls.restart_grace,
+        health,
         stop.clone(),
     ));
 
-    let refusals = controller.refusals();
-    let service = SmService::new(controller, items).with_identity_binding(tls.identity_binding);
-    let service = crate::server::sm_service(service, &settings);
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
     let incoming = TlsIncoming::counted(listener, credentials, settings.accept, refusals.clone())
@@ -171,8 +173,7 @@ pub async fn serve_tls(
             };
             Ok::<_, Infallible>(connections.track_in(Guarded::new(SmConn(conn), guard), epoch))
         });
-    let result = crate::server::transport(&settings)
-        .add_service(service)
+    let result = router
         .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;
             stop.cancel();
@@ -186,12 +187,13 @@ pub async fn serve_tls(
 }
 
 /// On every new credentials generation: end every SM stream, then close the connections of
-/// older generations once `grace` has passed.
+/// older generations once `grace` has passed. Health reports not serving meanwhile.
 async fn restart_on_renewal(
     controller: Controller,
     mut credentials: watch::Receiver<ServerCredentials>,
     connections: Connections,
     grace: Duration,
+    health: Health,
     stop: CancellationToken,
 ) {
     let mut serving = credentials.borrow_and_update().generation;
@@ -211,6 +213,7 @@ async fn restart_on_renewal(
             continue;
         }
         serving = generation;
+        health.set(false).await;
         let streams = controller.restart_streams();
         info!(
             generation,
@@ -221,5 +224,6 @@ async fn restart_on_renewal(
             () = tokio::time::sleep(grace) => {}
         }
         connections.close_before(generation);
+        health.set(true).await;
     }
 }
