@@ -156,8 +156,7 @@ async fn r_bad_3_over_mtls_handshake_and_preface_have_one_deadline() {
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, mut stopped) = watch::channel(false);
-    let mut tls_settings = TlsSettings::default();
-    tls_settings.accept = tls_settings.accept.with_handshake_timeout(timeout);
+    let tls_settings = TlsSettings::default();
     let server = tokio::spawn({
         let controller = controller.clone();
         let credentials = reloader.subscribe();

@@ -37,14 +37,14 @@ const NOFILE: u64 = 1_024;
 /// Connections the attacker keeps open: more than the server can hold.
 const HOLD: usize = 1_100;
 /// The handshake timeout of the server under attack.
-const HANDSHAKE: Duration = Duration::from_secs(1);
+const HANDSHAKE: Duration = Duration::from_secs(3);
 /// Prefix of the attacker's report lines on its stdout.
 const REPORT: &str = "@attacker ";
 
 /// The attacker: runs only in the child process the slowloris test starts.
 ///
-/// Keeps [`HOLD`] connections open that send nothing, reconnecting each one the server closes
-/// (bounded: 20,000 connects, 60 s), until told `hold` on stdin (then it keeps what it has and
+/// Keeps [`HOLD`] connections open that send three bytes of the HTTP/2 preface and no more,
+/// reconnecting each one the server closes (bounded: 20,000 connects, 60 s), until told `hold` on stdin (then it keeps what it has and
 /// opens no more). Answers `status` with `open N closed N`. Exits when stdin closes.
 #[test]
 fn slowloris_attacker() {
@@ -81,6 +81,13 @@ fn slowloris_attacker() {
                     else {
                         continue;
                     };
+                    // The first bytes of the preface, never the rest. A connection the
+                    // server never took (its listen backlog overflowed by the burst, the last
+                    // ACK of the handshake dropped) answers them with a reset, and is opened
+                    // again.
+                    if tokio::io::AsyncWriteExt::write_all(&mut tcp, b"PRI").await.is_err() {
+                        continue;
+                    }
                     open.fetch_add(1, Ordering::Relaxed);
                     let mut buf = [0_u8; 256];
                     loop {
@@ -147,9 +154,11 @@ impl Attacker {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let Some(report) = line.strip_prefix(REPORT) else {
+                // libtest's "test slowloris_attacker ... " may begin the first line.
+                let Some(at) = line.find(REPORT) else {
                     continue;
                 };
+                let report = &line[at + REPORT.len()..];
                 let words: Vec<&str> = report.split_whitespace().collect();
                 let open = words.get(1).and_then(|w| w.parse().ok()).unwrap_or(0);
                 let closed = words.get(3).and_then(|w| w.parse().ok()).unwrap_or(0);
@@ -229,6 +238,11 @@ impl CpuClock {
     }
 }
 
+/// File descriptors open in this process; `None` when it has none left to look.
+fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count)
+}
+
 /// Whether this process has used up its file descriptors (opening the fd directory fails with
 /// EMFILE) or nearly.
 fn out_of_fds() -> bool {
@@ -260,7 +274,7 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
         .await;
     eventually(
         "the server out of file descriptors",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         out_of_fds,
     )
     .await;
@@ -285,14 +299,17 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
     // The attacker stops reconnecting but keeps its sockets: only the server's handshake
     // timeout can close them.
     attacker.ask("hold").await;
-    attacker
-        .wait(
-            "the server closing the idle sockets",
-            Duration::from_secs(30),
-            |open, _| open == 0,
-        )
-        .await;
-    assert!(h.controller.refusals().get(Budget::Handshake) >= 1000);
+    // (Some of the attacker's sockets may never have been accepted: past a full listen
+    // backlog the kernel drops the last ACK of their handshake, so only the attacker sees them
+    // open. What counts is what the server holds.)
+    eventually(
+        "the server closing the idle sockets",
+        Duration::from_secs(30),
+        || open_fds().is_some_and(|n| n < 128),
+    )
+    .await;
+    let closed = h.controller.refusals().get(Budget::Handshake);
+    assert!(closed >= 500, "{closed} connections closed at the handshake timeout");
     h.healthy("after the slowloris").await;
     drop(attacker);
     h.stop().await;
