@@ -5,10 +5,15 @@
 //! those files, a [`CredentialsReloader`] builds the credentials (with the CA `caCert`) at start
 //! and again on each renewal, and `serve_tls` restarts the SM streams when they change
 //! (R-TLS-3). In insecure mode the server logs a warning that it serves without TLS (R-TLS-2).
+//!
+//! For the operator, [`Running::serve_admin`] serves the admin API (`smctl`) on a local
+//! endpoint of its own, over the router and the [`Recorder`]'s events, and [`serve_metrics`]
+//! serves the metrics the crates record on `/metrics` (Prometheus text format).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use smcontroller_admin::server::{self as admin, AdminEndpoint, AdminServer, AdminService};
 use smcontroller_api::{Error, ItemInfoProvider};
 use smcontroller_certs::{
     AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
@@ -163,6 +168,7 @@ pub struct Running {
     server: JoinHandle<Result<(), ServeError>>,
     connections: Connections,
     tls: Option<TlsState>,
+    admin: Option<AdminServer>,
 }
 
 /// Binds `settings.listen` and serves: over mTLS unless `settings.insecure` (see the module
@@ -222,6 +228,7 @@ pub async fn start(
         server,
         connections,
         tls,
+        admin: None,
     })
 }
 
@@ -263,11 +270,40 @@ async fn load_credentials(settings: &Settings) -> Result<TlsState, StartError> {
 }
 
 impl Running {
+    /// Serves the admin API on `endpoint` (a Unix socket, mode 0660, or a loopback TCP port;
+    /// never the SM listener), over this controller and the recorder's events. Returns where it
+    /// serves (for TCP, with the port bound). It stops with [`stop`](Self::stop).
+    pub async fn serve_admin(
+        &mut self,
+        endpoint: &AdminEndpoint,
+    ) -> Result<AdminEndpoint, admin::ServeError> {
+        let service = AdminService::new(
+            self.controller.clone(),
+            Arc::new(self.recorder.clone()),
+            self.recorder.events(),
+        );
+        let server = admin::serve(endpoint, service).await?;
+        let bound = server.endpoint().clone();
+        info!(endpoint = %bound, "admin API listening");
+        if let Some(previous) = self.admin.replace(server) {
+            previous.stop().await;
+        }
+        Ok(bound)
+    }
+
+    /// Where the admin API serves, if it does.
+    pub fn admin_endpoint(&self) -> Option<&AdminEndpoint> {
+        self.admin.as_ref().map(AdminServer::endpoint)
+    }
+
     /// Stops listening, closes every SM stream (each disconnect is reported) and returns once
     /// everything has ended: about half a second at most (R-STOP-1).
     pub async fn stop(self) -> Result<(), ServeError> {
         // The file provider and the reloader live until the server has stopped.
         let _tls = self.tls;
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
         let _ = self.stop.send(true);
         self.controller.shutdown().await;
         let mut server = self.server;
@@ -307,4 +343,26 @@ impl Running {
             }
         }
     }
+}
+
+/// Buckets of the sync round-trip histogram, seconds: 50 µs to 10 s.
+const ROUND_TRIP_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the Prometheus exporter as the process's metrics recorder and serves `/metrics`
+/// (text format) on `addr`. Call it once, within the tokio runtime, before anything records.
+/// The sync round trip is a histogram (`smcontroller_sync_round_trip_seconds_bucket`).
+pub fn serve_metrics(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("smcontroller_sync_round_trip_seconds".to_owned()),
+            ROUND_TRIP_BUCKETS,
+        )?
+        .install()?;
+    info!(%addr, "metrics served on /metrics");
+    Ok(())
 }

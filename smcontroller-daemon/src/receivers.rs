@@ -1,5 +1,6 @@
-//! The daemon's default receivers: a [`Recorder`] that logs everything nodes send and keeps the
-//! latest state of each node, so an operator (and the demo, and tests) can see what happens.
+//! The daemon's default receivers: a [`Recorder`] that logs everything nodes send, keeps the
+//! latest state of each connected node, and publishes every event to the admin API's
+//! [`EventHub`], so an operator (`smctl`), the demo and tests can see what happens.
 //!
 //! Start reading at [`Recorder`]; [`Recorder::snapshot`] gives a [`RecorderSnapshot`], and
 //! [`Recorder::wait_until`] waits, with a deadline, until a snapshot satisfies a predicate.
@@ -8,21 +9,32 @@
 //! disconnect, `sm_info`, instance snapshots, alerts and log parts; `debug` for each monitoring
 //! sample, instance status and env-var status.
 //!
-//! Cost: an event takes a shared read lock of the node map (a write lock only the first time a
-//! node is seen) and its own node's mutex, held only to update counters and clone the latest
-//! value. Nodes never contend with each other on a mutex, no snapshot is built per event, and
-//! waiters are woken only while someone waits.
+//! Memory (contract R-BAD-3): the state of a node (its last `sm_info`, instances and
+//! monitoring) is released when it disconnects. What remains of it is a summary (id, time,
+//! reason, counts) in a history of the last [`DEPARTED_HISTORY`] departed nodes, so a stream of
+//! new node ids cannot grow the daemon's memory. A node that comes back takes its counts from
+//! its summary.
+//!
+//! Cost: an event takes a shared read lock of the node map (a write lock only when a node
+//! connects or leaves) and its own node's mutex, held only to update counters and clone the
+//! latest value. Nodes never contend with each other on a mutex, no snapshot is built per
+//! event, waiters are woken only while someone waits, and events are built for the hub only
+//! while an admin client subscribes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use async_trait::async_trait;
+use smcontroller_admin::{
+    directory::{DepartedView, MessageCounts, NodeDirectory, NodeView},
+    events::{EventBody, EventHub},
+};
 use smcontroller_api::{
     AlertsReceiver, EnvVarsStatusSender, InstanceStatusReceiver, LogSender, MonitoringReceiver,
     SmInfoReceiver,
@@ -33,6 +45,9 @@ use smcontroller_api::{
 };
 use tokio::sync::Notify;
 use tracing::{debug, info};
+
+/// How many departed nodes the [`Recorder`] remembers (summaries only).
+pub const DEPARTED_HISTORY: usize = 64;
 
 /// How many messages of each kind a node (or all nodes) sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,6 +89,17 @@ impl Counts {
         self.alert += other.alert;
         self.log += other.log;
     }
+
+    fn to_admin(self) -> MessageCounts {
+        MessageCounts {
+            sm_info: self.sm_info,
+            instance_status: self.instance_status,
+            node_instances_status: self.node_instances_status,
+            monitoring: self.monitoring,
+            alert: self.alert,
+            log: self.log,
+        }
+    }
 }
 
 /// What the [`Recorder`] knows about one node.
@@ -89,11 +115,11 @@ pub struct NodeSnapshot {
     pub disconnects: u64,
     /// Why it last disconnected, if it ever did.
     pub last_disconnect: Option<DisconnectReason>,
-    /// Its last `sm_info` (runtimes and resources).
+    /// Its last `sm_info` (runtimes and resources); released when it disconnects.
     pub sm_info: Option<SmInfo>,
-    /// Its last `node_instances_status` snapshot.
+    /// Its last `node_instances_status` snapshot; released when it disconnects.
     pub instances: Option<Vec<InstanceStatus>>,
-    /// Its last instant monitoring.
+    /// Its last instant monitoring; released when it disconnects.
     pub monitoring: Option<NodeMonitoringData>,
     /// How many messages of each kind it sent.
     pub counts: Counts,
@@ -102,9 +128,9 @@ pub struct NodeSnapshot {
 /// A copy of everything the [`Recorder`] knows, taken at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecorderSnapshot {
-    /// Every node seen, sorted by node id.
+    /// Every connected node, and the departed nodes still in the history, sorted by node id.
     pub nodes: Vec<NodeSnapshot>,
-    /// The counts of all nodes added up.
+    /// The counts of those nodes added up.
     pub totals: Counts,
 }
 
@@ -123,10 +149,23 @@ impl RecorderSnapshot {
     }
 }
 
+/// How much state the [`Recorder`] holds: see [`Recorder::retained`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    /// Nodes with full state (connected, or sending without having been reported connected).
+    pub nodes: usize,
+    /// Departed nodes in the history.
+    pub departed: usize,
+    /// An estimate of the bytes held by both (tables, ids, `sm_info`, instances, monitoring).
+    pub bytes: usize,
+}
+
 /// The latest state of one node, behind its own mutex.
 #[derive(Debug, Default)]
 struct NodeState {
     connected: bool,
+    connected_since: Option<SystemTime>,
+    last_message_at: Option<SystemTime>,
     connects: u64,
     disconnects: u64,
     last_disconnect: Option<DisconnectReason>,
@@ -136,9 +175,24 @@ struct NodeState {
     counts: Counts,
 }
 
+/// What remains of a node that went away.
+#[derive(Debug, Clone)]
+struct Departed {
+    node_id: NodeId,
+    at: SystemTime,
+    reason: DisconnectReason,
+    connects: u64,
+    disconnects: u64,
+    counts: Counts,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     nodes: RwLock<HashMap<NodeId, Arc<Mutex<NodeState>>>>,
+    /// The last departed nodes, newest at the back; one entry per node id.
+    departed: Mutex<VecDeque<Departed>>,
+    /// Where admin subscribers hear of every event.
+    events: EventHub,
     /// Wakes [`Recorder::wait_until`] callers.
     changed: Notify,
     /// Set by a waiter before it checks its predicate; the first event after that clears it and
@@ -147,7 +201,8 @@ struct Inner {
 }
 
 /// The default receiver of everything nodes send: it implements all six receiver traits, logs
-/// each event and keeps the latest state and message counts of each node.
+/// each event, keeps the latest state and message counts of each connected node, and publishes
+/// each event to its [`EventHub`] (for the admin API).
 ///
 /// Cheap to clone: clones share the same state.
 #[derive(Debug, Clone, Default)]
@@ -165,7 +220,13 @@ impl Recorder {
         Self::default()
     }
 
-    /// A copy of everything recorded so far: nodes sorted by id, and totals.
+    /// The hub where every event this recorder receives is published.
+    pub fn events(&self) -> EventHub {
+        self.inner.events.clone()
+    }
+
+    /// A copy of everything recorded so far: connected nodes and the departed history sorted
+    /// by id, and totals.
     ///
     /// It copies every node's latest state, so call it for a summary or a check, not per event.
     pub fn snapshot(&self) -> RecorderSnapshot {
@@ -196,8 +257,64 @@ impl Recorder {
                 }
             })
             .collect();
+        for d in lock(&self.inner.departed).iter() {
+            // A node that came back is listed with its live state only.
+            if nodes.iter().any(|n| n.node_id == d.node_id) {
+                continue;
+            }
+            totals.add(&d.counts);
+            nodes.push(NodeSnapshot {
+                node_id: d.node_id.clone(),
+                connected: false,
+                connects: d.connects,
+                disconnects: d.disconnects,
+                last_disconnect: Some(d.reason.clone()),
+                sm_info: None,
+                instances: None,
+                monitoring: None,
+                counts: d.counts,
+            });
+        }
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         RecorderSnapshot { nodes, totals }
+    }
+
+    /// How much state is held: nodes with full state, departed summaries, and an estimate of
+    /// their bytes. Bounded by the connected nodes plus [`DEPARTED_HISTORY`], however many node
+    /// ids came and went (R-BAD-3).
+    pub fn retained(&self) -> Retained {
+        use std::mem::size_of;
+        let nodes = self
+            .inner
+            .nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut bytes = nodes.capacity()
+            * (size_of::<NodeId>() + size_of::<Arc<Mutex<NodeState>>>() + size_of::<u64>());
+        for (id, slot) in nodes.iter() {
+            let state = lock(slot);
+            bytes += id.as_str().len() + size_of::<Mutex<NodeState>>();
+            if let Some(info) = &state.sm_info {
+                bytes += sm_info_bytes(info);
+            }
+            if let Some(instances) = &state.instances {
+                bytes += instances.capacity() * size_of::<InstanceStatus>();
+            }
+            if let Some(m) = &state.monitoring {
+                bytes += m.instances.capacity() * size_of::<smcontroller_api::InstanceMonitoring>();
+            }
+        }
+        let departed = lock(&self.inner.departed);
+        bytes += departed.capacity() * size_of::<Departed>()
+            + departed
+                .iter()
+                .map(|d| d.node_id.as_str().len())
+                .sum::<usize>();
+        Retained {
+            nodes: nodes.len(),
+            departed: departed.len(),
+            bytes,
+        }
     }
 
     /// Waits until `pred` holds for a snapshot, at most `deadline`. Returns whether it held.
@@ -232,8 +349,14 @@ impl Recorder {
         }
     }
 
-    /// Runs `f` on `node`'s state (creating it on first sight), then wakes waiters if any.
+    /// Runs `f` on `node`'s state (creating it on first sight), stamps its last message time,
+    /// then wakes waiters if any.
     fn update<R>(&self, node: &NodeId, f: impl FnOnce(&mut NodeState) -> R) -> R {
+        let now = SystemTime::now();
+        let apply = |state: &mut NodeState| {
+            state.last_message_at = Some(now);
+            f(state)
+        };
         let result = {
             let nodes = self
                 .inner
@@ -241,7 +364,7 @@ impl Recorder {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             match nodes.get(node) {
-                Some(slot) => f(&mut lock(slot)),
+                Some(slot) => apply(&mut lock(slot)),
                 None => {
                     drop(nodes);
                     let slot = Arc::clone(
@@ -250,14 +373,73 @@ impl Recorder {
                             .write()
                             .unwrap_or_else(PoisonError::into_inner)
                             .entry(node.clone())
-                            .or_default(),
+                            .or_insert_with(|| Arc::new(Mutex::new(self.returning(node)))),
                     );
-                    f(&mut lock(&slot))
+                    apply(&mut lock(&slot))
                 }
             }
         };
         self.wake();
         result
+    }
+
+    /// The state a node starts with: its counters from the departed history if it was there
+    /// (the summary leaves the history), else nothing.
+    fn returning(&self, node: &NodeId) -> NodeState {
+        let mut departed = lock(&self.inner.departed);
+        match departed.iter().position(|d| &d.node_id == node) {
+            Some(i) => {
+                let d = departed.remove(i).expect("index from position");
+                NodeState {
+                    connects: d.connects,
+                    disconnects: d.disconnects,
+                    last_disconnect: Some(d.reason),
+                    counts: d.counts,
+                    ..NodeState::default()
+                }
+            }
+            None => NodeState::default(),
+        }
+    }
+
+    /// Releases a disconnected node's state, keeping its summary in the history.
+    fn depart(&self, node: &NodeId, reason: &DisconnectReason) {
+        let removed = {
+            let mut nodes = self
+                .inner
+                .nodes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let removed = nodes.remove(node);
+            // After a burst of nodes, give the table's memory back.
+            if nodes.capacity() > 4 * nodes.len() + 64 {
+                nodes.shrink_to_fit();
+            }
+            removed
+        };
+        let (connects, disconnects, counts) = match removed {
+            Some(slot) => {
+                let state = lock(&slot);
+                (state.connects, state.disconnects + 1, state.counts)
+            }
+            // Disconnected without anything recorded (should not happen): keep the summary.
+            None => (0, 1, Counts::default()),
+        };
+        let mut departed = lock(&self.inner.departed);
+        departed.retain(|d| &d.node_id != node);
+        if departed.len() >= DEPARTED_HISTORY {
+            departed.pop_front();
+        }
+        departed.push_back(Departed {
+            node_id: node.clone(),
+            at: SystemTime::now(),
+            reason: reason.clone(),
+            connects,
+            disconnects,
+            counts,
+        });
+        drop(departed);
+        self.wake();
     }
 
     /// Wakes the waiters if one is armed: a read of a rarely written flag while nobody waits.
@@ -269,23 +451,77 @@ impl Recorder {
     }
 }
 
+/// An estimate of the bytes an `sm_info` holds beyond its own struct.
+fn sm_info_bytes(info: &SmInfo) -> usize {
+    use std::mem::size_of;
+    info.node_id.as_str().len()
+        + info.runtimes.capacity() * size_of::<smcontroller_api::RuntimeInfo>()
+        + info
+            .runtimes
+            .iter()
+            .map(|r| r.runtime_id.capacity() + r.runtime_type.capacity())
+            .sum::<usize>()
+        + info.resources.capacity() * size_of::<smcontroller_api::ResourceInfo>()
+        + info
+            .resources
+            .iter()
+            .map(|r| r.name.capacity())
+            .sum::<usize>()
+}
+
+impl NodeDirectory for Recorder {
+    fn node(&self, node: &NodeId) -> Option<NodeView> {
+        let slot = Arc::clone(
+            self.inner
+                .nodes
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(node)?,
+        );
+        let state = lock(&slot);
+        Some(NodeView {
+            node_id: node.clone(),
+            connected_since: state.connected_since,
+            last_message_at: state.last_message_at,
+            sm_info: state.sm_info.clone(),
+            connects: state.connects,
+            counts: state.counts.to_admin(),
+        })
+    }
+
+    fn departed(&self) -> Vec<DepartedView> {
+        lock(&self.inner.departed)
+            .iter()
+            .rev()
+            .map(|d| DepartedView {
+                node_id: d.node_id.clone(),
+                disconnected_at: d.at,
+                reason: d.reason.clone(),
+                connects: d.connects,
+                counts: d.counts.to_admin(),
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl SmInfoReceiver for Recorder {
     async fn on_node_connected(&self, node: &NodeId) {
         let connects = self.update(node, |s| {
             s.connected = true;
+            s.connected_since = s.last_message_at;
             s.connects += 1;
             s.connects
         });
+        self.inner.events.publish(node, || EventBody::Connected);
         info!(node_id = %node, connects, "node connected");
     }
 
     async fn on_node_disconnected(&self, node: &NodeId, reason: &DisconnectReason) {
-        self.update(node, |s| {
-            s.connected = false;
-            s.disconnects += 1;
-            s.last_disconnect = Some(reason.clone());
-        });
+        self.depart(node, reason);
+        self.inner
+            .events
+            .publish(node, || EventBody::Disconnected(reason.clone()));
         info!(node_id = %node, reason = %reason, "node disconnected");
     }
 
@@ -294,6 +530,9 @@ impl SmInfoReceiver for Recorder {
             s.counts.sm_info += 1;
             s.sm_info = Some(sm_info.clone());
         });
+        self.inner
+            .events
+            .publish(&sm_info.node_id, || EventBody::SmInfo(sm_info.clone()));
         let runtimes: Vec<&str> = sm_info
             .runtimes
             .iter()
@@ -312,6 +551,9 @@ impl SmInfoReceiver for Recorder {
 impl InstanceStatusReceiver for Recorder {
     async fn on_instance_status_received(&self, node: &NodeId, status: &InstanceStatus) {
         self.update(node, |s| s.counts.instance_status += 1);
+        self.inner
+            .events
+            .publish(node, || EventBody::InstanceStatus(status.clone()));
         debug!(
             node_id = %node,
             item_id = %status.ident.item_id,
@@ -332,6 +574,9 @@ impl InstanceStatusReceiver for Recorder {
             s.counts.node_instances_status += 1;
             s.instances = Some(statuses.to_vec());
         });
+        self.inner
+            .events
+            .publish(node, || EventBody::NodeInstancesStatus(statuses.to_vec()));
         info!(node_id = %node, instances = statuses.len(), "node instances status");
     }
 }
@@ -339,6 +584,7 @@ impl InstanceStatusReceiver for Recorder {
 #[async_trait]
 impl EnvVarsStatusSender for Recorder {
     async fn send_env_vars_statuses(&self, node: &NodeId, statuses: &[InstanceEnvVarsStatus]) {
+        // The hub's subscribers see env-var statuses inside the instance statuses.
         self.update(node, |s| s.counts.env_vars += 1);
         let failed = statuses
             .iter()
@@ -356,6 +602,9 @@ impl MonitoringReceiver for Recorder {
             s.counts.monitoring += 1;
             s.monitoring = Some(data.clone());
         });
+        self.inner
+            .events
+            .publish(node, || EventBody::Monitoring(data.clone()));
         debug!(
             node_id = %node,
             ram = data.node.ram,
@@ -370,6 +619,9 @@ impl MonitoringReceiver for Recorder {
 impl AlertsReceiver for Recorder {
     async fn on_alert_received(&self, node: &NodeId, alert: &Alert) {
         self.update(node, |s| s.counts.alert += 1);
+        self.inner
+            .events
+            .publish(node, || EventBody::Alert(alert.clone()));
         info!(node_id = %node, kind = alert_kind(&alert.kind), alert = ?alert.kind, "alert");
     }
 }
@@ -378,6 +630,9 @@ impl AlertsReceiver for Recorder {
 impl LogSender for Recorder {
     async fn send_log(&self, part: &LogPart) {
         self.update(&part.node_id, |s| s.counts.log += 1);
+        self.inner
+            .events
+            .publish(&part.node_id, || EventBody::Log(part.clone()));
         info!(
             node_id = %part.node_id,
             correlation_id = %part.correlation_id,
@@ -541,8 +796,9 @@ mod tests {
         assert!(!nb.connected);
         assert_eq!((nb.connects, nb.disconnects), (1, 1));
         assert_eq!(nb.last_disconnect, Some(DisconnectReason::Closed));
+        // Released at the disconnect (R-BAD-3): only the summary remains.
         assert_eq!(nb.sm_info, None);
-        assert_eq!(nb.monitoring.as_ref().unwrap().node.ram, 7);
+        assert_eq!(nb.monitoring, None);
         assert_eq!(
             nb.counts,
             Counts {
@@ -668,5 +924,148 @@ mod tests {
         });
         assert!(!r.wait_until(SHORT, |s| s.connected_nodes() == 2).await);
         task.await.unwrap();
+    }
+
+    /// An `sm_info` as large as a hostile peer could make it (within the message limit's
+    /// spirit): many runtimes with long ids.
+    fn big_sm_info(node: &str) -> SmInfo {
+        SmInfo {
+            node_id: id(node),
+            runtimes: (0..64)
+                .map(|i| RuntimeInfo {
+                    runtime_id: format!("{i:0>200}"),
+                    runtime_type: "runc".into(),
+                    ..RuntimeInfo::default()
+                })
+                .collect(),
+            resources: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn r_bad_3_state_of_departed_nodes_is_bounded() {
+        let r = Recorder::new();
+        // One node stays connected throughout: its state is kept.
+        let stay = id("stay");
+        r.on_node_connected(&stay).await;
+        r.on_sm_info_received(&big_sm_info("stay")).await;
+        let one_node = r.retained();
+        assert_eq!((one_node.nodes, one_node.departed), (1, 0));
+        assert!(
+            one_node.bytes > 64 * 200,
+            "the sm_info is counted: {one_node:?}"
+        );
+
+        for n in 0..10_000 {
+            let node = format!("churn-{n}");
+            r.on_node_connected(&id(&node)).await;
+            r.on_sm_info_received(&big_sm_info(&node)).await;
+            r.on_monitoring_received(&id(&node), &monitoring(n)).await;
+            r.on_node_disconnected(&id(&node), &DisconnectReason::Closed)
+                .await;
+        }
+        let after = r.retained();
+        assert_eq!(after.nodes, 1, "{after:?}");
+        assert_eq!(after.departed, DEPARTED_HISTORY, "{after:?}");
+        // The connected node, plus 64 summaries of about 200 bytes; 10,000 sm_infos of ~20 KiB
+        // each would be ~200 MiB.
+        assert!(
+            after.bytes < one_node.bytes + 64 * 1024,
+            "retained {} bytes after 10,000 ids (one node: {})",
+            after.bytes,
+            one_node.bytes
+        );
+        let snap = r.snapshot();
+        assert_eq!(snap.nodes.len(), 1 + DEPARTED_HISTORY);
+        assert!(snap.node("stay").unwrap().sm_info.is_some());
+        // The history keeps the newest: churn-9936 .. churn-9999.
+        assert!(snap.node("churn-9999").is_some());
+        assert!(snap.node("churn-9936").is_some());
+        assert!(snap.node("churn-9935").is_none());
+        let newest = NodeDirectory::departed(&r);
+        assert_eq!(newest[0].node_id.as_str(), "churn-9999");
+        assert_eq!(newest[0].counts.monitoring, 1);
+        assert!(NodeDirectory::node(&r, &id("churn-9999")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_returning_node_keeps_its_counts_and_leaves_the_history() {
+        let r = Recorder::new();
+        let a = id("a");
+        r.on_node_connected(&a).await;
+        r.on_alert_received(
+            &a,
+            &Alert {
+                timestamp: SystemTime::UNIX_EPOCH,
+                kind: AlertKind::System {
+                    message: "x".into(),
+                },
+            },
+        )
+        .await;
+        r.on_node_disconnected(&a, &DisconnectReason::Closed).await;
+        assert_eq!(NodeDirectory::departed(&r).len(), 1);
+        r.on_node_connected(&a).await;
+        assert!(NodeDirectory::departed(&r).is_empty());
+        let view = NodeDirectory::node(&r, &a).unwrap();
+        assert_eq!((view.connects, view.counts.alert), (2, 1));
+        assert!(view.connected_since.is_some());
+        assert!(view.last_message_at >= view.connected_since);
+        // Many disconnects of one id take one place in the history.
+        for _ in 0..100 {
+            r.on_node_disconnected(&a, &DisconnectReason::Replaced)
+                .await;
+            r.on_node_connected(&a).await;
+        }
+        r.on_node_disconnected(&a, &DisconnectReason::Shutdown)
+            .await;
+        let departed = NodeDirectory::departed(&r);
+        assert_eq!(departed.len(), 1);
+        assert_eq!(departed[0].reason, DisconnectReason::Shutdown);
+        assert_eq!(departed[0].connects, 102);
+    }
+
+    #[tokio::test]
+    async fn every_event_reaches_the_hub() {
+        use smcontroller_admin::events::EventKind;
+        let r = Recorder::new();
+        let mut rx = r.events().subscribe();
+        let a = id("node-a");
+        r.on_node_connected(&a).await;
+        r.on_sm_info_received(&sm_info("node-a")).await;
+        r.on_instance_status_received(&a, &status("s1")).await;
+        r.on_node_instances_statuses_received(&a, &[status("s1")])
+            .await;
+        r.on_monitoring_received(&a, &monitoring(3)).await;
+        r.on_alert_received(
+            &a,
+            &Alert {
+                timestamp: SystemTime::UNIX_EPOCH,
+                kind: AlertKind::System {
+                    message: "disk".into(),
+                },
+            },
+        )
+        .await;
+        r.send_log(&log_part("node-a")).await;
+        r.on_node_disconnected(&a, &DisconnectReason::Closed).await;
+        let mut kinds = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            assert_eq!(event.node_id, a);
+            kinds.push(event.body.kind());
+        }
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Connected,
+                EventKind::SmInfo,
+                EventKind::InstanceStatus,
+                EventKind::NodeInstancesStatus,
+                EventKind::Monitoring,
+                EventKind::Alert,
+                EventKind::Log,
+                EventKind::Disconnected,
+            ]
+        );
     }
 }
