@@ -83,6 +83,7 @@ impl CredentialsReloader {
         let first = builder.build().await?;
         info!(storage = builder.storage(), cert = %first.cert.cert_url,
             not_after = ?first.cert.not_after, "server credentials built");
+        record_expiry(&first);
         let (publish, credentials) = watch::channel(first);
         let failures = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(builder, settings, renewals, publish, failures.clone()));
@@ -115,6 +116,18 @@ impl Drop for CredentialsReloader {
     }
 }
 
+/// The served certificate's expiry as `smcontroller_cert_expiry_timestamp_seconds` (Unix
+/// time), for whatever metrics exporter the binary installs.
+fn record_expiry(credentials: &ServerCredentials) {
+    if let Some(secs) = credentials
+        .cert
+        .not_after
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    {
+        metrics::gauge!("smcontroller_cert_expiry_timestamp_seconds").set(secs.as_secs_f64());
+    }
+}
+
 /// Waits for renewal notices and rebuilds, until every subscriber is gone.
 async fn run(
     builder: CredentialsBuilder,
@@ -141,6 +154,7 @@ async fn run(
                     info!(storage = %storage, generation, attempt, cert = %credentials.cert.cert_url,
                         not_after = ?credentials.cert.not_after,
                         "renewed server credentials built; serving with them");
+                    record_expiry(&credentials);
                     publish.send_replace(credentials);
                     break;
                 }
