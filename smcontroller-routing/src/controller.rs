@@ -360,8 +360,8 @@ impl Controller {
         // The reply's place is taken with the command, so no reply can outrun it, and a caller
         // that gives up leaves the place to absorb its own late reply.
         let size = self.measure(node, &command)?;
-        let mut rx = self
-            .link(node)?
+        let link = self.link(node)?;
+        let (waiter, mut rx) = link
             .send_sync(command, size, kind)
             .map_err(|e| Self::send_error(node, request, e))?;
         let after = self.settings.response_timeout;
@@ -373,6 +373,12 @@ impl Controller {
             Err(_) => rx.try_recv().map_err(|_| {
                 metrics::counter!("smcontroller_sync_timeouts_total", "command" => request)
                     .increment(1);
+                if link.withdraw(waiter) {
+                    debug!(
+                        request,
+                        "the node did not read the command in time; not sent"
+                    );
+                }
                 Error::Timeout {
                     node: node.clone(),
                     request,

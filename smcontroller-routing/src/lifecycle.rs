@@ -102,6 +102,13 @@ pub(crate) struct Link {
     pub(crate) inbound_depth: OnceLock<DepthProbe>,
 }
 
+/// One item for the transport: with its size, and for a sync command its reply entry.
+struct Queued {
+    item: Outgoing,
+    size: usize,
+    waiter: Option<u64>,
+}
+
 struct LinkState {
     /// No more commands: the stream is closed or being replaced.
     closed: bool,
@@ -110,7 +117,7 @@ struct LinkState {
     /// What the transport has still to write, in order, with each command's size. A
     /// `VecDeque` rather than a channel: it takes memory only for what is queued (a channel
     /// allocates a block per stream).
-    out: VecDeque<(Outgoing, usize)>,
+    out: VecDeque<Queued>,
     /// Commands in `out`, and their bytes (R-BAD-2).
     out_commands: usize,
     out_bytes: usize,
@@ -185,6 +192,16 @@ impl Link {
 
     /// Queues an item for the transport (under the state lock, so items keep their order).
     fn push(&self, state: &mut LinkState, item: Outgoing, size: usize) -> Result<(), Closed> {
+        self.push_for(state, item, size, None)
+    }
+
+    fn push_for(
+        &self,
+        state: &mut LinkState,
+        item: Outgoing,
+        size: usize,
+        waiter: Option<u64>,
+    ) -> Result<(), Closed> {
         if state.writer_gone {
             return Err(Closed);
         }
@@ -192,9 +209,25 @@ impl Link {
             state.out_commands += 1;
             state.out_bytes = state.out_bytes.saturating_add(size);
         }
-        state.out.push_back((item, size));
+        state.out.push_back(Queued { item, size, waiter });
         self.writer.notify_one();
         Ok(())
+    }
+
+    /// Takes back the sync command of reply entry `waiter` if the transport has not taken it
+    /// yet (its caller gave up): an SM that reads again does not get a burst of commands nobody
+    /// waits for. Returns whether it was taken back.
+    pub(crate) fn withdraw(&self, waiter: u64) -> bool {
+        let mut state = self.state();
+        let Some(pos) = state.out.iter().position(|q| q.waiter == Some(waiter)) else {
+            return false;
+        };
+        if let Some(queued) = state.out.remove(pos) {
+            state.out_commands -= 1;
+            state.out_bytes -= queued.size;
+        }
+        state.waiters.withdraw(waiter);
+        true
     }
 
     /// Whether one more command of `size` bytes fits the backlog; counts the refusal if not.
@@ -228,21 +261,21 @@ impl Link {
         command: Outbound,
         size: usize,
         kind: ReplyKind,
-    ) -> Result<oneshot::Receiver<Reply>, SendError> {
+    ) -> Result<(u64, oneshot::Receiver<Reply>), SendError> {
         let mut state = self.state();
         if state.closed {
             return Err(SendError::Closed);
         }
         self.room(&state, size)?;
-        let rx = state.waiters.push(kind, Instant::now()).ok_or(Closed)?;
+        let (id, rx) = state.waiters.push(kind, Instant::now()).ok_or(Closed)?;
         if self
-            .push(&mut state, Outgoing::Command(command), size)
+            .push_for(&mut state, Outgoing::Command(command), size, Some(id))
             .is_err()
         {
             state.waiters.pop_unsent();
             return Err(SendError::Closed);
         }
-        Ok(rx)
+        Ok((id, rx))
     }
 
     /// Hands a reply read from the stream to the command it answers.
@@ -371,7 +404,7 @@ impl Commands {
 
     fn take(&self) -> Option<Outgoing> {
         let mut state = self.link.state();
-        let (item, size) = state.out.pop_front()?;
+        let Queued { item, size, .. } = state.out.pop_front()?;
         match item {
             Outgoing::Close(_) => state.close_taken = true,
             Outgoing::Command(_) => {

@@ -66,6 +66,8 @@ impl Reply {
 
 /// One sync command sent on the stream.
 struct Pending {
+    /// Names the entry for [`Waiters::withdraw`].
+    id: u64,
     kind: ReplyKind,
     sent: Instant,
     /// `false` once a newer command was answered: the SM will not answer this one.
@@ -92,6 +94,7 @@ pub(crate) struct Waiters {
     expiry: Duration,
     closed: bool,
     pending: VecDeque<Pending>,
+    next_id: u64,
 }
 
 impl Waiters {
@@ -100,27 +103,37 @@ impl Waiters {
             expiry,
             closed: false,
             pending: VecDeque::new(),
+            next_id: 0,
         }
     }
 
-    /// Records a command about to be sent; `None` once the stream is closed.
+    /// Records a command about to be sent; `None` once the stream is closed. The id names the
+    /// entry for [`withdraw`](Self::withdraw).
     pub(crate) fn push(
         &mut self,
         kind: ReplyKind,
         now: Instant,
-    ) -> Option<oneshot::Receiver<Reply>> {
+    ) -> Option<(u64, oneshot::Receiver<Reply>)> {
         if self.closed {
             return None;
         }
         self.expire(now);
         let (tx, rx) = oneshot::channel();
+        let id = self.next_id;
+        self.next_id += 1;
         self.pending.push_back(Pending {
+            id,
             kind,
             sent: now,
             answerable: true,
             tx,
         });
-        Some(rx)
+        Some((id, rx))
+    }
+
+    /// Forgets entry `id`: its command was never written, so no reply can come for it.
+    pub(crate) fn withdraw(&mut self, id: u64) {
+        self.pending.retain(|p| p.id != id);
     }
 
     /// Takes back the newest entry: its command could not be sent after all.
@@ -217,8 +230,8 @@ mod tests {
     fn r_sync_2_replies_answer_commands_in_send_order() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        let mut get_a = w.push(ReplyKind::NodeConfig(None), now).unwrap();
-        let mut get_b = w.push(ReplyKind::NodeConfig(None), now).unwrap();
+        let mut get_a = w.push(ReplyKind::NodeConfig(None), now).unwrap().1;
+        let mut get_b = w.push(ReplyKind::NodeConfig(None), now).unwrap().1;
         assert!(matches!(w.deliver(status("1"), now), Delivery::Answered));
         assert_eq!(version_of(get_a.try_recv().unwrap()), "1");
         assert!(get_b.try_recv().is_err());
@@ -231,9 +244,9 @@ mod tests {
     fn r_sync_3_a_late_reply_is_absorbed_by_its_own_command() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        let first = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let first = w.push(ReplyKind::AverageMonitoring, now).unwrap().1;
         drop(first); // the caller timed out
-        let mut second = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let mut second = w.push(ReplyKind::AverageMonitoring, now).unwrap().1;
         let late = Reply::AverageMonitoring(monitoring(1));
         assert!(matches!(w.deliver(late, now), Delivery::Absorbed(_)));
         assert!(matches!(second.try_recv(), Err(TryRecvError::Empty)));
@@ -249,8 +262,8 @@ mod tests {
     fn r_sync_3_a_late_check_reply_never_reaches_a_set_of_the_same_version() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        drop(w.push(check("2"), now).unwrap()); // check 2 timed out
-        let mut set = w.push(check("2"), now).unwrap();
+        drop(w.push(check("2"), now).unwrap().1); // check 2 timed out
+        let mut set = w.push(check("2"), now).unwrap().1;
         assert!(matches!(w.deliver(status("2"), now), Delivery::Absorbed(_)));
         assert!(matches!(set.try_recv(), Err(TryRecvError::Empty)));
         assert!(matches!(w.deliver(status("2"), now), Delivery::Answered));
@@ -262,8 +275,8 @@ mod tests {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
         // The SM could not parse check 3 and said nothing; then answered the status read.
-        let mut unparsed = w.push(check("3"), now).unwrap();
-        let mut get = w.push(ReplyKind::NodeConfig(None), now).unwrap();
+        let mut unparsed = w.push(check("3"), now).unwrap().1;
+        let mut get = w.push(ReplyKind::NodeConfig(None), now).unwrap().1;
         assert!(matches!(w.deliver(status("1"), now), Delivery::Answered));
         assert_eq!(version_of(get.try_recv().unwrap()), "1");
         // The check is out of the matching, but its caller still waits for its own timeout.
@@ -275,8 +288,8 @@ mod tests {
     fn r_sync_3_a_reply_of_another_kind_shows_older_commands_went_unanswered() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        drop(w.push(ReplyKind::NodeConfig(None), now).unwrap());
-        let mut monitoring_rx = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        drop(w.push(ReplyKind::NodeConfig(None), now).unwrap().1);
+        let mut monitoring_rx = w.push(ReplyKind::AverageMonitoring, now).unwrap().1;
         let reply = Reply::AverageMonitoring(monitoring(5));
         assert!(matches!(w.deliver(reply, now), Delivery::Answered));
         assert!(monitoring_rx.try_recv().is_ok());
@@ -289,9 +302,9 @@ mod tests {
     fn r_sync_3_an_unanswered_command_stops_shifting_the_match_after_the_expiry() {
         let start = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        drop(w.push(ReplyKind::AverageMonitoring, start).unwrap()); // never answered
+        drop(w.push(ReplyKind::AverageMonitoring, start).unwrap().1); // never answered
         let later = start + EXPIRY;
-        let mut next = w.push(ReplyKind::AverageMonitoring, later).unwrap();
+        let mut next = w.push(ReplyKind::AverageMonitoring, later).unwrap().1;
         let reply = Reply::AverageMonitoring(monitoring(3));
         assert!(matches!(w.deliver(reply, later), Delivery::Answered));
         assert!(next.try_recv().is_ok());
@@ -302,7 +315,7 @@ mod tests {
     fn r_sync_2_a_reply_nobody_waits_for_is_given_back() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        let _monitoring = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let _monitoring = w.push(ReplyKind::AverageMonitoring, now).unwrap().1;
         assert!(matches!(w.deliver(status("1"), now), Delivery::Unwanted(_)));
         assert_eq!(w.len(), 1);
     }
@@ -311,7 +324,7 @@ mod tests {
     fn r_sync_1_close_fails_every_waiter_and_refuses_new_ones() {
         let now = Instant::now();
         let mut w = Waiters::new(EXPIRY);
-        let mut rx = w.push(ReplyKind::AverageMonitoring, now).unwrap();
+        let mut rx = w.push(ReplyKind::AverageMonitoring, now).unwrap().1;
         w.close();
         assert!(matches!(rx.try_recv(), Err(TryRecvError::Closed)));
         assert!(w.push(ReplyKind::AverageMonitoring, now).is_none());

@@ -256,3 +256,33 @@ async fn r_bad_2_the_inbound_queue_is_bounded_in_bytes_and_pauses_the_stream() {
         })
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn r_bad_2_commands_of_calls_that_timed_out_unsent_are_taken_back() {
+    let (controller, recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "n1", "s1");
+    recorder
+        .wait_for("registered", WAIT, |e| e.len() == 2)
+        .await;
+    assert_eq!(sm.cloud_statuses(), vec![false]);
+    // The SM stops reading; three status reads time out with their commands still queued.
+    for _ in 0..3 {
+        let timed_out = controller
+            .get_node_config_status(&node("n1"))
+            .await
+            .expect_err("nobody reads");
+        assert!(matches!(timed_out, Error::Timeout { .. }), "{timed_out:?}");
+    }
+    let status = controller.node_status(&node("n1")).unwrap();
+    assert_eq!(status.backlog_commands, 0, "{status:?}");
+
+    // When it reads again, it gets the next call's command only, and its reply answers it.
+    let call = tokio::spawn({
+        let controller = controller.clone();
+        async move { controller.get_node_config_status(&node("n1")).await }
+    });
+    assert_eq!(sm.command(WAIT).await, Outbound::GetNodeConfigStatus);
+    sm.send(config_status("7", false));
+    assert_eq!(call.await.unwrap().unwrap().version, "7");
+    assert!(sm.out.try_recv().is_none(), "no stale command followed");
+}
