@@ -418,7 +418,8 @@ mod tests {
     fn a_dropped_gate_reports_what_it_suppressed() {
         let seen = Arc::new(AtomicU64::new(0));
         let seen2 = seen.clone();
-        let gate = gate(1, Duration::from_secs(3600)).on_drop(move |n| seen2.store(n, Ordering::SeqCst));
+        let gate =
+            gate(1, Duration::from_secs(3600)).on_drop(move |n| seen2.store(n, Ordering::SeqCst));
         assert!(gate.admit().is_some());
         assert!(gate.admit().is_none());
         assert!(gate.admit().is_none());
