@@ -813,9 +813,14 @@ impl Harness {
     }
 
     async fn start_kind(kind: ServerKind) -> anyhow::Result<Self> {
+        // The daemon's defaults, but for the budgets that would refuse the scale scenario's
+        // 10,000 nodes on as many connections at once (defaults 4,096 and 1,024).
         let settings = Settings {
             listen: "127.0.0.1:0".parse()?,
             insecure: true,
+            max_nodes: 16_384,
+            max_pending_streams: 16_384,
+            max_connections: 16_384,
             ..Settings::default()
         };
         let counts = Arc::new(Counting::default());
