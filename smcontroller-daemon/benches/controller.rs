@@ -86,6 +86,8 @@
 //!   checked to serve it); the controller's peak VmRSS during the storm (sampled every 2 ms,
 //!   and VmHWM after resetting it through `/proc/self/clear_refs`).
 
+#[path = "controller/hostile.rs"]
+mod hostile;
 #[path = "controller/relay.rs"]
 mod relay;
 #[path = "controller/tls.rs"]
@@ -307,6 +309,19 @@ fn main() -> ExitCode {
                 .and_then(|options| runtime().map(|rt| (rt, options)))
                 .and_then(|(rt, options)| rt.block_on(run_scenario(&name, &options)))
         }
+        // The soak under hostile peers (`controller/hostile.rs`).
+        Some("--hostile-scenario") => {
+            watchdog("hostile scenario process");
+            let name = args.get(1).cloned().unwrap_or_default();
+            runtime().and_then(|rt| rt.block_on(hostile::scenario(&name)))
+        }
+        Some("--hostile-attacker") => {
+            watchdog("hostile attacker process");
+            let (name, addr) = (args.get(1).cloned(), args.get(2).cloned());
+            let (name, addr) = (name.unwrap_or_default(), addr.unwrap_or_default());
+            runtime().and_then(|rt| rt.block_on(hostile::attacker(&name, &addr)))
+        }
+        _ if args.iter().any(|a| a == "--hostile") => hostile::orchestrate(&args),
         _ => Options::parse(&args).and_then(|options| orchestrate(&options)),
     };
     match result {

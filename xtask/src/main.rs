@@ -10,6 +10,8 @@
 //! - `cargo xtask bench [--quick] [ARGS..]`: the controller benchmark (every scenario of
 //!   `smcontroller-daemon/benches/controller.rs`, mTLS and the bare-relay floor included), with
 //!   the figures written to `target/bench/results.json`. See [`bench()`].
+//!   `cargo xtask bench --hostile`: the soak under hostile peers instead
+//!   (`target/bench/hostile.json`).
 //! - `cargo xtask gen-certs DIR [--nodes N] [--pkcs11]`: a development PKI (CA, server, one
 //!   client per node, and the bad clients the tests refuse) for running over mTLS; with
 //!   `--pkcs11` the server key is made in a SoftHSM2 token instead. See [`gen_certs`].
@@ -57,6 +59,11 @@ enum Task {
         /// Smaller counts, for a run under 2 minutes (said in the output and in the JSON).
         #[arg(long)]
         quick: bool,
+        /// The soak under hostile peers instead (R-BAD-2/3, issue 9): each attack in turn
+        /// against the controller with five well-behaved SMs; writes
+        /// target/bench/hostile.json. Not part of CI.
+        #[arg(long)]
+        hostile: bool,
         /// More arguments for the bench executable as they are: scenario names
         /// (sync-rtt, telemetry, scale, churn, floor, mtls-rtt, mtls-telemetry, handshakes,
         /// renewal-storm), --cycles N, --scale-nodes N, ...
@@ -84,7 +91,11 @@ fn main() -> ExitCode {
     let outcome = match cli.task {
         Task::Ci { step } => ci::run(&root, step),
         Task::Demo { args } => demo(&root, &args),
-        Task::Bench { quick, args } => bench(&root, quick, &args),
+        Task::Bench {
+            quick,
+            hostile,
+            args,
+        } => bench(&root, quick, hostile, &args),
         Task::GenCerts {
             dir,
             nodes,
@@ -135,8 +146,12 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
 /// `cargo bench -p smcontroller-daemon --bench controller -- --json target/bench/results.json
 /// [--quick] ARGS`: the bench builds in release, runs each scenario in processes of its own on
 /// 127.0.0.1, prints the figures beside their targets and floors, and writes them as JSON.
-fn bench(root: &Path, quick: bool, args: &[String]) -> anyhow::Result<ExitCode> {
-    let results = root.join("target").join("bench").join("results.json");
+///
+/// With `hostile`, `-- --hostile --json target/bench/hostile.json ARGS`: the soak under hostile
+/// peers (`benches/controller/hostile.rs`).
+fn bench(root: &Path, quick: bool, hostile: bool, args: &[String]) -> anyhow::Result<ExitCode> {
+    let file = if hostile { "hostile.json" } else { "results.json" };
+    let results = root.join("target").join("bench").join(file);
     let mut cmd = Cmd::cargo(root)
         .args([
             "bench",
@@ -150,6 +165,9 @@ fn bench(root: &Path, quick: bool, args: &[String]) -> anyhow::Result<ExitCode> 
         .args([results.display().to_string()]);
     if quick {
         cmd = cmd.args(["--quick"]);
+    }
+    if hostile {
+        cmd = cmd.args(["--hostile"]);
     }
     let cmd = cmd.args(args);
     eprintln!("xtask: {cmd}");
