@@ -168,7 +168,7 @@ pub struct Running {
     server: JoinHandle<Result<(), ServeError>>,
     connections: Connections,
     tls: Option<TlsState>,
-    admin: Option<AdminServer>,
+    admin: Vec<AdminServer>,
 }
 
 /// Binds `settings.listen` and serves: over mTLS unless `settings.insecure` (see the module
@@ -228,7 +228,7 @@ pub async fn start(
         server,
         connections,
         tls,
-        admin: None,
+        admin: Vec::new(),
     })
 }
 
@@ -272,7 +272,8 @@ async fn load_credentials(settings: &Settings) -> Result<TlsState, StartError> {
 impl Running {
     /// Serves the admin API on `endpoint` (a Unix socket, mode 0660, or a loopback TCP port;
     /// never the SM listener), over this controller and the recorder's events. Returns where it
-    /// serves (for TCP, with the port bound). It stops with [`stop`](Self::stop).
+    /// serves (for TCP, with the port bound). Call it once per endpoint; they all stop with
+    /// [`stop`](Self::stop).
     pub async fn serve_admin(
         &mut self,
         endpoint: &AdminEndpoint,
@@ -285,15 +286,13 @@ impl Running {
         let server = admin::serve(endpoint, service).await?;
         let bound = server.endpoint().clone();
         info!(endpoint = %bound, "admin API listening");
-        if let Some(previous) = self.admin.replace(server) {
-            previous.stop().await;
-        }
+        self.admin.push(server);
         Ok(bound)
     }
 
-    /// Where the admin API serves, if it does.
-    pub fn admin_endpoint(&self) -> Option<&AdminEndpoint> {
-        self.admin.as_ref().map(AdminServer::endpoint)
+    /// Where the admin API serves.
+    pub fn admin_endpoints(&self) -> Vec<&AdminEndpoint> {
+        self.admin.iter().map(AdminServer::endpoint).collect()
     }
 
     /// Stops listening, closes every SM stream (each disconnect is reported) and returns once
@@ -301,7 +300,7 @@ impl Running {
     pub async fn stop(self) -> Result<(), ServeError> {
         // The file provider and the reloader live until the server has stopped.
         let _tls = self.tls;
-        if let Some(admin) = self.admin {
+        for admin in self.admin {
             admin.stop().await;
         }
         let _ = self.stop.send(true);

@@ -212,6 +212,19 @@ pub struct Settings {
     /// Connections open at once (`maxConnections`); one beyond it is closed when accepted.
     #[serde(deserialize_with = "de::at_least::<1, _>")]
     pub max_connections: usize,
+    /// The admin API's Unix socket (`adminSocket`), for `smctl`: an absolute path, or `"off"`.
+    /// Default: `/run/smcontroller/admin.sock` for root, else a path in the user's runtime
+    /// directory (the one `smctl` looks at by default). Mode 0660.
+    #[serde(deserialize_with = "de::admin_socket")]
+    pub admin_socket: AdminSocket,
+    /// A loopback TCP address to serve the admin API on as well (`adminListen`), e.g.
+    /// `"127.0.0.1:9465"`; a non-loopback address is refused at load. Off by default.
+    #[serde(deserialize_with = "de::loopback")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics on `/metrics` over HTTP (`metricsListen`), e.g.
+    /// `"127.0.0.1:9464"`. Off by default.
+    #[serde(deserialize_with = "de::optional_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
     #[serde(skip)]
@@ -253,7 +266,33 @@ impl Default for Settings {
             blob_lookups: server.blob_lookups,
             control_frames_per_second: server.control_frames_per_sec,
             max_connections: server.accept.max_connections,
+            admin_socket: AdminSocket::Default,
+            admin_listen: None,
+            metrics_listen: None,
             unknown_keys: Vec::new(),
+        }
+    }
+}
+
+/// Where the admin API's Unix socket is (`adminSocket`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AdminSocket {
+    /// The default path (`smcontroller_admin::server::default_socket_path`).
+    #[default]
+    Default,
+    /// No admin socket.
+    Off,
+    /// This absolute path.
+    Path(PathBuf),
+}
+
+impl AdminSocket {
+    /// The socket's path, `None` when off.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Self::Default => Some(smcontroller_admin::server::default_socket_path()),
+            Self::Off => None,
+            Self::Path(path) => Some(path.clone()),
         }
     }
 }
@@ -696,6 +735,45 @@ mod de {
         })
     }
 
+    /// `"off"` or an absolute path.
+    pub(super) fn admin_socket<'de, D: Deserializer<'de>>(d: D) -> Result<AdminSocket, D::Error> {
+        read(d, |v| match string(v)? {
+            "off" => Ok(AdminSocket::Off),
+            path if Path::new(path).is_absolute() => Ok(AdminSocket::Path(PathBuf::from(path))),
+            _ => Err(r#"is not an absolute path or "off""#.to_owned()),
+        })
+    }
+
+    /// A listen address (see [`parse_listen`]); the empty string counts as not set.
+    pub(super) fn optional_listen<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        read(d, |v| {
+            optional_string(v)?
+                .map(|a| parse_listen(a).map_err(|reason| listen_problem(&reason)))
+                .transpose()
+        })
+    }
+
+    /// A loopback listen address; the empty string counts as not set.
+    pub(super) fn loopback<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        read(d, |v| {
+            let addr = optional_string(v)?
+                .map(|a| parse_listen(a).map_err(|reason| listen_problem(&reason)))
+                .transpose()?;
+            match addr {
+                Some(addr) if !addr.ip().is_loopback() => Err(
+                    "is not a loopback address: the admin API has no authentication of its own, \
+                     so it serves on loopback only (e.g. \"127.0.0.1:9465\")"
+                        .to_owned(),
+                ),
+                addr => Ok(addr),
+            }
+        })
+    }
+
     /// A blob URL template; the empty string counts as not set.
     pub(super) fn blob_url_template<'de, D: Deserializer<'de>>(
         d: D,
@@ -912,6 +990,9 @@ mod tests {
             "blobLookups": 2,
             "controlFramesPerSecond": 5,
             "maxConnections": 128,
+            "adminSocket": "/run/admin.sock",
+            "adminListen": "[::1]:9465",
+            "metricsListen": "127.0.0.1:9464",
             "insecure": false
         }"#;
         let s = load_str(ORIGIN, json, &cli()).unwrap();
@@ -949,6 +1030,9 @@ mod tests {
                 blob_lookups: 2,
                 control_frames_per_second: 5,
                 max_connections: 128,
+                admin_socket: AdminSocket::Path("/run/admin.sock".into()),
+                admin_listen: Some(addr("[::1]:9465")),
+                metrics_listen: Some(addr("127.0.0.1:9464")),
                 unknown_keys: vec![],
             }
         );
@@ -1640,9 +1724,54 @@ mod tests {
             key_url: s.key_url.clone(),
             reply_expiry: Some(2 * Settings::default().response_timeout),
             blob_url_template: s.blob_url_template.clone(),
+            admin_socket: s.admin_socket.clone(),
             ..Settings::default()
         };
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn admin_and_metrics_keys_are_checked_at_load() {
+        let load = |json: &str| load_str("c.json", json, &cli());
+        let s = load(r#"{"insecure": true}"#).unwrap();
+        assert_eq!(s.admin_socket, AdminSocket::Default);
+        assert!(s.admin_socket.path().is_some());
+        assert_eq!((s.admin_listen, s.metrics_listen), (None, None));
+        let s = load(
+            r#"{"insecure": true, "adminSocket": "/tmp/a.sock", "adminListen": "127.0.0.1:9465",
+                "metricsListen": ":9464"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.admin_socket, AdminSocket::Path("/tmp/a.sock".into()));
+        assert_eq!(s.admin_listen, Some(addr("127.0.0.1:9465")));
+        assert_eq!(s.metrics_listen, Some(addr("0.0.0.0:9464")));
+        let s = load(r#"{"insecure": true, "adminSocket": "off"}"#).unwrap();
+        assert_eq!(s.admin_socket.path(), None);
+        for (json, key) in [
+            (
+                r#"{"insecure": true, "adminListen": "0.0.0.0:9465"}"#,
+                "adminListen",
+            ),
+            (
+                r#"{"insecure": true, "adminListen": ":9465"}"#,
+                "adminListen",
+            ),
+            (
+                r#"{"insecure": true, "adminSocket": "admin.sock"}"#,
+                "adminSocket",
+            ),
+            (
+                r#"{"insecure": true, "metricsListen": "nope"}"#,
+                "metricsListen",
+            ),
+        ] {
+            let err = load(json).unwrap_err().to_string();
+            assert!(err.contains(key), "{json}: {err}");
+        }
+        let err = load(r#"{"insecure": true, "adminListen": "192.0.2.1:9465"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loopback"), "{err}");
     }
 
     #[test]

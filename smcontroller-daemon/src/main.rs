@@ -38,8 +38,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Before anything records a metric.
+        if let Some(addr) = settings.metrics_listen
+            && let Err(e) = app::serve_metrics(addr)
+        {
+            error!(error = %e, %addr, "cannot serve metrics");
+            eprintln!("smcontrollerd: cannot serve metrics on {addr} (metricsListen): {e}");
+            return ExitCode::FAILURE;
+        }
         let blobs = app::blob_resolver(&settings);
-        let running = match app::start(&settings, Recorder::new(), blobs).await {
+        let mut running = match app::start(&settings, Recorder::new(), blobs).await {
             Ok(running) => running,
             Err(e) => {
                 error!(error = %e, "cannot serve");
@@ -52,6 +60,7 @@ fn main() -> ExitCode {
             }
         };
         info!(addr = %running.addr, "SM controller listening");
+        serve_admin(&mut running, &settings).await;
         notify_systemd(&[
             "READY=1",
             &format!("STATUS=serving SMs on {}", running.addr),
@@ -67,6 +76,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Serves the admin API on `adminSocket` and `adminListen`. The SMs come first: an admin
+/// endpoint that cannot be served is logged, and the daemon serves SMs without it.
+async fn serve_admin(running: &mut app::Running, settings: &config::Settings) {
+    use smcontroller_admin::server::AdminEndpoint;
+    let endpoints = settings
+        .admin_socket
+        .path()
+        .map(AdminEndpoint::Unix)
+        .into_iter()
+        .chain(settings.admin_listen.map(AdminEndpoint::Tcp));
+    for endpoint in endpoints {
+        if let Err(e) = running.serve_admin(&endpoint).await {
+            warn!(error = %e, "the admin API (smctl) is not served there");
+        }
+    }
 }
 
 /// Tells systemd how the daemon is doing (`Type=notify`: `READY=1` once it listens,
