@@ -202,7 +202,10 @@ impl AdminService {
         let info = view.as_ref().and_then(|v| v.sm_info.clone());
         Some(pb::Node {
             node_id: node_id.to_string(),
-            connected_since: view.as_ref().and_then(|v| v.connected_since).map(timestamp),
+            connected_since: status
+                .connected_at
+                .or_else(|| view.as_ref().and_then(|v| v.connected_since))
+                .map(timestamp),
             generation: status.session,
             runtimes: info
                 .as_ref()
@@ -212,9 +215,12 @@ impl AdminService {
                 .as_ref()
                 .map(|i| i.resources.iter().cloned().map(Into::into).collect())
                 .unwrap_or_default(),
-            queued_messages: 0,
-            queued_bytes: 0,
-            last_message_at: view.as_ref().and_then(|v| v.last_message_at).map(timestamp),
+            queued_messages: status.queued_messages as u64,
+            queued_bytes: status.queued_bytes as u64,
+            last_message_at: status
+                .last_message_at
+                .or_else(|| view.as_ref().and_then(|v| v.last_message_at))
+                .map(timestamp),
             stalls: status.stalls,
             stalled: status.stalled,
             connects: view.as_ref().map_or(0, |v| v.connects),

@@ -206,6 +206,7 @@ async fn nodes_and_node_show_the_simulated_nodes() {
         for n in nodes {
             assert!(n["connected_since"].is_string(), "{n}");
             assert!(n["last_message_at"].is_string(), "{n}");
+            assert!(n["queued_messages"].is_string(), "{n}");
             assert!(!n["runtimes"].as_array().unwrap().is_empty(), "{n}");
             // 64-bit integers are strings in the protobuf JSON mapping.
             assert_ne!(n["counts"]["sm_info"], "0", "{n}");
