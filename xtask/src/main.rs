@@ -128,6 +128,18 @@ fn workspace_root() -> PathBuf {
 /// `cargo run --quiet -p smcontroller-daemon --bin smcontroller-demo -- ARGS`, with the demo's
 /// exit code as ours.
 fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
+    // The demo runs the real daemon, the simulator and smctl: build them first.
+    let build = Cmd::cargo(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "smcontroller-daemon",
+        "-p",
+        "smcontroller-admin",
+        "--bins",
+    ]);
+    eprintln!("xtask: {build}");
+    build.run()?;
     let cmd = Cmd::cargo(root)
         .args([
             "run",

@@ -758,10 +758,6 @@ async fn events(
         kinds: kinds.iter().map(|k| k.to_proto() as i32).collect(),
     };
     let mut stream = admin.watch_events(request).await?.into_inner();
-    if !out.json {
-        // Lets a script (or a test) know the subscription is in place.
-        eprintln!("smctl: following events");
-    }
     let mut seen = 0u64;
     while count.is_none_or(|n| seen < n) {
         let Some(event) = stream.next().await else {

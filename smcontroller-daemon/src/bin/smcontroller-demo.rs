@@ -1,111 +1,87 @@
-//! `smcontroller-demo` (run it with `cargo xtask demo`): the SM controller on loopback with
-//! three simulated SMs. Drives every provided interface once against each node, then prints
-//! what happened: the nodes and their runtimes, the node config documents each SM accepted,
-//! each call's answer and round trip, and the telemetry received. Exits 0 when every call got
-//! the expected answer.
+//! `smcontroller-demo` (run it with `cargo xtask demo`): the real daemon, `smcontrollerd`, on
+//! loopback with simulated SMs (`sm-sim`), driven by the operator's tool, `smctl`, over the
+//! daemon's admin socket. It prints each `smctl` command and its answer: the nodes, a node's
+//! configuration status before and after a configuration is set, its averaged monitoring, a
+//! system log, the cloud state relayed to every node, and a few events. Then it stops
+//! everything. Exits 0 when every command succeeded.
 //!
 //! It runs over mTLS, as a unit does: it writes a development PKI (the one `cargo xtask
-//! gen-certs` writes) into a temporary directory, serves with the server certificate from it
-//! and requires client certificates from its CA, and each simulated SM presents its own
-//! (`client-node-N.pem`). `--insecure` runs it over plain HTTP/2 instead.
+//! gen-certs` writes) into a temporary directory and starts the daemon with `--pki`; each
+//! simulated SM presents its own client certificate. `--insecure` runs it over plain HTTP/2.
 //!
-//! The simulated SMs read node configs as a real SM does: one without `nodeGroupSubject` gets
-//! no answer at all. The demo prints each JSON document it sends, so that what they accepted
-//! is visible. Like real SMs they resolve the manifests of instances to start with
-//! `GetBlobsInfos` first; a blob store that knows every digest answers them here.
+//! The three programs are looked for beside this one (`cargo xtask demo` builds them first).
 
 use std::{
-    process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime},
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, ensure};
-use async_trait::async_trait;
+use anyhow::{Context, bail};
 use clap::Parser;
-use smcontroller_api::{
-    Codename, EnvVarInfo, InstanceFilter, InstanceIdent, InstanceInfo, InstanceRunner,
-    ItemInfoProvider, LogProvider, LogRequest, LogType, MonitoringProvider, NodeConfig,
-    NodeConfigHandler, NodeConfigState, NodeId, NodeNetwork, UpdateNetworkParameters,
-};
 use smcontroller_certs::test_util::TestPki;
-use smcontroller_daemon::{
-    app,
-    config::Settings,
-    receivers::{Counts, Recorder, RecorderSnapshot},
-    sim::{SimConfig, SimTls, Simulator},
-};
 
-/// Runs the SM controller with simulated SMs on loopback and prints a summary.
+/// Runs smcontrollerd with simulated SMs on loopback and drives it with smctl.
 #[derive(Debug, Parser)]
 struct Args {
     /// How many simulated SMs.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Instant monitoring messages per second per node.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 5.0)]
     monitoring_rate: f64,
     /// Alerts per second per node.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     alert_rate: f64,
-    /// Log filter (RUST_LOG syntax) for the controller's own log, printed to stderr.
-    #[arg(long, default_value = "warn")]
-    log: String,
     /// Plain HTTP/2 without TLS instead of mTLS.
     #[arg(long)]
     insecure: bool,
 }
 
-/// One call of the demo: what was asked, what came back, how long it took.
-struct Call {
-    node: String,
-    what: &'static str,
-    /// The node config the call sent, if it sent one.
-    config: Option<SentConfig>,
-    outcome: Result<String, String>,
-    took: Duration,
+/// How long the daemon and the nodes may take to come up.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A child process that is ended when dropped.
+struct Process {
+    name: &'static str,
+    child: Child,
 }
 
-/// A node config as it went over the wire.
-struct SentConfig {
-    /// The command that carried it.
-    command: &'static str,
-    version: String,
-    /// The JSON document, exactly as sent.
-    json: String,
-}
-
-/// A blob store that knows every digest; counts the digests it resolved.
-#[derive(Default)]
-struct DemoBlobs {
-    resolved: AtomicU64,
-}
-
-#[async_trait]
-impl ItemInfoProvider for DemoBlobs {
-    async fn get_blob_url(&self, digest: &str) -> smcontroller_api::Result<String> {
-        self.resolved.fetch_add(1, Ordering::Relaxed);
-        Ok(format!("https://blobs.demo.invalid/{digest}"))
+impl Process {
+    /// Asks it to stop (SIGTERM, as systemd does) and waits at most `grace`, then kills it.
+    fn stop(mut self, grace: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {grace:?}; killing it", self.name);
+        false
     }
 }
 
-const DEADLINE: Duration = Duration::from_secs(10);
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(args)) {
+    match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            println!("\nRESULT: some calls did not get the expected answer");
+            println!("\nRESULT: some commands failed");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -115,477 +91,253 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<bool> {
-    let mut settings = Settings {
-        listen: "127.0.0.1:0".parse()?,
-        insecure: true,
-        ..Settings::default()
-    };
+/// A program built beside this one.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the demo's own executable")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo xtask demo`, or `cargo build -p smcontroller-daemon \
+             -p smcontroller-admin --bins` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn run(args: &Args) -> anyhow::Result<bool> {
+    let daemon_exe = sibling("smcontrollerd")?;
+    let sim_exe = sibling("sm-sim")?;
+    let smctl_exe = sibling("smctl")?;
     // Removed when the demo ends.
-    let pki_dir = if args.insecure {
-        None
-    } else {
-        let dir = tempfile::Builder::new()
-            .prefix("smcontroller-demo-pki-")
-            .tempdir()
-            .context("creating a directory for the development PKI")?;
+    let dir = tempfile::Builder::new()
+        .prefix("smcontroller-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let socket = dir.path().join("admin.sock");
+    let config = dir.path().join("smcontrollerd.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "cmServerUrl": "127.0.0.1:0",
+            "adminSocket": socket,
+        })
+        .to_string(),
+    )
+    .context("writing the daemon's config")?;
+    let pki = dir.path().join("pki");
+    if !args.insecure {
         TestPki::new()
             .context("making the development PKI")?
-            .write_dev_pki(dir.path(), args.nodes)
+            .write_dev_pki(&pki, args.nodes)
             .context("writing the development PKI")?;
-        settings
-            .use_dev_pki(dir.path())
-            .context("using the development PKI")?;
-        Some(dir)
-    };
-    let recorder = Recorder::new();
-    let blobs = Arc::new(DemoBlobs::default());
-    let running = app::start(&settings, recorder.clone(), blobs.clone()).await?;
-    let (url, tls) = match &pki_dir {
-        Some(dir) => {
-            let url = format!("https://{}", running.addr);
-            println!("SM controller listening on {url} over mTLS (loopback only)");
-            println!(
-                "  development PKI written to {} (removed on exit)",
-                dir.path().display()
-            );
-            println!(
-                "  CA {}: the server requires SM client certificates from it",
-                dir.path().join("ca.pem").display()
-            );
-            println!(
-                "  server certificate server.pem (SANs localhost, 127.0.0.1, ::1); each SM \
-                 presents client-<node id>.pem (CN = node id)"
-            );
-            (url, Some(SimTls::from_pki_dir(dir.path())?))
-        }
-        None => {
-            let url = format!("http://{}", running.addr);
-            println!("SM controller listening on {url} (insecure: plain HTTP/2, loopback only)");
-            (url, None)
-        }
-    };
-
-    let mut sim_config = SimConfig::new(url.clone(), args.nodes);
-    sim_config.tls = tls;
-    sim_config.node_prefix = "node".into();
-    sim_config.monitoring_rate = args.monitoring_rate;
-    sim_config.alert_rate = args.alert_rate;
-    let sim = Simulator::start(sim_config).context("starting the simulated SMs")?;
-    let nodes = args.nodes;
-    ensure!(
-        recorder
-            .wait_until(DEADLINE, |s| s.connected_nodes() >= nodes)
-            .await,
-        "only {} of {nodes} simulated SMs registered within {DEADLINE:?}",
-        recorder.snapshot().connected_nodes()
-    );
-    let over = if args.insecure {
-        "plain HTTP/2"
+    }
+    let tls: Vec<&str> = if args.insecure {
+        vec!["--insecure"]
     } else {
-        "mTLS, each with its client certificate"
+        vec!["--pki", path_str(&pki)?]
     };
-    println!("{nodes} simulated SMs registered over {over}\n");
 
-    let controller = running.controller.clone();
-    let mut calls = Vec::new();
-    for node in controller.nodes() {
-        drive_node(&controller, &node, &mut calls).await;
-    }
-    let log_request = LogRequest {
-        correlation_id: "demo-system-all".into(),
-        log_type: LogType::System,
-        node_ids: vec![],
-        instance_filter: InstanceFilter::default(),
-        from: None,
-        till: None,
-    };
-    calls.push(
-        timed("*", "request_log(system, every node)", async {
-            controller
-                .request_log(&log_request)
-                .await
-                .map(|()| "queued".to_owned())
-        })
-        .await,
-    );
-
-    // Cloud status relay: every SM must hear connect, then disconnect.
-    for connected in [true, false] {
-        let started = Instant::now();
-        controller.set_cloud_connected(connected);
-        let expected = i32::from(connected);
-        let all_heard = wait_sim(&sim, |s| {
-            s.nodes
-                .iter()
-                .all(|n| n.last_cloud_status == Some(expected))
-        })
-        .await;
-        calls.push(Call {
-            node: "*".into(),
-            config: None,
-            what: if connected {
-                "cloud connect"
-            } else {
-                "cloud disconnect"
-            },
-            outcome: if all_heard {
-                Ok(format!("relayed to {nodes} SMs"))
-            } else {
-                Err("not every SM heard it".into())
-            },
-            took: started.elapsed(),
-        });
-    }
-
-    // The asynchronous answers (instance statuses, env-var statuses, log parts) and some
-    // unsolicited telemetry (monitoring, alerts) from every node.
-    let async_answers = recorder
-        .wait_until(DEADLINE, |s| {
-            s.nodes.iter().all(|n| {
-                n.counts.instance_status >= 2
-                    && n.counts.env_vars >= 1
-                    && n.counts.log >= 8
-                    && n.counts.monitoring >= 3
-                    && n.counts.alert >= 1
-            })
-        })
-        .await;
-    let snapshot = recorder.snapshot();
-    print_nodes(&snapshot);
-    let configs_ok = print_configs(&calls);
-    let all_ok = print_calls(&calls) && configs_ok;
     println!(
-        "  GetBlobsInfos: the SMs resolved {} manifest digests before reporting instances",
-        blobs.resolved.load(Ordering::Relaxed)
-    );
-    print_telemetry(&snapshot);
-    if !async_answers {
-        println!(
-            "\nmissing asynchronous answers or telemetry (instance statuses, env vars, logs, \
-             monitoring, alerts) after {DEADLINE:?}"
-        );
-    }
-
-    sim.stop().await;
-    running.stop().await?;
-    drop(pki_dir);
-    let ok = all_ok && async_answers;
-    if ok {
-        println!("\nRESULT: every call got the expected answer");
-    }
-    Ok(ok)
-}
-
-async fn wait_sim(
-    sim: &Simulator,
-    pred: impl Fn(&smcontroller_daemon::sim::SimStats) -> bool,
-) -> bool {
-    let give_up = Instant::now() + DEADLINE;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    while Instant::now() < give_up {
-        if pred(&sim.stats()) {
-            return true;
+        "SM controller demo: smcontrollerd with {} simulated SMs on 127.0.0.1, {}",
+        args.nodes,
+        if args.insecure {
+            "over plain HTTP/2 (--insecure)".to_owned()
+        } else {
+            format!(
+                "over mTLS (development CA in {})",
+                pki.join("ca.pem").display()
+            )
         }
-        tick.tick().await;
-    }
-    false
-}
+    );
+    let (daemon, addr) = start_daemon(&daemon_exe, &config, &tls)?;
+    println!(
+        "smcontrollerd listens on {addr}; admin socket {}",
+        socket.display()
+    );
 
-async fn timed<F>(node: &str, what: &'static str, call: F) -> Call
-where
-    F: std::future::Future<Output = smcontroller_api::Result<String>>,
-{
-    let started = Instant::now();
-    let outcome = call.await.map_err(|e| e.to_string());
-    Call {
-        node: node.to_owned(),
-        what,
-        config: None,
-        outcome,
-        took: started.elapsed(),
-    }
-}
-
-/// Checks an answer: `Err` with what was wrong.
-fn expect(ok: bool, shown: String) -> Result<String, smcontroller_api::Error> {
-    if ok {
-        Ok(shown)
-    } else {
-        Err(smcontroller_api::Error::InvalidArgument(format!(
-            "unexpected answer: {shown}"
-        )))
-    }
-}
-
-async fn drive_node(
-    controller: &smcontroller_routing::Controller,
-    node: &NodeId,
-    calls: &mut Vec<Call>,
-) {
-    let name = node.as_str();
-    let config = NodeConfig {
-        node: Some(Codename {
-            codename: name.into(),
-        }),
-        labels: vec!["demo".into()],
-        priority: 1,
-        ..NodeConfig::new("1.0.0", "demo")
+    let scheme = if args.insecure { "http" } else { "https" };
+    let sim = Process {
+        name: "sm-sim",
+        child: Command::new(&sim_exe)
+            .args(&tls)
+            .args(["--url", &format!("{scheme}://{addr}")])
+            .args(["--nodes", &args.nodes.to_string()])
+            .args(["--monitoring-rate", &args.monitoring_rate.to_string()])
+            .args(["--alert-rate", &args.alert_rate.to_string()])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting sm-sim")?,
     };
-    let sent = |command| SentConfig {
-        command,
-        version: config.version.clone(),
-        json: config.to_json(),
+
+    let smctl = Smctl {
+        exe: smctl_exe,
+        admin: format!("unix:{}", socket.display()),
     };
-    calls.push(
-        timed(name, "get_node_config_status", async {
-            let s = controller.get_node_config_status(node).await?;
-            expect(true, format!("{} {:?}", s.state, s.version))
-        })
-        .await,
-    );
-    let mut call = timed(name, "check_node_config(1.0.0)", async {
-        controller
-            .check_node_config(node, &config)
-            .await
-            .map(|()| "accepted".into())
-    })
-    .await;
-    call.config = Some(sent("check_node_config"));
-    calls.push(call);
-    let mut call = timed(name, "update_node_config(1.0.0)", async {
-        controller
-            .update_node_config(node, &config)
-            .await
-            .map(|()| "applied".into())
-    })
-    .await;
-    call.config = Some(sent("set_node_config"));
-    calls.push(call);
-    calls.push(
-        timed(name, "get_node_config_status", async {
-            let s = controller.get_node_config_status(node).await?;
-            expect(
-                s.state == NodeConfigState::Installed && s.version == "1.0.0",
-                format!("{} {:?}", s.state, s.version),
-            )
-        })
-        .await,
-    );
-    calls.push(
-        timed(name, "get_average_monitoring", async {
-            let m = controller.get_average_monitoring(node).await?;
-            expect(
-                true,
-                format!(
-                    "ram {} B, cpu {}, {} instances",
-                    m.node.ram,
-                    m.node.cpu,
-                    m.instances.len()
-                ),
-            )
-        })
-        .await,
-    );
-    let start: Vec<InstanceInfo> = (0..2)
-        .map(|i| InstanceInfo {
-            ident: InstanceIdent {
-                item_id: "demo-service".into(),
-                subject_id: "demo-subject".into(),
-                instance: i,
-                ..InstanceIdent::default()
-            },
-            version: "1.0.0".into(),
-            manifest_digest: format!("sha256:{:064x}", 0xde30 + i),
-            runtime_id: "runc".into(),
-            env_vars: vec![EnvVarInfo {
-                name: "DEMO_MODE".into(),
-                value: "1".into(),
-            }],
-            ..InstanceInfo::default()
-        })
-        .collect();
-    calls.push(
-        timed(name, "update_instances(start 2)", async {
-            controller
-                .update_instances(node, &[], &start)
-                .await
-                .map(|()| "queued".into())
-        })
-        .await,
-    );
-    let networks = [UpdateNetworkParameters {
-        network_id: "demo-net".into(),
-        subnet: "172.17.0.0/16".into(),
-        ip: "172.17.0.10".into(),
-        vlan_id: 1,
-    }];
-    calls.push(
-        timed(name, "update_networks", async {
-            controller
-                .update_networks(node, &networks)
-                .await
-                .map(|()| "queued".into())
-        })
-        .await,
-    );
-    for (what, log_type) in [
-        ("request_log(system)", LogType::System),
-        ("request_log(instance)", LogType::Instance),
-        ("request_log(crash)", LogType::Crash),
+    wait_for_nodes(&smctl, args.nodes)?;
+    // Let some monitoring come in, so that the averages have samples.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let node = "node-1";
+    let node_config = dir.path().join("node-config.json");
+    std::fs::write(
+        &node_config,
+        r#"{"version": "1.0.1", "nodeGroupSubject": {"codename": "main"}, "priority": 10,
+            "labels": ["demo"]}"#,
+    )?;
+    let node_config = path_str(&node_config)?;
+    let mut ok = true;
+    for command in [
+        &["nodes"][..],
+        &["node", node],
+        &["config", "status", node],
+        &["config", "check", node, node_config],
+        &["config", "set", node, node_config],
+        &["config", "status", node],
+        &["monitoring", node],
+        &["logs", "system", "--node", node],
+        &["cloud", "connected"],
+        &["events", "--kind", "monitoring", "--count", "3"],
+        &["config", "status", "node-99"],
     ] {
-        let request = LogRequest {
-            correlation_id: format!("demo-{name}-{log_type:?}"),
-            log_type,
-            node_ids: vec![node.clone()],
-            instance_filter: InstanceFilter::default(),
-            from: Some(SystemTime::now() - Duration::from_secs(3600)),
-            till: None,
-        };
-        calls.push(
-            timed(name, what, async {
-                controller
-                    .request_log(&request)
-                    .await
-                    .map(|()| "queued".into())
-            })
-            .await,
-        );
+        let expect_ok = command != ["config", "status", "node-99"];
+        ok &= smctl.show(command, expect_ok)?;
     }
-}
 
-fn print_nodes(snapshot: &RecorderSnapshot) {
-    println!("Nodes");
+    let sim_stopped = sim.stop(Duration::from_secs(2));
+    let _ = sim_stopped;
+    let daemon_stopped = daemon.stop(Duration::from_secs(3));
     println!(
-        "  {:<10} {:<10} {:<40} {:>9}",
-        "node", "state", "runtimes", "instances"
-    );
-    for node in &snapshot.nodes {
-        let runtimes = node
-            .sm_info
-            .as_ref()
-            .map(|info| {
-                info.runtimes
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{}({}, {} DMIPS)",
-                            r.runtime_id, r.runtime_type, r.max_dmips
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
-        let instances = node.instances.as_ref().map_or(0, Vec::len);
-        let state = if node.connected { "connected" } else { "gone" };
-        println!(
-            "  {:<10} {:<10} {:<40} {:>9}",
-            node.node_id.as_str(),
-            state,
-            runtimes,
-            instances
-        );
-    }
-}
-
-/// Prints each node config document sent and whether the SM accepted it; true when all were.
-fn print_configs(calls: &[Call]) -> bool {
-    println!(
-        "\nNode configs sent (an SM that cannot read one, e.g. without nodeGroupSubject, does \
-         not answer it)"
-    );
-    let mut all_ok = true;
-    for call in calls {
-        let Some(config) = &call.config else {
-            continue;
-        };
-        let verdict = match &call.outcome {
-            Ok(_) => "accepted".to_owned(),
-            Err(error) => {
-                all_ok = false;
-                format!("NOT accepted: {error}")
-            }
-        };
-        println!(
-            "  {:<8} {:<17} {} {}: {verdict}",
-            call.node, config.command, config.version, config.json
-        );
-    }
-    all_ok
-}
-
-/// Prints the calls; true when all succeeded.
-fn print_calls(calls: &[Call]) -> bool {
-    println!("\nCalls");
-    println!("  {:<8} {:<34} {:>10}  answer", "node", "call", "rtt");
-    let mut all_ok = true;
-    for call in calls {
-        let (mark, text) = match &call.outcome {
-            Ok(answer) => ("ok ", answer.clone()),
-            Err(error) => {
-                all_ok = false;
-                ("ERR", error.clone())
-            }
-        };
-        println!(
-            "  {:<8} {:<34} {:>10}  {mark} {text}",
-            call.node,
-            call.what,
-            format!("{:.0?}", call.took)
-        );
-    }
-    let mut sync: Vec<Duration> = calls
-        .iter()
-        .filter(|c| c.what.starts_with("get_") || c.what.contains("node_config"))
-        .map(|c| c.took)
-        .collect();
-    sync.sort();
-    if let (Some(first), Some(last)) = (sync.first(), sync.last()) {
-        println!(
-            "  sync round trips: {} calls, min {:.0?}, median {:.0?}, max {:.0?}",
-            sync.len(),
-            first,
-            sync[sync.len() / 2],
-            last
-        );
-    }
-    all_ok
-}
-
-fn print_telemetry(snapshot: &RecorderSnapshot) {
-    println!("\nTelemetry received");
-    let header = [
-        "sm_info",
-        "inst_status",
-        "node_inst",
-        "env_vars",
-        "monitoring",
-        "alert",
-        "log",
-    ];
-    print!("  {:<10}", "node");
-    for h in header {
-        print!(" {h:>11}");
-    }
-    println!();
-    let row = |name: &str, c: &Counts| {
-        print!("  {name:<10}");
-        for v in [
-            c.sm_info,
-            c.instance_status,
-            c.node_instances_status,
-            c.env_vars,
-            c.monitoring,
-            c.alert,
-            c.log,
-        ] {
-            print!(" {v:>11}");
+        "\nstopped sm-sim and smcontrollerd{}",
+        if daemon_stopped {
+            ""
+        } else {
+            " (the daemon did not exit cleanly)"
         }
-        println!();
+    );
+    Ok(ok && daemon_stopped)
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Starts the daemon and waits for the address it logs.
+fn start_daemon(exe: &Path, config: &Path, tls: &[&str]) -> anyhow::Result<(Process, String)> {
+    let mut child = Command::new(exe)
+        .arg("--config")
+        .arg(config)
+        .args(tls)
+        .args(["--log", "info"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting smcontrollerd")?;
+    let stderr = child.stderr.take().context("the daemon's log")?;
+    let daemon = Process {
+        name: "smcontrollerd",
+        child,
     };
-    for node in &snapshot.nodes {
-        row(node.node_id.as_str(), &node.counts);
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // The daemon's warnings and errors go on to our stderr.
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("smcontrollerd: {line}");
+            }
+            if tx.send(line).is_err() {
+                // Nobody reads any more: keep draining, so the daemon never blocks.
+                continue;
+            }
+        }
+    });
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .context("smcontrollerd did not start listening")?;
+        if line.contains("SM controller listening") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .context("the daemon logs its address")?
+                .to_owned();
+            // The admin socket is served right after.
+            let line = lines
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+                .context("smcontrollerd did not serve its admin socket")?;
+            if !line.contains("admin API listening") {
+                bail!("smcontrollerd did not serve its admin socket: {line}");
+            }
+            return Ok((daemon, addr));
+        }
     }
-    row("total", &snapshot.totals);
+}
+
+/// `smctl` against the demo's daemon.
+struct Smctl {
+    exe: PathBuf,
+    admin: String,
+}
+
+impl Smctl {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.exe);
+        command.arg("--admin").arg(&self.admin).args(args);
+        command
+    }
+
+    /// Runs `smctl ARGS` and prints the command and what it printed; whether it did as
+    /// expected (succeeded, or failed when `expect_ok` is false).
+    fn show(&self, args: &[&str], expect_ok: bool) -> anyhow::Result<bool> {
+        println!("\n$ smctl {}", args.join(" "));
+        let out = self
+            .command(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running smctl")?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        print!("{}", String::from_utf8_lossy(&out.stderr));
+        let as_expected = out.status.success() == expect_ok;
+        if !as_expected {
+            println!("(unexpected: smctl exited with {})", out.status);
+        }
+        Ok(as_expected)
+    }
+
+    /// Waits until `smctl nodes` lists `nodes` nodes.
+    fn wait_for_nodes(&self, nodes: usize) -> anyhow::Result<()> {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let out = self.command(&["--json", "nodes"]).output()?;
+            if out.status.success() {
+                let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let registered = json["nodes"].as_array().map_or(0, |n| {
+                    n.iter()
+                        .filter(|n| !n["runtimes"].as_array().is_none_or(Vec::is_empty))
+                        .count()
+                });
+                if registered >= nodes {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "the simulated nodes did not all register: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn wait_for_nodes(smctl: &Smctl, nodes: usize) -> anyhow::Result<()> {
+    smctl.wait_for_nodes(nodes)
 }
