@@ -32,8 +32,8 @@ use smcontroller_api::{
     NodeConfigHandler, NodeId,
 };
 use smcontroller_certs::{
-    AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider, ReloadSettings,
-    test_util::TestPki,
+    AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
+    ReloadSettings, test_util::TestPki,
 };
 use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
@@ -100,7 +100,9 @@ async fn r_bad_3_a_connection_without_the_http2_preface_is_closed_after_the_hand
     let started = Instant::now();
     let mut silent = TcpStream::connect(h.addr).await.unwrap();
     let mut half = TcpStream::connect(h.addr).await.unwrap();
-    half.write_all(&hostile_support::PREFACE[..10]).await.unwrap();
+    half.write_all(&hostile_support::PREFACE[..10])
+        .await
+        .unwrap();
 
     assert!(
         closed_within(&mut silent, DEADLINE).await,
@@ -112,7 +114,10 @@ async fn r_bad_3_a_connection_without_the_http2_preface_is_closed_after_the_hand
     );
     let took = started.elapsed();
     assert!(took >= timeout / 2, "closed before the timeout: {took:?}");
-    assert!(took < timeout + Duration::from_secs(3), "closed late: {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(3),
+        "closed late: {took:?}"
+    );
     eventually("two handshake refusals counted", DEADLINE, || {
         counted(&h, Budget::Handshake) >= before + 2
     })
@@ -314,12 +319,21 @@ async fn r_bad_3_streams_per_connection_are_advertised_and_enforced() {
     let headers = grpc_headers(REGISTER_SM);
     let mut burst = Vec::new();
     for i in 0..2 * limit {
-        burst.extend(frame(hostile_support::HEADERS, END_HEADERS, 2 * i + 1, &headers));
+        burst.extend(frame(
+            hostile_support::HEADERS,
+            END_HEADERS,
+            2 * i + 1,
+            &headers,
+        ));
     }
     raw.send(&burst).await.unwrap();
     let seen = raw
         .wait("the extra streams refused", |s| {
-            s.resets.iter().filter(|(_, code)| *code == REFUSED_STREAM).count() >= limit as usize
+            s.resets
+                .iter()
+                .filter(|(_, code)| *code == REFUSED_STREAM)
+                .count()
+                >= limit as usize
                 || !s.goaways.is_empty()
                 || s.closed
         })
@@ -376,7 +390,8 @@ async fn r_bad_2_streams_not_yet_registered_are_capped() {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     }
     assert!(counted(&h, Budget::PendingStreams) >= before + 4);
-    h.good_ones_answer("with the pending streams at the cap").await;
+    h.good_ones_answer("with the pending streams at the cap")
+        .await;
     drop(held);
     eventually("the pending streams gone", DEADLINE, || {
         h.controller.live_tasks() <= baseline_tasks
@@ -589,11 +604,7 @@ async fn r_bad_2_a_command_too_large_fails_its_call_and_the_stream_goes_on() {
         other => panic!("an oversized command: {other:?}"),
     }
     assert!(counted(&h, Budget::CommandSize) > before);
-    let status = within(
-        "the next call",
-        h.controller.get_node_config_status(&node),
-    )
-    .await;
+    let status = within("the next call", h.controller.get_node_config_status(&node)).await;
     assert!(status.is_ok(), "{status:?}");
     assert_eq!(
         h.controller.node_status(&node).map(|s| s.session),
@@ -640,11 +651,15 @@ async fn r_bad_2_the_inbound_queue_is_bounded_in_bytes() {
         }
         tx
     });
-    eventually("heavy's stream paused by its queue's bytes", DEADLINE, || {
-        h.controller
-            .node_status(&node)
-            .is_some_and(|s| s.stalls >= 1)
-    })
+    eventually(
+        "heavy's stream paused by its queue's bytes",
+        DEADLINE,
+        || {
+            h.controller
+                .node_status(&node)
+                .is_some_and(|s| s.stalls >= 1)
+        },
+    )
     .await;
     assert!(counted(&h, Budget::InboundQueue) > before);
     h.good_ones_answer("while one node is paused").await;
@@ -677,7 +692,9 @@ async fn r_bad_2_a_paused_stream_does_not_stall_get_blobs_infos_on_its_connectio
     h.log.block(id);
     let (client, written) = h2_client(h.addr, 1 << 20).await;
     let mut client = within("h2 ready", client.ready()).await.unwrap();
-    let (response, mut register) = client.send_request(grpc_request(REGISTER_SM), false).unwrap();
+    let (response, mut register) = client
+        .send_request(grpc_request(REGISTER_SM), false)
+        .unwrap();
     register
         .send_data(
             Bytes::from(grpc_frame(&messages::sm_info(id).encode_to_vec())),
@@ -700,9 +717,7 @@ async fn r_bad_2_a_paused_stream_does_not_stall_get_blobs_infos_on_its_connectio
             .unwrap();
     }
     eventually("the paused stream stalled", DEADLINE, || {
-        h.controller
-            .node_status(&node)
-            .is_some_and(|s| s.stalled)
+        h.controller.node_status(&node).is_some_and(|s| s.stalled)
     })
     .await;
     let sent = settled(&written, Duration::from_millis(300)).await;
@@ -744,7 +759,10 @@ async fn r_bad_2_a_paused_stream_does_not_stall_get_blobs_infos_on_its_connectio
         .map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(status.as_deref(), Some("0"), "trailers {trailers:?}");
     let infos = BlobsInfos::decode(&bytes[5..]).unwrap();
-    assert_eq!(infos.urls, vec!["https://blobs.example/sha256:aa".to_owned()]);
+    assert_eq!(
+        infos.urls,
+        vec!["https://blobs.example/sha256:aa".to_owned()]
+    );
 
     h.log.unblock(id);
     h.healthy("after the paused connection").await;
@@ -890,7 +908,12 @@ async fn r_bad_3_rapid_reset_leaves_nothing_behind() {
         let mut burst = Vec::new();
         for i in 0..100 {
             let stream = 2 * (chunk * 100 + i) + 1;
-            burst.extend(frame(hostile_support::HEADERS, END_HEADERS, stream, &headers));
+            burst.extend(frame(
+                hostile_support::HEADERS,
+                END_HEADERS,
+                stream,
+                &headers,
+            ));
             burst.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
         }
         if raw.send(&burst).await.is_err() {

@@ -15,12 +15,12 @@ use std::{
 };
 
 use hostile_support::{GOOD, Hostile, end_status, open_stream, outgoing, within};
+use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
     proto::servicemanager::v5::{self as pb, sm_outgoing_messages::SmOutgoingMessage},
     server::ServerSettings,
 };
 use smcontroller_routing::Settings;
-use smcontroller_daemon::sim::messages;
 use support::{DEADLINE, Event};
 use tonic::Code;
 
@@ -88,7 +88,11 @@ async fn r_bad_3_a_1_mib_node_id_is_refused_with_one_short_log_line() {
         !written.contains(&"Q".repeat(65)),
         "more than 64 characters of the id reached the log"
     );
-    assert!(about.len() <= 1, "{} lines about the id: {about:#?}", about.len());
+    assert!(
+        about.len() <= 1,
+        "{} lines about the id: {about:#?}",
+        about.len()
+    );
     for line in &about {
         assert!(line.len() < 1024, "a line of {} bytes", line.len());
     }
@@ -123,10 +127,12 @@ async fn r_bad_3_two_thousand_rejected_alerts_write_a_handful_of_lines() {
             .unwrap();
     }
     // A valid message after them: once it is delivered, every alert before it was handled.
-    tx.send(outgoing(SmOutgoingMessage::InstantMonitoring(pb::InstantMonitoring {
-        node_monitoring: Some(messages::monitoring_data(1, messages::now())),
-        instances_monitoring: vec![],
-    })))
+    tx.send(outgoing(SmOutgoingMessage::InstantMonitoring(
+        pb::InstantMonitoring {
+            node_monitoring: Some(messages::monitoring_data(1, messages::now())),
+            instances_monitoring: vec![],
+        },
+    )))
     .await
     .unwrap();
     let is_monitoring = |e: &Event| matches!(e, Event::Monitoring(n, _) if n == id);

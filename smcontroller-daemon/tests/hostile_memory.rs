@@ -21,9 +21,7 @@ use hostile_support::{
     GOOD, Hostile, REGISTER_SM, eventually, grpc_frame, grpc_request, h2_client, rss, within,
 };
 use prost::Message as _;
-use smcontroller_api::{
-    Error, NodeConfigHandler, NodeId, NodeNetwork, UpdateNetworkParameters,
-};
+use smcontroller_api::{Error, NodeConfigHandler, NodeId, NodeNetwork, UpdateNetworkParameters};
 use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
     proto::servicemanager::v5::sm_service_client::SmServiceClient,
@@ -52,8 +50,7 @@ impl smcontroller_api::SmInfoReceiver for Nothing {
 }
 #[async_trait::async_trait]
 impl smcontroller_api::InstanceStatusReceiver for Nothing {
-    async fn on_instance_status_received(&self, _: &NodeId, _: &smcontroller_api::InstanceStatus) {
-    }
+    async fn on_instance_status_received(&self, _: &NodeId, _: &smcontroller_api::InstanceStatus) {}
     async fn on_node_instances_statuses_received(
         &self,
         _: &NodeId,
@@ -63,7 +60,11 @@ impl smcontroller_api::InstanceStatusReceiver for Nothing {
 }
 #[async_trait::async_trait]
 impl smcontroller_api::EnvVarsStatusSender for Nothing {
-    async fn send_env_vars_statuses(&self, _: &NodeId, _: &[smcontroller_api::InstanceEnvVarsStatus]) {
+    async fn send_env_vars_statuses(
+        &self,
+        _: &NodeId,
+        _: &[smcontroller_api::InstanceEnvVarsStatus],
+    ) {
     }
 }
 #[async_trait::async_trait]
@@ -214,7 +215,9 @@ async fn r_bad_2_an_sm_that_stops_reading_gets_calls_refused_at_once() {
     // The deaf SM: a 64 KiB window and never a byte read or released.
     let (client, _written) = h2_client(h.addr, 65_535).await;
     let mut client = within("h2 ready", client.ready()).await.unwrap();
-    let (response, mut register) = client.send_request(grpc_request(REGISTER_SM), false).unwrap();
+    let (response, mut register) = client
+        .send_request(grpc_request(REGISTER_SM), false)
+        .unwrap();
     register
         .send_data(
             Bytes::from(grpc_frame(&messages::sm_info(id).encode_to_vec())),
@@ -233,8 +236,14 @@ async fn r_bad_2_an_sm_that_stops_reading_gets_calls_refused_at_once() {
     let started = Instant::now();
     let mut sent = 0;
     let refusal = loop {
-        assert!(sent < 1_000, "1,000 commands of 60 KB taken by a node that reads nothing");
-        assert!(started.elapsed() < Duration::from_secs(20), "20 s of commands");
+        assert!(
+            sent < 1_000,
+            "1,000 commands of 60 KB taken by a node that reads nothing"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "20 s of commands"
+        );
         match h.controller.update_networks(&node, &payload).await {
             Ok(()) => sent += 1,
             Err(e) => break e,
@@ -258,7 +267,10 @@ async fn r_bad_2_an_sm_that_stops_reading_gets_calls_refused_at_once() {
         );
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(5), "1,000 refusals took {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "1,000 refusals took {took:?}"
+    );
     let sync_started = Instant::now();
     let sync = h.controller.get_node_config_status(&node).await;
     assert!(

@@ -85,7 +85,10 @@ fn slowloris_attacker() {
                     // server never took (its listen backlog overflowed by the burst, the last
                     // ACK of the handshake dropped) answers them with a reset, and is opened
                     // again.
-                    if tokio::io::AsyncWriteExt::write_all(&mut tcp, b"PRI").await.is_err() {
+                    if tokio::io::AsyncWriteExt::write_all(&mut tcp, b"PRI")
+                        .await
+                        .is_err()
+                    {
                         continue;
                     }
                     open.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +145,12 @@ struct Attacker {
 impl Attacker {
     fn start(addr: SocketAddr) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["slowloris_attacker", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "slowloris_attacker",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(ATTACKER, addr.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -268,9 +276,11 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
     let mut attacker = Attacker::start(h.addr);
 
     attacker
-        .wait("the attacker's connections open", Duration::from_secs(30), |open, _| {
-            open as usize >= HOLD - 50
-        })
+        .wait(
+            "the attacker's connections open",
+            Duration::from_secs(30),
+            |open, _| open as usize >= HOLD - 50,
+        )
         .await;
     eventually(
         "the server out of file descriptors",
@@ -287,7 +297,11 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used = cpu.read().saturating_sub(before);
     let share = used.as_secs_f64() / wall.elapsed().as_secs_f64();
-    println!("CPU while saturated: {used:?} over {:?} ({:.0} %)", wall.elapsed(), share * 100.0);
+    println!(
+        "CPU while saturated: {used:?} over {:?} ({:.0} %)",
+        wall.elapsed(),
+        share * 100.0
+    );
     assert!(
         share < 0.30,
         "the process used {:.0} % of a core while out of file descriptors (accept loop spinning?)",
@@ -309,7 +323,10 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
     )
     .await;
     let closed = h.controller.refusals().get(Budget::Handshake);
-    assert!(closed >= 500, "{closed} connections closed at the handshake timeout");
+    assert!(
+        closed >= 500,
+        "{closed} connections closed at the handshake timeout"
+    );
     h.healthy("after the slowloris").await;
     drop(attacker);
     h.stop().await;

@@ -162,7 +162,11 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
 /// With `hostile`, `-- --hostile --json target/bench/hostile.json ARGS`: the soak under hostile
 /// peers (`benches/controller/hostile.rs`).
 fn bench(root: &Path, quick: bool, hostile: bool, args: &[String]) -> anyhow::Result<ExitCode> {
-    let file = if hostile { "hostile.json" } else { "results.json" };
+    let file = if hostile {
+        "hostile.json"
+    } else {
+        "results.json"
+    };
     let results = root.join("target").join("bench").join(file);
     let mut cmd = Cmd::cargo(root)
         .args([

@@ -54,7 +54,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Harness, Latencies, SmProcess, connect_all, cpu_time, mib, node_ids, rss};
+use super::{Harness, Latencies, connect_all, cpu_time, mib, node_ids, rss};
 
 /// The scenarios, in the order they run.
 pub(crate) const SCENARIOS: [&str; 9] = [
@@ -160,13 +160,19 @@ pub(crate) fn orchestrate(args: &[String]) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")?;
         println!("figures written to {}", path.display());
     }
-    anyhow::ensure!(failed.is_empty(), "scenarios that could not run: {failed:?}");
+    anyhow::ensure!(
+        failed.is_empty(),
+        "scenarios that could not run: {failed:?}"
+    );
     let broken: Vec<&str> = rows
         .iter()
         .filter(|r| r["within_bounds"] != serde_json::Value::Bool(true))
         .filter_map(|r| r["scenario"].as_str())
         .collect();
-    anyhow::ensure!(broken.is_empty(), "scenarios outside the bounds: {broken:?}");
+    anyhow::ensure!(
+        broken.is_empty(),
+        "scenarios outside the bounds: {broken:?}"
+    );
     Ok(())
 }
 
@@ -188,7 +194,13 @@ fn print_table(rows: &[serde_json::Value]) {
         .iter()
         .map(|r| {
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-            let yes = |k: &str| if r[k].as_bool() == Some(true) { "yes" } else { "NO" };
+            let yes = |k: &str| {
+                if r[k].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            };
             vec![
                 r["scenario"].as_str().unwrap_or("?").to_owned(),
                 format!("{:.0} / {:.0}", f("calm_p50_us"), f("calm_p99_us")),
@@ -267,7 +279,11 @@ async fn phase(harness: &Harness, ids: &Arc<Vec<NodeId>>, length: Duration) -> P
             (peak, fewest)
         }
     });
-    let (cpu0, log0, started) = (cpu_time(None), LOGGED.load(Ordering::Relaxed), Instant::now());
+    let (cpu0, log0, started) = (
+        cpu_time(None),
+        LOGGED.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     let mut ns = Vec::new();
     let mut errors = 0;
     let mut k = 0;
@@ -382,7 +398,9 @@ fn stall_caller(harness: &Harness, length: Duration) -> JoinHandle<(u64, u64, u6
                 vlan_id: i,
             })
             .collect();
-        let deaf: Vec<NodeId> = (0..DEAF).map(|i| NodeId::new(format!("deaf-{i}"))).collect();
+        let deaf: Vec<NodeId> = (0..DEAF)
+            .map(|i| NodeId::new(format!("deaf-{i}")))
+            .collect();
         let (mut taken, mut refused, mut other) = (0, 0, 0);
         let started = Instant::now();
         let mut k = 0;
@@ -425,7 +443,9 @@ pub(crate) async fn scenario(name: &str) -> anyhow::Result<()> {
     };
     let stall = if name == "outbound-stall" {
         let controller = harness.controller().clone();
-        let deaf: Vec<NodeId> = (0..DEAF).map(|i| NodeId::new(format!("deaf-{i}"))).collect();
+        let deaf: Vec<NodeId> = (0..DEAF)
+            .map(|i| NodeId::new(format!("deaf-{i}")))
+            .collect();
         let started = Instant::now();
         while !deaf.iter().all(|d| controller.node_status(d).is_some()) {
             anyhow::ensure!(
@@ -599,7 +619,10 @@ fn request() -> http::Request<()> {
 }
 
 /// One RegisterSM stream that sends `bodies` and waits (at most 10 s) for its end.
-async fn one_stream(client: &h2::client::SendRequest<Bytes>, bodies: &[Bytes]) -> anyhow::Result<()> {
+async fn one_stream(
+    client: &h2::client::SendRequest<Bytes>,
+    bodies: &[Bytes],
+) -> anyhow::Result<()> {
     let mut client = client.clone().ready().await?;
     let (response, mut send) = client.send_request(request(), false)?;
     for body in bodies {
@@ -640,12 +663,17 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                         else {
                             continue;
                         };
+                        // Three bytes of the preface, never the rest (a socket lost to a
+                        // full backlog is reset by them, and opened again).
+                        if tcp.write_all(b"PRI").await.is_err() {
+                            continue;
+                        }
                         let mut buf = [0_u8; 256];
                         while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
                     }
                 });
             }
-            "1,100 idle connections, reconnecting".to_owned()
+            "1,100 connections that never finish the preface, reconnecting".to_owned()
         }
         "stream-flood" | "ping-flood" => {
             let ping = name == "ping-flood";
@@ -684,7 +712,10 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                     }
                 });
             }
-            format!("10 connections of {}", if ping { "PINGs" } else { "HEADERS" })
+            format!(
+                "10 connections of {}",
+                if ping { "PINGs" } else { "HEADERS" }
+            )
         }
         "pending-flood" => {
             let headers = register_headers();
@@ -769,7 +800,8 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                     let Ok((_response, mut send)) = client.send_request(request(), false) else {
                         return;
                     };
-                    let info = grpc_frame(&messages::sm_info(&format!("noisy-{w}")).encode_to_vec());
+                    let info =
+                        grpc_frame(&messages::sm_info(&format!("noisy-{w}")).encode_to_vec());
                     let empty = grpc_frame(&SmOutgoingMessages::default().encode_to_vec());
                     let alert = grpc_frame(
                         &SmOutgoingMessages {
@@ -805,7 +837,9 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                 let mut client = client.ready().await?;
                 let (response, mut send) = client.send_request(request(), false)?;
                 send.send_data(
-                    Bytes::from(grpc_frame(&messages::sm_info(&format!("deaf-{i}")).encode_to_vec())),
+                    Bytes::from(grpc_frame(
+                        &messages::sm_info(&format!("deaf-{i}")).encode_to_vec(),
+                    )),
                     false,
                 )?;
                 // Headers only; the body is never read, its window never released.

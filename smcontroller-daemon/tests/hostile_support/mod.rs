@@ -186,7 +186,8 @@ impl Hostile {
     pub async fn healthy(&self, when: &str) {
         self.good_ones_answer(when).await;
         self.newcomer_registers(when).await;
-        self.good_ones_answer(&format!("{when}, after a newcomer")).await;
+        self.good_ones_answer(&format!("{when}, after a newcomer"))
+            .await;
     }
 
     pub async fn stop(self) {
@@ -409,8 +410,7 @@ impl RawH2 {
     pub async fn ended_within(&self, wait: Duration) -> bool {
         let mut seen = self.seen.clone();
         matches!(
-            tokio::time::timeout(wait, seen.wait_for(|s| s.closed || !s.goaways.is_empty()))
-                .await,
+            tokio::time::timeout(wait, seen.wait_for(|s| s.closed || !s.goaways.is_empty())).await,
             Ok(_)
         )
     }
