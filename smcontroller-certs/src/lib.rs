@@ -51,8 +51,15 @@
 //! # }
 //! ```
 //!
+//! With the `pkcs11` feature, the server's key may be in a PKCS#11 token (contract R-TLS-5):
+//! for a `pkcs11:` key URL ([`Pkcs11Url`], RFC 7512) the [`CredentialsBuilder`] loads the
+//! module the URL names, logs in, finds the key the certificate certifies and hands rustls a
+//! signing key whose signatures the token makes; the key is never read. Certificates may come
+//! from the token too (`type=cert`). Errors and logs show such URLs with `pin-value=***`.
+//!
 //! With the `test-util` feature, `test_util::TestPki` makes a throwaway CA and certificates
-//! with rcgen, for tests and for `cargo xtask gen-certs`.
+//! with rcgen, for tests and for `cargo xtask gen-certs` (with `pkcs11` too,
+//! `test_util::softhsm` makes SoftHSM2 tokens with keys in them).
 
 mod accept;
 mod credentials;
