@@ -169,6 +169,7 @@ pub struct Running {
     connections: Connections,
     tls: Option<TlsState>,
     admin: Vec<AdminServer>,
+    gauges: Option<JoinHandle<()>>,
 }
 
 /// Binds `settings.listen` and serves: over mTLS unless `settings.insecure` (see the module
@@ -229,6 +230,7 @@ pub async fn start(
         connections,
         tls,
         admin: Vec::new(),
+        gauges: None,
     })
 }
 
@@ -298,6 +300,9 @@ impl Running {
     /// Stops listening, closes every SM stream (each disconnect is reported) and returns once
     /// everything has ended: about half a second at most (R-STOP-1).
     pub async fn stop(self) -> Result<(), ServeError> {
+        if let Some(gauges) = &self.gauges {
+            gauges.abort();
+        }
         // The file provider and the reloader live until the server has stopped.
         let _tls = self.tls;
         for admin in self.admin {
@@ -344,6 +349,43 @@ impl Running {
     }
 }
 
+/// How often the node gauges are refreshed.
+const GAUGE_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a gauge nobody refreshes stays in `/metrics`: a departed node's queue gauge goes
+/// after this, so the series a stream of new node ids leaves behind are bounded (R-BAD-3).
+const GAUGE_IDLE: Duration = Duration::from_secs(60);
+
+impl Running {
+    /// Refreshes, every second until [`stop`](Self::stop), the gauges of the router's state:
+    /// `smcontroller_nodes_connected`, `smcontroller_pending_streams` and
+    /// `smcontroller_inbound_queue_bytes{node}` / `smcontroller_inbound_queue_messages{node}`
+    /// (read from [`Controller::node_status`], not counted on the message path).
+    pub fn publish_gauges(&mut self) {
+        let controller = self.controller.clone();
+        self.gauges = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GAUGE_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let nodes = controller.nodes();
+                metrics::gauge!("smcontroller_nodes_connected").set(nodes.len() as f64);
+                metrics::gauge!("smcontroller_pending_streams")
+                    .set(controller.pending_streams() as f64);
+                for node in nodes {
+                    if let Some(status) = controller.node_status(&node) {
+                        let id = node.as_str().to_owned();
+                        metrics::gauge!("smcontroller_inbound_queue_bytes", "node" => id.clone())
+                            .set(status.queued_bytes as f64);
+                        metrics::gauge!("smcontroller_inbound_queue_messages", "node" => id)
+                            .set(status.queued_messages as f64);
+                    }
+                }
+            }
+        }));
+    }
+}
+
 /// Buckets of the sync round-trip histogram, seconds: 50 µs to 10 s.
 const ROUND_TRIP_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -355,8 +397,10 @@ const ROUND_TRIP_BUCKETS: &[f64] = &[
 /// The sync round trip is a histogram (`smcontroller_sync_round_trip_seconds_bucket`).
 pub fn serve_metrics(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use metrics_util::MetricKindMask;
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(
             Matcher::Full("smcontroller_sync_round_trip_seconds".to_owned()),
             ROUND_TRIP_BUCKETS,

@@ -60,6 +60,9 @@ fn main() -> ExitCode {
             }
         };
         info!(addr = %running.addr, "SM controller listening");
+        if settings.metrics_listen.is_some() {
+            running.publish_gauges();
+        }
         serve_admin(&mut running, &settings).await;
         notify_systemd(&[
             "READY=1",

@@ -219,6 +219,14 @@ async fn metrics_move_with_traffic_and_the_admin_socket_answers() {
         .unwrap()
         .into_inner();
     assert_eq!(nodes.nodes.len(), 2);
+    // The gauges of the router's state, refreshed every second.
+    scrape_until(metrics, "the node gauges", |t| {
+        value(t, "smcontroller_nodes_connected") == 2.0
+            && t.contains("smcontroller_inbound_queue_bytes{node=\"node-1\"}")
+            && t.contains("smcontroller_inbound_queue_bytes{node=\"node-2\"}")
+            && t.contains("smcontroller_messages_in_total{kind=\"sm_info\"}")
+    })
+    .await;
 
     // A client that is not TLS at all fails its handshake.
     let mut junk = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();

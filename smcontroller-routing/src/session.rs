@@ -172,6 +172,7 @@ where
     };
     let node = info.node_id.clone();
     tracing::Span::current().record("node_id", tracing::field::display(&node));
+    metrics::counter!("smcontroller_messages_in_total", "kind" => "sm_info").increment(1);
 
     let registered = ctx.registry.register(&node, &link);
     pending.release();
