@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`, `floor`,
-//! `mtls-rtt`, `mtls-telemetry`, `handshakes`, `renewal-storm`; none means all), `--json PATH`
+//! `mtls-rtt`, `mtls-telemetry`, `handshakes`, `handshakes-pkcs11`, `renewal-storm`; none means
+//! all), `--json PATH`
 //! (the figures as `{"figures":[{"id","name","value","target","pass","unit",..}..]}`, with the
 //! machine, the counts and whether the run was quick), `--quick` (smaller counts: 5,000 churn
 //! cycles, 5,000 sync calls, 3,000 messages per telemetry node, 3,000 handshakes; the whole run
@@ -78,6 +79,9 @@
 //!   handshake with ECDSA P-256 certificates and the client certificate, then the HTTP/2 preface
 //!   until the server's SETTINGS frame, which it sends only after verifying the client) until
 //!   `--handshakes` are done or 30 s pass; handshakes per second.
+//! - `handshakes-pkcs11` (R-TLS-5): the same burst with the server key in a SoftHSM2 token
+//!   (every signature made by the token), beside a burst with the key in a file, one after the
+//!   other in one process; both rates and their ratio. Needs SoftHSM2 (Debian `softhsm2`).
 //! - `renewal-storm` (N-TLS-1): 1,000 SMs over mTLS that register again at once on a new
 //!   connection when their stream ends; the server's certificate and key files are replaced
 //!   (the file provider polls every 20 ms here, [`PROVIDER_POLL`]); time from the replacement
@@ -160,7 +164,7 @@ const CHURN_LIMIT: Duration = Duration::from_secs(150);
 const CONNECT_CONCURRENCY: usize = 512;
 /// Scenarios in their default order. `floor` runs `rtt:relay:N` and `rtt:controller:N` for N in
 /// [`FLOOR_NODES`], each in a process of its own.
-const ALL_SCENARIOS: [&str; 9] = [
+const ALL_SCENARIOS: [&str; 10] = [
     "sync-rtt",
     "telemetry",
     "scale",
@@ -169,6 +173,7 @@ const ALL_SCENARIOS: [&str; 9] = [
     "mtls-rtt",
     "mtls-telemetry",
     "handshakes",
+    "handshakes-pkcs11",
     "renewal-storm",
 ];
 /// Node counts of the floor comparison.
@@ -667,6 +672,7 @@ async fn run_scenario(name: &str, options: &Options) -> anyhow::Result<()> {
         "scale" => scale(options).await,
         "churn" => churn(options).await,
         "handshakes" => tls::handshakes(options).await,
+        "handshakes-pkcs11" => tls::handshakes_pkcs11(options).await,
         "renewal-storm" => tls::renewal_storm(options).await,
         other => bail!("no scenario {other:?}"),
     }

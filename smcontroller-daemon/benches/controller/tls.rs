@@ -1,5 +1,6 @@
 //! The mTLS side of the bench (N-TLS-1): the server's credential files, new handshakes per
-//! second, and the renewal storm.
+//! second (and, `handshakes-pkcs11`, with the server key in a SoftHSM2 token beside a file key:
+//! R-TLS-5's cost), and the renewal storm.
 //!
 //! The PKI is made at run time (`smcontroller_certs::test_util::TestPki`, rcgen: ECDSA P-256
 //! keys) in a temporary directory: `ca.pem`, `server.pem`/`server.key` (read by a
@@ -24,7 +25,10 @@ use rustls::{
 };
 use smcontroller_certs::{
     CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider, ReloadSettings,
-    test_util::TestPki,
+    test_util::{
+        LeafSpec, TestPki,
+        softhsm::{self, SoftHsm, TestToken, TokenKeyKind},
+    },
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -43,7 +47,14 @@ pub(crate) struct ServerFiles {
     pub(crate) dir: tempfile::TempDir,
     _provider: Arc<FileCertProvider>,
     pub(crate) reloader: CredentialsReloader,
+    /// The SoftHSM2 token holding the server key, when [`TOKEN_KEY`] is set.
+    _token: Option<TestToken>,
 }
+
+/// Set by `handshakes-pkcs11` before it starts a harness: the next [`ServerFiles`] put the
+/// server's key in a SoftHSM2 token (this scenario process's, `SOFTHSM2_CONF`) rather than in
+/// `server.key`.
+static TOKEN_KEY: AtomicBool = AtomicBool::new(false);
 
 impl ServerFiles {
     pub(crate) async fn new() -> anyhow::Result<Self> {
@@ -53,6 +64,19 @@ impl ServerFiles {
         std::fs::write(path.join("ca.pem"), pki.ca_pem())?;
         std::fs::write(path.join("ca.der"), pki.ca_der().as_ref())?;
         pki.server()?.write(path, "server")?;
+        let (key_url, token) = if TOKEN_KEY.load(Ordering::Relaxed) {
+            let token = SoftHsm::from_env()?.init_token("bench", "1234")?;
+            let key = token.generate_key(TokenKeyKind::EcP256, "sm", &[1])?;
+            pki.issue_for(&LeafSpec::server(), &key.public_key)?
+                .write(&path.join("server.pem"))?;
+            std::fs::remove_file(path.join("server.key"))?;
+            (token.url("sm", &[1]), Some(token))
+        } else {
+            (
+                format!("file://{}", path.join("server.key").display()),
+                None,
+            )
+        };
         let client = pki.client("bench-sm")?;
         client.write(path, "client")?;
         std::fs::write(path.join("client.der"), client.cert_der().as_ref())?;
@@ -60,7 +84,7 @@ impl ServerFiles {
         let url = |file: &str| format!("file://{}", path.join(file).display());
         let provider = Arc::new(
             FileCertProvider::builder()
-                .storage("sm", url("server.pem"), url("server.key"))
+                .storage("sm", url("server.pem"), key_url)
                 .poll_interval(PROVIDER_POLL)
                 .spawn()?,
         );
@@ -80,6 +104,7 @@ impl ServerFiles {
             dir,
             _provider: provider,
             reloader,
+            _token: token,
         })
     }
 
@@ -228,8 +253,19 @@ const HANDSHAKE_CONCURRENCY: usize = 32;
 /// Longest the handshake burst may run.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
 
-/// N-TLS-1: new client handshakes per second against the controller's mTLS server.
-pub(crate) async fn handshakes(options: &Options) -> anyhow::Result<()> {
+/// What one handshake burst measured.
+struct HandshakeRun {
+    done: f64,
+    errors: f64,
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    controller_cpu_us: f64,
+}
+
+/// A burst of `--handshakes` new connections against a fresh controller over mTLS (its key in
+/// a file, or in a token when [`TOKEN_KEY`] is set); prints what it measured.
+async fn measure_handshakes(options: &Options, key: &str) -> anyhow::Result<HandshakeRun> {
     let (harness, mut sm) = setup(ServerKind::Tls, "hs", 1).await?;
     let cpu = CpuMeter::start(sm.pid);
     let reply = sm
@@ -247,41 +283,122 @@ pub(crate) async fn handshakes(options: &Options) -> anyhow::Result<()> {
     let done = field(&reply, "done")?;
     let errors = field(&reply, "errors")?;
     let wall_s = field(&reply, "wall_ms")? / 1e3;
-    let rate = done / wall_s.max(1e-9);
+    let run = HandshakeRun {
+        done,
+        errors,
+        rate: done / wall_s.max(1e-9),
+        p50_us: field(&reply, "p50_us")?,
+        p99_us: field(&reply, "p99_us")?,
+        controller_cpu_us: controller_cpu.as_secs_f64() * 1e6 / done.max(1.0),
+    };
     println!(
-        "{done:.0} new mTLS connections (full TLS 1.3 handshake, ECDSA P-256, client \
+        "{done:.0} new mTLS connections (full TLS 1.3 handshake, ECDSA P-256 {key}, client \
          certificate, then the HTTP/2 preface until the server's SETTINGS) by \
-         {HANDSHAKE_CONCURRENCY} clients in {wall_s:.2} s: {rate:.0}/s; {errors:.0} errors; \
+         {HANDSHAKE_CONCURRENCY} clients in {wall_s:.2} s: {:.0}/s; {errors:.0} errors; \
          latency p50 {:.0} µs, p99 {:.0} µs",
-        field(&reply, "p50_us")?,
-        field(&reply, "p99_us")?
+        run.rate, run.p50_us, run.p99_us
     );
     println!("  {cpu_line}");
     println!(
         "  controller CPU per handshake {:.0} µs",
-        controller_cpu.as_secs_f64() * 1e6 / done.max(1.0)
+        run.controller_cpu_us
     );
+    sm.quit().await;
+    harness.stop().await;
+    Ok(run)
+}
+
+/// N-TLS-1: new client handshakes per second against the controller's mTLS server.
+pub(crate) async fn handshakes(options: &Options) -> anyhow::Result<()> {
+    let run = measure_handshakes(options, "key in a file").await?;
     summary(
         "N-TLS-1",
         "new mTLS handshakes per second",
         ">= 1,000/s",
-        format!("{rate:.0}/s"),
-        Some(rate >= 1_000.0),
+        format!("{:.0}/s", run.rate),
+        Some(run.rate >= 1_000.0),
     );
-    Figure::new("N-TLS-1", "handshakes_per_s", rate, "handshakes/s")
+    Figure::new("N-TLS-1", "handshakes_per_s", run.rate, "handshakes/s")
         .target(Cmp::AtLeast, 1_000.0)
-        .with("handshakes", done)
-        .with("errors", errors)
+        .with("handshakes", run.done)
+        .with("errors", run.errors)
         .with("concurrency", HANDSHAKE_CONCURRENCY)
         .with("tls", "1.3, ECDSA P-256, client certificate, no resumption")
-        .with(
-            "controller_cpu_us_per_handshake",
-            controller_cpu.as_secs_f64() * 1e6 / done.max(1.0),
-        )
+        .with("controller_cpu_us_per_handshake", run.controller_cpu_us)
         .emit();
-    sm.quit().await;
-    harness.stop().await;
-    ensure!(errors == 0.0, "{errors} handshakes failed");
+    ensure!(run.errors == 0.0, "{} handshakes failed", run.errors);
+    Ok(())
+}
+
+/// Set in the scenario process `handshakes-pkcs11` runs again with a token directory of its own.
+const TOKEN_RUN_ENV: &str = "SMCONTROLLER_BENCH_TOKEN_RUN";
+
+/// R-TLS-5's cost: new handshakes per second with the server key in a PKCS#11 token (SoftHSM2,
+/// every signature made by the token) beside the same burst with the key in a file, measured
+/// one after the other in one process; their ratio.
+///
+/// SoftHSM2 reads its config once per process: the scenario process runs itself again with
+/// `SOFTHSM2_CONF` pointing at a fresh token directory.
+pub(crate) async fn handshakes_pkcs11(options: &Options) -> anyhow::Result<()> {
+    if std::env::var_os(TOKEN_RUN_ENV).is_none() {
+        let dir = tempfile::tempdir()?;
+        let hsm = SoftHsm::create(dir.path())?;
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(softhsm::CONF_ENV, hsm.conf())
+            .env(TOKEN_RUN_ENV, "1")
+            .status()?;
+        ensure!(status.success(), "the token run failed ({status})");
+        return Ok(());
+    }
+    let file = measure_handshakes(options, "key in a file").await?;
+    TOKEN_KEY.store(true, Ordering::Relaxed);
+    let token = measure_handshakes(options, "key in a SoftHSM2 token").await?;
+    let ratio = token.rate / file.rate.max(1e-9);
+    println!(
+        "token key: {:.0} handshakes/s, file key: {:.0}/s: the token key serves {:.2}x the \
+         file key's rate (controller CPU per handshake {:.0} µs against {:.0} µs)",
+        token.rate, file.rate, ratio, token.controller_cpu_us, file.controller_cpu_us
+    );
+    summary(
+        "R-TLS-5",
+        "new mTLS handshakes per second, key in a token (SoftHSM2)",
+        "(cost)",
+        format!(
+            "{:.0}/s, {ratio:.2}x the file key's {:.0}/s",
+            token.rate, file.rate
+        ),
+        None,
+    );
+    Figure::new(
+        "R-TLS-5",
+        "token_key_handshakes_per_s",
+        token.rate,
+        "handshakes/s",
+    )
+    .with("file_key_handshakes_per_s", file.rate)
+    .with("ratio_token_to_file", ratio)
+    .with("handshakes", token.done)
+    .with("errors", token.errors + file.errors)
+    .with("concurrency", HANDSHAKE_CONCURRENCY)
+    .with("p50_us", token.p50_us)
+    .with("p99_us", token.p99_us)
+    .with("file_key_p50_us", file.p50_us)
+    .with("controller_cpu_us_per_handshake", token.controller_cpu_us)
+    .with(
+        "file_key_controller_cpu_us_per_handshake",
+        file.controller_cpu_us,
+    )
+    .with(
+        "tls",
+        "1.3, ECDSA P-256 key in SoftHSM2 (CKM_ECDSA_SHA256), client certificate, no resumption",
+    )
+    .emit();
+    ensure!(
+        token.errors + file.errors == 0.0,
+        "{} handshakes failed",
+        token.errors + file.errors
+    );
     Ok(())
 }
 
