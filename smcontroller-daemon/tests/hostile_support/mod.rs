@@ -409,10 +409,9 @@ impl RawH2 {
     /// Whether the server closed the connection or sent GOAWAY, within `wait`.
     pub async fn ended_within(&self, wait: Duration) -> bool {
         let mut seen = self.seen.clone();
-        matches!(
-            tokio::time::timeout(wait, seen.wait_for(|s| s.closed || !s.goaways.is_empty())).await,
-            Ok(_)
-        )
+        tokio::time::timeout(wait, seen.wait_for(|s| s.closed || !s.goaways.is_empty()))
+            .await
+            .is_ok()
     }
 
     pub fn snapshot(&self) -> Seen {
