@@ -836,13 +836,26 @@ impl Harness {
     async fn start_kind(kind: ServerKind) -> anyhow::Result<Self> {
         // The daemon's defaults, but for the budgets that would refuse the scale scenario's
         // 10,000 nodes on as many connections at once (defaults 4,096 and 1,024).
+        Self::start_with(
+            kind,
+            Settings {
+                max_nodes: 16_384,
+                max_pending_streams: 16_384,
+                max_connections: 16_384,
+                ..Settings::default()
+            },
+        )
+        .await
+    }
+
+    /// The controller with the daemon's settings `settings` (listening on a free loopback
+    /// port, insecure unless `kind` says mTLS): the hostile-peer soak runs on the daemon's
+    /// own budgets.
+    async fn start_with(kind: ServerKind, settings: Settings) -> anyhow::Result<Self> {
         let settings = Settings {
             listen: "127.0.0.1:0".parse()?,
             insecure: true,
-            max_nodes: 16_384,
-            max_pending_streams: 16_384,
-            max_connections: 16_384,
-            ..Settings::default()
+            ..settings
         };
         let counts = Arc::new(Counting::default());
         let listener = server::bind(settings.listen).await?;

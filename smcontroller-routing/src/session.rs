@@ -238,6 +238,11 @@ where
     let replaced = link.replaced.cancelled();
     tokio::pin!(shutdown, replaced);
     let reason = loop {
+        // Each message counts against the task's cooperative budget: a stream whose messages
+        // are all buffered (a flood of small or rejected ones) would otherwise hold its worker
+        // thread until its flow-control window is drained, and the other nodes' replies would
+        // wait behind it (R-BAD-2).
+        tokio::task::consume_budget().await;
         let event = tokio::select! {
             biased;
             () = &mut shutdown => break DisconnectReason::Shutdown,

@@ -54,7 +54,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Harness, Latencies, connect_all, cpu_time, mib, node_ids, rss};
+use smcontroller_daemon::config::Settings;
+
+use super::{Harness, Latencies, ServerKind, connect_all, cpu_time, mib, node_ids, rss};
 
 /// The scenarios, in the order they run.
 pub(crate) const SCENARIOS: [&str; 9] = [
@@ -430,7 +432,7 @@ pub(crate) async fn scenario(name: &str) -> anyhow::Result<()> {
         let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
         rlimit::setrlimit(rlimit::Resource::NOFILE, SLOWLORIS_NOFILE.min(hard), hard)?;
     }
-    let harness = Harness::start().await?;
+    let harness = Harness::start_with(ServerKind::Insecure, Settings::default()).await?;
     let mut sm = harness.sm_process().await?;
     connect_all(&harness, &mut sm, "good", GOOD).await?;
     let ids = node_ids("good", GOOD);
