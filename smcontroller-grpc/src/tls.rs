@@ -147,8 +147,8 @@ pub async fn serve_tls(
         "serving SMService over mTLS"
     );
     let refusals = controller.refusals();
-    let service = SmService::new(controller.clone(), items)
-        .with_identity_binding(tls.identity_binding);
+    let service =
+        SmService::new(controller.clone(), items).with_identity_binding(tls.identity_binding);
     let (router, health) = crate::server::endpoint(&settings, service).await?;
     let stop = CancellationToken::new();
     let restarts = tokio::spawn(restart_on_renewal(
