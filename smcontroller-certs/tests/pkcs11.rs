@@ -489,6 +489,98 @@ async fn pkcs11_renewal_to_a_new_token_key_is_seen_by_new_handshakes() {
     assert_eq!(served, third.cert_der());
 }
 
+/// A file loader that counts the loads of the server's chain (one per build) and holds each
+/// until the test lets it through.
+struct GatedChain {
+    inner: FileCertLoader,
+    url: String,
+    builds: watch::Sender<usize>,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait::async_trait]
+impl smcontroller_api::CertLoader for GatedChain {
+    async fn load_cert_chain(
+        &self,
+        url: &str,
+    ) -> smcontroller_api::Result<Vec<smcontroller_api::CertificateDer>> {
+        if url == self.url {
+            self.builds.send_modify(|b| *b += 1);
+            self.gate.acquire().await.unwrap().forget();
+        }
+        self.inner.load_cert_chain(url).await
+    }
+
+    async fn load_private_key(
+        &self,
+        url: &str,
+    ) -> smcontroller_api::Result<smcontroller_api::PrivateKeyDer> {
+        self.inner.load_private_key(url).await
+    }
+}
+
+/// Renewal notices that arrive while a build with a token key runs coalesce into one more
+/// build, as with files (on Tokio's paused clock: an idle hour passes at once).
+#[tokio::test(start_paused = true)]
+async fn pkcs11_renewal_notices_during_a_build_coalesce_as_for_files() {
+    let Some(hsm) =
+        softhsm::isolated("pkcs11_renewal_notices_during_a_build_coalesce_as_for_files")
+    else {
+        return;
+    };
+    let setup = Setup::new(&hsm, TokenKeyKind::EcP256);
+    let url = setup.key_url().replace(";id=%01", "");
+    let loader = Arc::new(GatedChain {
+        inner: FileCertLoader::new(),
+        url: setup.file_url("server.pem"),
+        builds: watch::Sender::new(0),
+        gate: tokio::sync::Semaphore::new(1),
+    });
+    let provider = FakeProvider::new(setup.info(&url));
+    let builder = CredentialsBuilder::new(
+        Arc::new(provider.clone()),
+        loader.clone(),
+        "sm",
+        setup.file_url("ca.pem"),
+    );
+    let reloader = CredentialsReloader::start(builder, ReloadSettings::default())
+        .await
+        .unwrap();
+    let mut credentials = reloader.subscribe();
+    credentials.borrow_and_update();
+
+    let renewed = setup
+        .token
+        .generate_key(TokenKeyKind::EcP256, "sm", &[2])
+        .unwrap();
+    setup.certify(&renewed, "server.pem");
+    provider.notify();
+    let mut builds = loader.builds.subscribe();
+    support::within_for(
+        support::PAUSED_DEADLINE,
+        "build #2",
+        builds.wait_for(|&b| b >= 2),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        provider.notify();
+        tokio::task::yield_now().await;
+    }
+    loader.gate.add_permits(100);
+    support::within_for(
+        support::PAUSED_DEADLINE,
+        "generation 2",
+        credentials.wait_for(|c| c.generation == 2),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(*loader.builds.borrow(), 3, "one build for the five notices");
+    assert_eq!(reloader.current().generation, 2);
+    assert_eq!(reloader.failed_builds(), 0);
+}
+
 async fn wait_generation(credentials: &mut watch::Receiver<ServerCredentials>, generation: u64) {
     support::within(
         &format!("generation {generation}"),
