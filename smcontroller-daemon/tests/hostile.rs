@@ -375,23 +375,35 @@ async fn r_bad_2_streams_not_yet_registered_are_capped() {
     let baseline_tasks = h.controller.live_tasks();
     let mut client = SmServiceClient::connect(h.url()).await.unwrap();
     let mut held = Vec::new();
-    let mut refused = Vec::new();
     for _ in 0..cap + 4 {
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::SmOutgoingMessages>(1);
         let call = client.register_sm(tokio_stream::wrappers::ReceiverStream::new(rx));
-        match within("RegisterSM answered", call).await {
-            Ok(response) => held.push((tx, response.into_inner())),
-            Err(status) => refused.push(status),
-        }
+        let response = within("RegisterSM answered", call)
+            .await
+            .expect("a new stream takes the place of the oldest waiting one");
+        held.push((tx, response.into_inner()));
     }
-    assert_eq!(held.len(), cap, "streams held: refused {refused:?}");
-    assert_eq!(refused.len(), 4);
-    for status in &refused {
+    // The four oldest streams gave their places to the newer ones: RESOURCE_EXHAUSTED.
+    for (_, stream) in held.iter_mut().take(4) {
+        let status = within("the oldest waiting streams end", async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("ended without a status"),
+                    Err(status) => return status,
+                }
+            }
+        })
+        .await;
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("maxPendingStreams"), "{status:?}");
     }
     assert!(counted(&h, Budget::PendingStreams) >= before + 4);
+    assert!(h.controller.pending_streams() <= cap);
+    // At the cap, a new SM still registers (it takes the oldest waiting one's place).
     h.good_ones_answer("with the pending streams at the cap")
         .await;
+    h.healthy("with the pending streams at the cap").await;
     drop(held);
     eventually("the pending streams gone", DEADLINE, || {
         h.controller.live_tasks() <= baseline_tasks

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Receivers, Settings,
-    lifecycle::{Backlog, Commands, Link, Registry, SendError},
+    lifecycle::{Backlog, Commands, Link, Registry, SendError, WAITING},
     message::{InboundEvent, LogQuery, Outbound},
     session::{self, Context},
     waiters::{Reply, ReplyKind},
@@ -109,6 +109,7 @@ impl Controller {
                 queue_bytes: settings.inbound_queue_bytes,
                 refusals: Refusals::new(),
                 pending: AtomicUsize::new(0),
+                waiting: Mutex::default(),
                 refused_early: WarnGate::default(),
                 shutdown: CancellationToken::new(),
                 cut: CancellationToken::new(),
@@ -133,8 +134,12 @@ impl Controller {
     /// Must be called within a tokio runtime: it spawns the stream's reader task (and, once the
     /// SM registers, its dispatcher task).
     ///
-    /// A stream beyond [`Settings::max_pending_streams`] (streams not registered yet) is
-    /// refused, counted as [`Budget::PendingStreams`].
+    /// At [`Settings::max_pending_streams`] (streams not registered yet) the oldest of them is
+    /// ended (`RESOURCE_EXHAUSTED`) and its place goes to the new one, counted as
+    /// [`Budget::PendingStreams`]: a real SM sends `sm_info` as soon as its stream is open, so
+    /// streams that hold their place without registering are the ones to go, and a peer that
+    /// opens streams and waits cannot keep a new SM out. A stream is refused only if no place
+    /// can be freed.
     pub fn attach<S>(&self, inbound: S) -> Result<Commands, AttachError>
     where
         S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
@@ -143,6 +148,11 @@ impl Controller {
             return Err(AttachError::ShuttingDown);
         }
         let max = self.settings.max_pending_streams;
+        let mut waiting = self
+            .ctx
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let taken = self
             .ctx
             .pending
@@ -150,8 +160,15 @@ impl Controller {
                 (n < max).then_some(n + 1)
             });
         if taken.is_err() {
+            // Full: the oldest stream still waiting gives its place (it is not given back, so
+            // the count stays).
             self.ctx.refusals.count(Budget::PendingStreams);
-            return Err(AttachError::PendingStreams(max));
+            let freed = std::iter::from_fn(|| waiting.pop_front())
+                .filter_map(|link| link.upgrade())
+                .any(|link| link.evict());
+            if !freed {
+                return Err(AttachError::PendingStreams(max));
+            }
         }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let backlog = Backlog {
@@ -164,6 +181,16 @@ impl Controller {
             backlog,
             self.ctx.refusals.clone(),
         ));
+        // Entries of streams that left are dropped now and then, so the queue stays within
+        // twice the budget.
+        if waiting.len() >= max.saturating_mul(2).max(16) {
+            waiting.retain(|link| {
+                link.upgrade()
+                    .is_some_and(|l| l.waiting.load(Ordering::Acquire) == WAITING)
+            });
+        }
+        waiting.push_back(Arc::downgrade(&link));
+        drop(waiting);
         link.send_cloud(self.ctx.registry.cloud_connected());
         let commands = Commands::new(link.clone());
         self.ctx

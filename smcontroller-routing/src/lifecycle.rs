@@ -39,6 +39,13 @@ use crate::{
     waiters::{Delivery, Reply, ReplyKind, Waiters},
 };
 
+/// [`Link::waiting`]: the stream holds a place among the unregistered streams.
+pub(crate) const WAITING: u8 = 0;
+/// [`Link::waiting`]: the stream gave its place back (it registered or ended).
+pub(crate) const LEFT: u8 = 1;
+/// [`Link::waiting`]: the stream's place went to a newer stream; it must end.
+pub(crate) const EVICTED: u8 = 2;
+
 /// The stream has been closed: nothing more can be sent on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
@@ -88,6 +95,9 @@ pub(crate) struct Link {
     restart: AtomicBool,
     /// Set when the stream is ended because the SM does not read its commands.
     stalled_out: AtomicBool,
+    /// Where the stream is with its place among the unregistered streams: [`WAITING`],
+    /// [`LEFT`] (registered or ended) or [`EVICTED`] (its place given to a newer stream).
+    pub(crate) waiting: std::sync::atomic::AtomicU8,
     /// Times the reader found the inbound queue full and paused the stream (R-TEL-2).
     pub(crate) stalls: AtomicU64,
     /// Whether the reader is waiting for room in the queue right now.
@@ -154,6 +164,7 @@ impl Link {
             replaced: CancellationToken::new(),
             restart: AtomicBool::new(false),
             stalled_out: AtomicBool::new(false),
+            waiting: std::sync::atomic::AtomicU8::new(WAITING),
             stalls: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
             backlog,
@@ -162,6 +173,27 @@ impl Link {
             last_message_ms: AtomicU64::new(0),
             inbound_depth: OnceLock::new(),
         }
+    }
+
+    /// Gives the stream's place among the unregistered streams back; `false` if it was
+    /// evicted (its place already went to a newer stream).
+    pub(crate) fn leave_waiting(&self) -> bool {
+        self.waiting
+            .compare_exchange(WAITING, LEFT, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Takes the stream's place among the unregistered streams for a newer one, if it still
+    /// waits; it then ends (its registration wait is woken).
+    pub(crate) fn evict(&self) -> bool {
+        let evicted = self
+            .waiting
+            .compare_exchange(WAITING, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if evicted {
+            self.replaced.cancel();
+        }
+        evicted
     }
 
     /// Notes that a message was read now.

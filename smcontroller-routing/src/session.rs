@@ -48,6 +48,9 @@ pub(crate) struct Context {
     pub(crate) refusals: Refusals,
     /// Streams attached that have not registered (or ended) yet.
     pub(crate) pending: AtomicUsize,
+    /// Those streams, oldest first (with entries of streams that left since, dropped lazily):
+    /// the oldest is evicted when a new stream finds the budget full.
+    pub(crate) waiting: std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Link>>>,
     /// Rate limit of the warnings about streams refused before they registered: such streams
     /// have no node id to limit by, and anyone can open them.
     pub(crate) refused_early: WarnGate,
@@ -123,13 +126,21 @@ where
 }
 
 /// Holds one of the pending-stream places (`max_pending_streams`) until the stream registers
-/// or ends.
-struct Pending<'a>(Option<&'a AtomicUsize>);
+/// or ends. An evicted stream's place already went to a newer stream: it is not given back.
+struct Pending<'a>(Option<(&'a AtomicUsize, &'a Link)>);
 
 impl Pending<'_> {
-    fn release(&mut self) {
-        if let Some(pending) = self.0.take() {
-            pending.fetch_sub(1, Ordering::AcqRel);
+    /// Gives the place back; `false` if the stream was evicted.
+    fn release(&mut self) -> bool {
+        match self.0.take() {
+            Some((pending, link)) => {
+                let left = link.leave_waiting();
+                if left {
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                }
+                left
+            }
+            None => true,
         }
     }
 }
@@ -156,8 +167,8 @@ async fn read<S>(ctx: Arc<Context>, link: Arc<Link>, mut inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
-    let mut pending = Pending(Some(&ctx.pending));
-    let info = match registration(&ctx, &mut inbound).await {
+    let mut pending = Pending(Some((&ctx.pending, &link)));
+    let info = match registration(&ctx, &link, &mut inbound).await {
         Ok(info) => info,
         Err(end) => {
             if let Some(end) = &end
@@ -174,8 +185,12 @@ where
     tracing::Span::current().record("node_id", tracing::field::display(&node));
     metrics::counter!("smcontroller_messages_in_total", "kind" => "sm_info").increment(1);
 
+    if !pending.release() {
+        // Evicted just as its sm_info came: it already gave its place away.
+        link.close(Some(evicted()));
+        return;
+    }
     let registered = ctx.registry.register(&node, &link);
-    pending.release();
     let (registration, session_end) = match registered {
         Ok(registered) => registered,
         Err(limit) => {
@@ -341,6 +356,16 @@ where
     let _ = reason_tx.send(reason);
 }
 
+/// The status of a stream evicted from the unregistered ones (R-BAD-2).
+fn evicted() -> EndStatus {
+    EndStatus {
+        code: EndCode::ResourceExhausted,
+        message: "too many SM streams waiting to register (maxPendingStreams): this one, \
+                  the oldest without sm_info, gave its place to a newer stream"
+            .into(),
+    }
+}
+
 /// The `reason` label of `smcontroller_disconnects_total`.
 fn reason_label(reason: &DisconnectReason) -> &'static str {
     match reason {
@@ -376,7 +401,11 @@ fn end_status(node: &NodeId, reason: &DisconnectReason) -> Option<EndStatus> {
 
 /// Waits for the first message: it must be `sm_info` with a node id (R-REG-2). `Err(None)`:
 /// the stream ended quietly; `Err(Some(..))`: end it with that status.
-async fn registration<S>(ctx: &Context, inbound: &mut S) -> Result<SmInfo, Option<EndStatus>>
+async fn registration<S>(
+    ctx: &Context,
+    link: &Link,
+    inbound: &mut S,
+) -> Result<SmInfo, Option<EndStatus>>
 where
     S: Stream<Item = InboundEvent> + Unpin,
 {
@@ -388,6 +417,7 @@ where
                 message: "the SM controller is stopping".into(),
             }));
         }
+        () = link.replaced.cancelled() => return Err(Some(evicted())),
         first = tokio::time::timeout(timeout, inbound.next()) => first,
     };
     let invalid = |message: String| {

@@ -7,9 +7,7 @@ mod support;
 use std::time::Duration;
 
 use smcontroller_api::{Error, InstanceInfo, InstanceRunner, NodeConfigHandler, NodeId};
-use smcontroller_routing::{
-    AttachError, Budget, CommandLimit, EndCode, Inbound, Outbound, Settings,
-};
+use smcontroller_routing::{Budget, CommandLimit, EndCode, Inbound, Outbound, Settings};
 use support::{Ev, SLOW, Sm, config_status, controller, monitoring};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -19,34 +17,51 @@ fn node(id: &str) -> NodeId {
 }
 
 #[tokio::test]
-async fn r_bad_2_streams_beyond_the_pending_budget_are_refused_until_one_registers() {
-    let (controller, _recorder) = controller(Settings {
+async fn r_bad_2_at_the_pending_budget_the_oldest_unregistered_stream_gives_its_place() {
+    let (controller, recorder) = controller(Settings {
         max_pending_streams: 3,
         ..Settings::default()
     });
-    let first = Sm::attach(&controller);
+    let mut oldest = Sm::attach(&controller);
     let _second = Sm::attach(&controller);
     let _third = Sm::attach(&controller);
-    let refused = controller
-        .attach(futures::stream::pending())
-        .expect_err("a fourth unregistered stream is over the budget");
-    assert_eq!(refused, AttachError::PendingStreams(3));
-    assert!(
-        refused.to_string().contains("maxPendingStreams"),
-        "{refused}"
-    );
-    assert_eq!(controller.refusals().get(Budget::PendingStreams), 1);
+    assert_eq!(controller.pending_streams(), 3);
 
-    // Registering frees a place.
-    first.send(Inbound::SmInfo(support::sm_info("n1", "s1")));
+    // A new SM is not kept out by streams that never register: the oldest one goes.
+    let newcomer = Sm::attach(&controller);
+    let end = oldest
+        .end_status(WAIT)
+        .await
+        .expect("evicted with a status");
+    assert_eq!(end.code, EndCode::ResourceExhausted);
+    assert!(end.message.contains("maxPendingStreams"), "{}", end.message);
+    assert_eq!(controller.refusals().get(Budget::PendingStreams), 1);
+    assert_eq!(controller.pending_streams(), 3);
+    newcomer.send(Inbound::SmInfo(support::sm_info("n1", "s1")));
+    recorder
+        .wait_for("the newcomer registered", WAIT, |e| {
+            e.contains(&Ev::SmInfo("n1".into(), "s1".into()))
+        })
+        .await;
     tokio::time::timeout(WAIT, async {
         while controller.pending_streams() != 2 {
             tokio::task::yield_now().await;
         }
     })
     .await
-    .expect("the registered stream left the pending ones");
-    let _fourth = Sm::attach(&controller);
+    .expect("the registered stream gave its place back");
+
+    // Many more: each evicts the oldest waiting one; the count never passes the budget and
+    // the queue of waiting streams stays bounded.
+    let mut flood: Vec<Sm> = (0..1000).map(|_| Sm::attach(&controller)).collect();
+    assert!(controller.pending_streams() <= 3);
+    for sm in flood.iter_mut().take(990) {
+        assert_eq!(
+            sm.end_status(WAIT).await.map(|e| e.code),
+            Some(EndCode::ResourceExhausted)
+        );
+    }
+    assert_eq!(controller.node_count(), 1);
 }
 
 #[tokio::test]
