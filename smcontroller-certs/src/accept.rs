@@ -26,6 +26,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 use crate::{PeerIdentity, ServerCredentials};
@@ -41,6 +42,9 @@ const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The longest pause after failed `accept`s in a row.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a new connection at the cap waits for an evicted one to free its place.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
 
 /// How many finished handshakes may wait for the server to take them.
 const QUEUE: usize = 64;
@@ -180,6 +184,7 @@ impl tokio_stream::Stream for TlsIncoming {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: TlsConnInfo,
+    establishing: Option<Establishing>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -195,6 +200,13 @@ impl TlsConn {
     /// What the handshake established about the peer.
     pub fn info(&self) -> &TlsConnInfo {
         &self.info
+    }
+
+    /// The connection's place among those not established yet: the server holds it until the
+    /// peer has sent its HTTP/2 preface, and closes the connection if it is evicted first
+    /// (R-BAD-3). `None` once taken.
+    pub fn establishing(&mut self) -> Option<Establishing> {
+        self.establishing.take()
     }
 
     /// The TLS stream, for what [`TlsConnInfo`] does not tell (the negotiated version, ...).
@@ -400,6 +412,7 @@ struct TcpAcceptor {
     backoff: Duration,
     /// Connections over the cap: one line now and then, with the count.
     over_cap: WarnGate,
+    unestablished: Unestablished,
 }
 
 /// One accepted connection, holding its place under the cap.
@@ -408,6 +421,88 @@ struct Accepted {
     peer: SocketAddr,
     at: Instant,
     slot: OwnedSemaphorePermit,
+    establishing: Establishing,
+}
+
+/// The accepted connections that have not yet shown they are SMs (TLS handshake and HTTP/2
+/// preface not finished), oldest first. When the connection cap or the process's file
+/// descriptors run out, the oldest of them is closed to make room, so that connections that
+/// never speak (slowloris) cannot keep a new SM out: a real SM finishes both within
+/// milliseconds.
+#[derive(Clone, Default)]
+struct Unestablished {
+    inner: Arc<std::sync::Mutex<(u64, std::collections::BTreeMap<u64, CancellationToken>)>>,
+}
+
+impl Unestablished {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, CancellationToken>)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn enter(&self) -> Establishing {
+        let token = CancellationToken::new();
+        let mut inner = self.lock();
+        let id = inner.0;
+        inner.0 += 1;
+        inner.1.insert(id, token.clone());
+        Establishing {
+            id,
+            token,
+            list: self.clone(),
+        }
+    }
+
+    /// Closes the oldest connection not established yet; `false` if there is none.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.lock().1.pop_first();
+        match oldest {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A connection's place among those not established yet (see [`TlsConn::establishing`]).
+/// Dropping it, once the peer has spoken HTTP/2, takes the connection out of the ones that
+/// may be evicted; [`evicted`](Self::evicted) resolves if it is evicted before that.
+pub struct Establishing {
+    id: u64,
+    token: CancellationToken,
+    list: Unestablished,
+}
+
+impl fmt::Debug for Establishing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Establishing")
+            .field("id", &self.id)
+            .field("evicted", &self.token.is_cancelled())
+            .finish()
+    }
+}
+
+impl Establishing {
+    /// Resolves when the connection is evicted: close it.
+    pub fn evicted(&self) -> WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
+
+    /// Whether the connection has been evicted.
+    pub fn is_evicted(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+impl Drop for Establishing {
+    fn drop(&mut self) {
+        self.list.lock().1.remove(&self.id);
+    }
 }
 
 impl TcpAcceptor {
@@ -420,7 +515,23 @@ impl TcpAcceptor {
             failures: 0,
             backoff: MIN_ACCEPT_BACKOFF,
             over_cap: WarnGate::default(),
+            unestablished: Unestablished::default(),
         }
+    }
+
+    /// Evicts the oldest connection not established yet, counted and logged (rate-limited).
+    fn evict(&self, why: &str) -> bool {
+        if !self.unestablished.evict_oldest() {
+            return false;
+        }
+        self.refusals.count(Budget::Connections);
+        if let Some(gate) = self.over_cap.admit() {
+            warn!(
+                suppressed = gate.suppressed,
+                why, "closed the oldest connection that has not finished its handshake and preface"
+            );
+        }
+        true
     }
 
     /// The next connection under the cap. Connections over it are closed as they come.
@@ -433,6 +544,11 @@ impl TcpAcceptor {
                     continue;
                 }
                 Err(e) => {
+                    // Out of file descriptors: a connection that never spoke gives its own.
+                    if self.evict("out of file descriptors") {
+                        tokio::time::sleep(MIN_ACCEPT_BACKOFF).await;
+                        continue;
+                    }
                     if self.failures == 0 {
                         warn!(error = %e, "cannot accept connections; pausing and retrying \
                             (further failures logged at debug level)");
@@ -450,7 +566,18 @@ impl TcpAcceptor {
                 self.failures = 0;
                 self.backoff = MIN_ACCEPT_BACKOFF;
             }
-            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            let slot = match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                // At the cap: a connection that never spoke gives its place, if there is one.
+                Err(_) if self.evict("connection cap (maxConnections)") => {
+                    tokio::time::timeout(EVICTION_WAIT, Arc::clone(&self.slots).acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                Err(_) => None,
+            };
+            let Some(slot) = slot else {
                 self.refusals.count(Budget::Connections);
                 if let Some(gate) = self.over_cap.admit() {
                     warn!(peer = %peer, suppressed = gate.suppressed,
@@ -469,6 +596,7 @@ impl TcpAcceptor {
                 peer,
                 at: Instant::now(),
                 slot,
+                establishing: self.unestablished.enter(),
             };
         }
     }
@@ -533,9 +661,17 @@ async fn handshake(
         peer,
         at,
         slot,
+        establishing,
     } = accepted;
     let acceptor = TlsAcceptor::from(Arc::clone(&credentials.config));
-    let stream = match tokio::time::timeout_at(at + timeout, acceptor.accept(tcp)).await {
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout_at(at + timeout, acceptor.accept(tcp)) => handshake,
+        () = establishing.evicted() => {
+            debug!(peer = %peer, "evicted during its TLS handshake");
+            return;
+        }
+    };
+    let stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             let reason = HandshakeRefusal::of(&e);
@@ -586,6 +722,7 @@ async fn handshake(
             peer_certificates,
             peer_identity,
         },
+        establishing: Some(establishing),
         _slot: slot,
     };
     // If the server is gone, the connection is just closed.
@@ -620,6 +757,7 @@ impl PlainIncoming {
                     stream: accepted.tcp,
                     peer_addr: accepted.peer,
                     accepted_at: accepted.at,
+                    establishing: Some(accepted.establishing),
                     _slot: accepted.slot,
                 };
                 if tx.send(conn).await.is_err() {
@@ -651,6 +789,7 @@ pub struct PlainConn {
     stream: TcpStream,
     peer_addr: SocketAddr,
     accepted_at: Instant,
+    establishing: Option<Establishing>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -663,6 +802,12 @@ impl PlainConn {
     /// When the connection was accepted.
     pub fn accepted_at(&self) -> Instant {
         self.accepted_at
+    }
+
+    /// The connection's place among those not established yet (see
+    /// [`TlsConn::establishing`]). `None` once taken.
+    pub fn establishing(&mut self) -> Option<Establishing> {
+        self.establishing.take()
     }
 
     /// The TCP stream.
@@ -708,5 +853,61 @@ impl AsyncWrite for PlainConn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    async fn next(incoming: &mut PlainIncoming) -> PlainConn {
+        tokio::time::timeout(WAIT, incoming.next())
+            .await
+            .expect("a connection in time")
+            .expect("accepting goes on")
+    }
+
+    /// R-BAD-3: at the connection cap, the oldest connection not established yet gives its
+    /// place to the new one; an established one never does.
+    #[tokio::test]
+    async fn r_bad_3_at_the_cap_the_oldest_unestablished_connection_is_evicted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusals = Refusals::new();
+        let settings = AcceptSettings::default().with_max_connections(2);
+        let mut incoming = PlainIncoming::new(listener, settings, refusals.clone());
+
+        // One established (its place taken out of the eviction order), one idle.
+        let _established_client = TcpStream::connect(addr).await.unwrap();
+        let mut established = next(&mut incoming).await;
+        drop(established.establishing());
+        let mut idle_client = TcpStream::connect(addr).await.unwrap();
+        let mut idle = next(&mut incoming).await;
+        let idle_place = idle.establishing().unwrap();
+
+        // A third: the idle one is told to go; once it has, the newcomer is handed on.
+        let _newcomer_client = TcpStream::connect(addr).await.unwrap();
+        let newcomer = tokio::spawn(async move { next(&mut incoming).await });
+        tokio::time::timeout(WAIT, idle_place.evicted())
+            .await
+            .expect("the idle connection is evicted");
+        drop((idle_place, idle));
+        let newcomer = tokio::time::timeout(WAIT, newcomer)
+            .await
+            .expect("the newcomer is accepted")
+            .unwrap();
+        assert_eq!(refusals.get(Budget::Connections), 1);
+        let mut buf = [0_u8; 1];
+        let read = tokio::time::timeout(WAIT, idle_client.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the evicted connection is closed: {read:?}"
+        );
+        drop((newcomer, established));
     }
 }

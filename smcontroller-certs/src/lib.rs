@@ -75,8 +75,8 @@ mod reload;
 pub mod test_util;
 
 pub use accept::{
-    AcceptSettings, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HandshakeRefusal,
-    PlainConn, PlainIncoming, TlsConn, TlsConnInfo, TlsIncoming,
+    AcceptSettings, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Establishing,
+    HandshakeRefusal, PlainConn, PlainIncoming, TlsConn, TlsConnInfo, TlsIncoming,
 };
 pub use credentials::{ALPN_H2, CredentialsBuilder, ServerCredentials, crypto_provider};
 pub use error::{Error, Report};

@@ -309,6 +309,11 @@ async fn r_bad_3_slowloris_at_the_open_file_limit_leaves_the_server_responsive_a
     );
     h.good_ones_answer("after two seconds out of file descriptors")
         .await;
+    // A new SM gets in while the attack goes on: the oldest connection that never sent its
+    // preface gives its file descriptor (R-BAD-3).
+    h.newcomer_registers("with the attacker holding every file descriptor")
+        .await;
+    assert!(h.controller.refusals().get(Budget::Connections) >= 1);
 
     // The attacker stops reconnecting but keeps its sockets: only the server's handshake
     // timeout can close them.

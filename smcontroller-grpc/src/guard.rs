@@ -10,6 +10,10 @@
 //!   PING and SETTINGS and offers no limit of its own; a peer that floods them makes the
 //!   server work for nothing. When the bucket is empty the connection ends.
 //!
+//! - **Eviction.** Until its preface is in, the connection is one of the acceptor's not
+//!   established ones ([`Establishing`]); when the connection cap or the file descriptors run
+//!   out, the oldest of those is evicted to make room for a new one, and this wrapper ends it.
+//!
 //! The wrapper only reads frame headers as the bytes go by (nine bytes per frame); it never
 //! buffers, delays or changes them.
 
@@ -20,11 +24,13 @@ use std::{
     time::Duration,
 };
 
+use smcontroller_certs::Establishing;
 use smcontroller_limits::{Budget, Refusals};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
 };
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::transport::server::Connected;
 
 /// The HTTP/2 client connection preface magic (RFC 9113, section 3.4).
@@ -53,6 +59,9 @@ pub struct Guarded<IO> {
     io: IO,
     /// Until the preface is complete: the deadline.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Until the preface is complete: the place among the connections not established yet,
+    /// and its eviction.
+    establishing: Option<(Establishing, Pin<Box<WaitForCancellationFutureOwned>>)>,
     /// Bytes of the magic seen so far (24 when done).
     magic_seen: usize,
     /// The header of the frame being read, and how much of it is in.
@@ -80,12 +89,26 @@ impl<IO> std::fmt::Debug for Guarded<IO> {
 impl<IO> Guarded<IO> {
     /// Puts `io` under the guard.
     pub fn new(io: IO, settings: GuardSettings) -> Self {
+        Self::establishing(io, settings, None)
+    }
+
+    /// Puts `io` under the guard, holding its place among the connections not established yet
+    /// until its preface is in (ended if it is evicted first).
+    pub fn establishing(
+        io: IO,
+        settings: GuardSettings,
+        establishing: Option<Establishing>,
+    ) -> Self {
         let rate = f64::from(settings.control_frames_per_sec.max(1));
         Self {
             io,
             deadline: Some(Box::pin(tokio::time::sleep_until(
                 settings.preface_deadline,
             ))),
+            establishing: establishing.map(|e| {
+                let evicted = Box::pin(e.evicted());
+                (e, evicted)
+            }),
             magic_seen: 0,
             header: [0; FRAME_HEADER],
             header_len: 0,
@@ -153,6 +176,7 @@ impl<IO> Guarded<IO> {
         self.frames += 1;
         // The client's first frame is its SETTINGS: the preface is complete.
         self.deadline = None;
+        self.establishing = None;
     }
 
     fn take_token(&mut self) -> io::Result<()> {
@@ -194,6 +218,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
+                if let Some((_, evicted)) = this.establishing.as_mut()
+                    && evicted.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "no HTTP/2 preface yet, and its place was needed for a new connection",
+                    )));
+                }
                 if let Some(deadline) = this.deadline.as_mut()
                     && deadline.as_mut().poll(cx).is_ready()
                 {

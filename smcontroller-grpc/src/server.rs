@@ -225,13 +225,15 @@ pub async fn serve_insecure_with(
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
     let incoming =
-        PlainIncoming::new(listener, settings.accept, refusals.clone()).map(move |conn| {
+        PlainIncoming::new(listener, settings.accept, refusals.clone()).map(move |mut conn| {
             let guard = GuardSettings {
                 preface_deadline: conn.accepted_at() + timeout,
                 control_frames_per_sec: rate,
                 refusals: refusals.clone(),
             };
-            Ok::<_, std::convert::Infallible>(connections.track(Guarded::new(PlainSm(conn), guard)))
+            let establishing = conn.establishing();
+            let conn = Guarded::establishing(PlainSm(conn), guard, establishing);
+            Ok::<_, std::convert::Infallible>(connections.track(conn))
         });
     router
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -163,15 +163,17 @@ pub async fn serve_tls(
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
     let incoming = TlsIncoming::counted(listener, credentials, settings.accept, refusals.clone())
-        .map(move |conn| {
+        .map(move |mut conn| {
             let epoch = conn.info().generation();
+            let establishing = conn.establishing();
             // The TLS handshake and the HTTP/2 preface share one deadline (R-BAD-3).
             let guard = GuardSettings {
                 preface_deadline: conn.info().accepted_at() + timeout,
                 control_frames_per_sec: rate,
                 refusals: refusals.clone(),
             };
-            Ok::<_, Infallible>(connections.track_in(Guarded::new(SmConn(conn), guard), epoch))
+            let conn = Guarded::establishing(SmConn(conn), guard, establishing);
+            Ok::<_, Infallible>(connections.track_in(conn, epoch))
         });
     let result = router
         .serve_with_incoming_shutdown(incoming, async {
