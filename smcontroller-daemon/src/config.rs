@@ -78,6 +78,10 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with = "insecure")]
     pub pki: Option<PathBuf>,
 
+    /// The admin API's Unix socket, overriding `adminSocket`: an absolute path, or "off".
+    #[arg(long, value_name = "PATH|off")]
+    pub admin_socket: Option<String>,
+
     /// Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. "info" or
     /// "smcontroller_routing=debug,info". Without it the daemon uses its environment variable.
     #[arg(long, value_name = "FILTER")]
@@ -568,6 +572,18 @@ fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, C
     }
     if cli.insecure {
         settings.insecure = true;
+    }
+    if let Some(socket) = &cli.admin_socket {
+        settings.admin_socket = match socket.as_str() {
+            "off" => AdminSocket::Off,
+            path if Path::new(path).is_absolute() => AdminSocket::Path(PathBuf::from(path)),
+            _ => {
+                return Err(flag_error(
+                    "--admin-socket",
+                    format!(r#"{socket:?} is not an absolute path or "off""#),
+                ));
+            }
+        };
     }
     if let Some(dir) = &cli.pki {
         settings.use_dev_pki(dir).map_err(|e| {
@@ -1166,6 +1182,8 @@ mod tests {
             "--listen",
             ":9000",
             "--insecure",
+            "--admin-socket",
+            "off",
             "--log",
             "debug",
         ])
@@ -1177,9 +1195,19 @@ mod tests {
                 listen: Some(":9000".into()),
                 insecure: true,
                 pki: None,
+                admin_socket: Some("off".into()),
                 log: Some("debug".into()),
             }
         );
+        let s = load_str(ORIGIN, r#"{"insecure": true, "adminSocket": "/tmp/a.sock"}"#, &cli)
+            .unwrap();
+        assert_eq!(s.admin_socket, AdminSocket::Off, "the flag overrides the file");
+        let relative = Cli {
+            admin_socket: Some("admin.sock".into()),
+            ..cli.clone()
+        };
+        let e = load_str(ORIGIN, r#"{"insecure": true}"#, &relative).unwrap_err();
+        assert!(e.to_string().contains("--admin-socket"), "{e}");
         let cli = Cli::try_parse_from(["smcontrollerd", "--pki", "/tmp/pki"]).unwrap();
         assert_eq!(cli.pki, Some("/tmp/pki".into()));
         assert!(

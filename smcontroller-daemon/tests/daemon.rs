@@ -41,7 +41,8 @@ impl Daemon {
     fn start(args: &[&str]) -> Self {
         let mut child = Command::new(DAEMON)
             .args(args)
-            .args(["--log", "info"])
+            // No admin socket: tests run at once, and as root its default is in /run.
+            .args(["--log", "info", "--admin-socket", "off"])
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
@@ -117,6 +118,7 @@ impl Daemon {
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(DAEMON)
         .args(args)
+        .args(["--admin-socket", "off"])
         .env("NO_COLOR", "1")
         .output()
         .unwrap();

@@ -86,7 +86,14 @@ async fn pkcs11_smcontrollerd_with_a_token_key_serves_mtls_and_an_sm_registers()
     let mut child = Command::new(DAEMON)
         .arg("--config")
         .arg(&config_path)
-        .args(["--listen", "127.0.0.1:0", "--log", "info"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "info",
+            "--admin-socket",
+            "off",
+        ])
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .spawn()

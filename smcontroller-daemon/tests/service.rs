@@ -33,7 +33,8 @@ impl Daemon {
         let mut command = Command::new(DAEMON);
         command
             .args(args)
-            .args(["--log", "info"])
+            // No admin socket: tests run at once, and as root its default is in /run.
+            .args(["--log", "info", "--admin-socket", "off"])
             .env("NO_COLOR", "1")
             .env_remove("NOTIFY_SOCKET")
             .stderr(Stdio::piped());
