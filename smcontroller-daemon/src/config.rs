@@ -1199,9 +1199,17 @@ mod tests {
                 log: Some("debug".into()),
             }
         );
-        let s = load_str(ORIGIN, r#"{"insecure": true, "adminSocket": "/tmp/a.sock"}"#, &cli)
-            .unwrap();
-        assert_eq!(s.admin_socket, AdminSocket::Off, "the flag overrides the file");
+        let s = load_str(
+            ORIGIN,
+            r#"{"insecure": true, "adminSocket": "/tmp/a.sock"}"#,
+            &cli,
+        )
+        .unwrap();
+        assert_eq!(
+            s.admin_socket,
+            AdminSocket::Off,
+            "the flag overrides the file"
+        );
         let relative = Cli {
             admin_socket: Some("admin.sock".into()),
             ..cli.clone()
