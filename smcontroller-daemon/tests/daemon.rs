@@ -336,6 +336,12 @@ async fn r_stop_1_sigterm_stops_the_daemon_within_a_second_with_smes_connected()
     config.monitoring_rate = 200.0;
     let sim = Simulator::start(config).unwrap();
     assert!(sim.wait_connected(5, Duration::from_secs(10)).await);
+    // The SMs see their streams open before the receivers hear *connected*; a node stopped
+    // before that is never reported at all (R-REG-5). Wait for the daemon's own word.
+    for i in 1..=5 {
+        let node = format!("node_id=node-{i} ");
+        daemon.wait_for_line(|l| l.contains("node connected") && l.contains(&node));
+    }
 
     let (success, took, log) = daemon.terminate().await;
     sim.stop().await;
