@@ -320,8 +320,19 @@ async fn phase(harness: &Harness, ids: &Arc<Vec<NodeId>>, length: Duration) -> P
 
 /// A new SM, in a fresh SM process, registers within [`NEWCOMER_DEADLINE`].
 async fn newcomer(harness: &Harness, name: &str) -> bool {
+    match harness.sm_process().await {
+        Ok(sm) => newcomer_in(harness, sm, name).await,
+        Err(e) => {
+            println!("new SM {name}: starting the SM process: {e:#}");
+            false
+        }
+    }
+}
+
+/// A new SM, in the SM process `sm` started beforehand (during a slowloris this process has
+/// no file descriptor to spare for spawning one), registers within [`NEWCOMER_DEADLINE`].
+async fn newcomer_in(harness: &Harness, mut sm: super::SmProcess, name: &str) -> bool {
     let attempt = async {
-        let mut sm = harness.sm_process().await?;
         sm.request(&format!("connect {name} 1 1"), NEWCOMER_DEADLINE)
             .await?;
         let id = NodeId::new(format!("{name}-0"));
@@ -438,6 +449,8 @@ pub(crate) async fn scenario(name: &str) -> anyhow::Result<()> {
     let ids = node_ids("good", GOOD);
     let calm = phase(&harness, &ids, CALM).await;
 
+    // Started now: under attack this process may have no descriptor left to spawn it.
+    let late = harness.sm_process().await?;
     let addr = harness.url.trim_start_matches("http://").to_owned();
     let attacker = match name {
         "baseline" => None,
@@ -461,7 +474,7 @@ pub(crate) async fn scenario(name: &str) -> anyhow::Result<()> {
         None
     };
     let attack = phase(&harness, &ids, ATTACK).await;
-    let during = newcomer(&harness, "late").await;
+    let during = newcomer_in(&harness, late, "late").await;
     let stalled = match stall {
         Some(task) => Some(task.await?),
         None => None,
