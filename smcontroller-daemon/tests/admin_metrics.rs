@@ -4,13 +4,7 @@
 //! move with the traffic (registrations, messages in and out by kind, sync round trips and
 //! timeouts, disconnects by reason, TLS handshake failures, certificate expiry).
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use smcontroller_admin::{
     client,
@@ -21,77 +15,9 @@ use smcontroller_certs::test_util::TestPki;
 use smcontroller_daemon::sim::{Behaviour, SimConfig, SimTls, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
-const DEADLINE: Duration = Duration::from_secs(20);
+mod process;
 
-/// A running daemon; killed when dropped.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(DAEMON)
-            .args(args)
-            .args(["--log", "info"])
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut daemon = Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            lines,
-            log: Vec::new(),
-        };
-        let line = daemon.wait_for_line(|l| l.contains("SM controller listening"));
-        daemon.addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .expect("the daemon logs its address");
-        daemon
-    }
-
-    fn wait_for_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(line) = self.log.iter().find(|l| pred(l)) {
-            return line.clone();
-        }
-        let give_up = Instant::now() + DEADLINE;
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("line not logged ({e}); log: {:#?}", self.log),
-            }
-        }
-    }
-}
+use process::{DEADLINE, Daemon};
 
 /// A free loopback port (bound and released; the daemon binds it right after).
 fn free_port() -> u16 {

@@ -1,14 +1,7 @@
 //! The `smcontrollerd` binary as an operator runs it (R-LISTEN-1, R-STOP-1, R-TLS-1, R-TLS-2,
 //! exit codes).
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{Arc, mpsc},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, process::Command, sync::Arc, time::Duration};
 
 use rustls::{
     ClientConfig, RootCertStore,
@@ -22,97 +15,9 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
+mod process;
 
-/// How long the daemon may take to log what a test waits for.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A running `smcontrollerd`, with its log (stderr) read line by line.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Daemon {
-    /// Starts the daemon with `args` (which should listen on port 0) and waits for the address
-    /// it logs.
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(DAEMON)
-            .args(args)
-            // No admin socket: tests run at once, and as root its default is in /run.
-            .args(["--log", "info", "--admin-socket", "off"])
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut daemon = Self {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            lines,
-            log: Vec::new(),
-        };
-        let line = daemon.wait_for_line(|l| l.contains("SM controller listening"));
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the daemon logs its address");
-        daemon.addr = addr.parse().expect("a socket address");
-        daemon
-    }
-
-    /// The first line of the log that `pred` accepts, waiting for it if it has not been logged
-    /// yet (every line read is kept in `log`); panics with the log so far after [`DEADLINE`].
-    fn wait_for_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(line) = self.log.iter().find(|l| pred(l)) {
-            return line.clone();
-        }
-        let give_up = Instant::now() + DEADLINE;
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("line not logged ({e}); log: {:#?}", self.log),
-            }
-        }
-    }
-
-    /// Sends SIGTERM; returns whether the daemon exited successfully, how long it took, and
-    /// its whole log.
-    async fn terminate(mut self) -> (bool, Duration, Vec<String>) {
-        let started = Instant::now();
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let mut child = self.child;
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        let took = started.elapsed();
-        // The reader ends at the end of stderr: the daemon has exited.
-        self.log.extend(self.lines.iter());
-        (status.success(), took, self.log)
-    }
-}
+use process::{DAEMON, DEADLINE, Daemon};
 
 /// Runs the daemon with `args` to its exit; its exit code and stderr.
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
@@ -311,7 +216,8 @@ async fn r_tls_1_the_daemon_with_pki_accepts_sms_over_mtls_and_refuses_a_client_
     }
 
     sim.stop().await;
-    let (success, _, log) = daemon.terminate().await;
+    let (success, _) = tokio::task::block_in_place(|| daemon.terminate());
+    let log = &daemon.log;
     assert!(success, "log: {log:#?}");
     assert!(
         !log.iter().any(|l| l.contains("WITHOUT TLS")),
@@ -343,7 +249,8 @@ async fn r_stop_1_sigterm_stops_the_daemon_within_a_second_with_smes_connected()
         daemon.wait_for_line(|l| l.contains("node connected") && l.contains(&node));
     }
 
-    let (success, took, log) = daemon.terminate().await;
+    let (success, took) = tokio::task::block_in_place(|| daemon.terminate());
+    let log = &daemon.log;
     sim.stop().await;
     assert!(success, "log: {log:#?}");
     assert!(took < Duration::from_secs(1), "stopping took {took:?}");

@@ -4,53 +4,17 @@
 //! own with a token directory of its own (`SOFTHSM2_CONF`, which the daemon inherits); it fails,
 //! naming the package, where SoftHSM2 is not installed.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
-
 use smcontroller_certs::test_util::{
     LeafSpec, TestPki,
     softhsm::{self, TokenKeyKind},
 };
 use smcontroller_daemon::sim::{SimConfig, SimTls, Simulator};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
+mod process;
 
-/// How long the daemon may take to log what the test waits for.
-const DEADLINE: Duration = Duration::from_secs(20);
+use process::{DEADLINE, Daemon};
 
 const PIN: &str = "pin-8472-never-logged";
-
-/// The daemon's log lines, read as they come.
-struct Log {
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Log {
-    /// The first line `pred` accepts, waiting for it; panics with the log after [`DEADLINE`].
-    fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(line) = self.seen.iter().find(|l| pred(l)) {
-            return line.clone();
-        }
-        let give_up = Instant::now() + DEADLINE;
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("line not logged ({e}); log: {:#?}", self.seen),
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pkcs11_smcontrollerd_with_a_token_key_serves_mtls_and_an_sm_registers() {
@@ -83,42 +47,16 @@ async fn pkcs11_smcontrollerd_with_a_token_key_serves_mtls_and_an_sm_registers()
     let config_path = dir.path().join("smcontrollerd.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
 
-    let mut child = Command::new(DAEMON)
-        .arg("--config")
-        .arg(&config_path)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--admin-socket",
-            "off",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Log {
-        lines,
-        seen: Vec::new(),
-    };
-    let listening = log.wait_for(|l| l.contains("SM controller listening"));
-    let addr = listening
-        .split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the daemon logs its address")
-        .to_owned();
-    log.wait_for(|l| l.contains("serving SMService over mTLS"));
+    let mut daemon = Daemon::start(&[
+        "--config",
+        config_path.to_str().expect("a UTF-8 temp path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-socket",
+        "off",
+    ]);
+    daemon.wait_for_line(|l| l.contains("serving SMService over mTLS"));
+    let addr = daemon.addr;
 
     let sim = Simulator::start(SimConfig {
         tls: Some(SimTls::from_pki_dir(dir.path()).unwrap()),
@@ -129,26 +67,17 @@ async fn pkcs11_smcontrollerd_with_a_token_key_serves_mtls_and_an_sm_registers()
         sim.wait_connected(1, DEADLINE).await,
         "{}; log: {:#?}",
         sim.stats(),
-        log.seen
+        daemon.log
     );
-    log.wait_for(|l| l.contains("node connected") && l.contains("node-1"));
+    daemon.wait_for_line(|l| l.contains("node connected") && l.contains("node-1"));
     sim.stop().await;
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    log.seen.extend(log.lines.iter());
-    assert!(status.success(), "log: {:#?}", log.seen);
+    let (success, _) = tokio::task::block_in_place(|| daemon.terminate());
+    assert!(success, "log: {:#?}", daemon.log);
     assert!(
-        !log.seen.iter().any(|l| l.contains(PIN)),
+        !daemon.log.iter().any(|l| l.contains(PIN)),
         "the PIN never reaches the log: {:#?}",
-        log.seen
+        daemon.log
     );
     assert!(
         !dir.path().join("server.key").exists(),

@@ -2,96 +2,22 @@
 //! readiness and stopping notices to systemd (`Type=notify`), and the sample config of
 //! `config.sample.json`, which must load.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
 use smcontroller_grpc::proto::servicemanager::v5::{
     BlobsInfosRequest, sm_service_client::SmServiceClient,
 };
 use tonic::Code;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
+mod process;
 
-/// How long the daemon may take to log or notify what a test waits for.
-const DEADLINE: Duration = Duration::from_secs(20);
+use process::{DEADLINE, Daemon};
 
-/// A running `smcontrollerd`; killed when dropped (a failed test leaves no process behind).
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    /// Starts the daemon with `args` and `env` and waits for the address it logs.
-    fn start(args: &[&str], env: &[(&str, &Path)]) -> Self {
-        let mut command = Command::new(DAEMON);
-        command
-            .args(args)
-            // No admin socket: tests run at once, and as root its default is in /run.
-            .args(["--log", "info", "--admin-socket", "off"])
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let give_up = Instant::now() + DEADLINE;
-        let mut log = Vec::new();
-        let addr = loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("SM controller listening addr=").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        break addr.parse().expect("a socket address");
-                    }
-                    log.push(line);
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("the daemon did not log its address ({e}); log: {log:#?}");
-                }
-            }
-        };
-        Self { child, addr }
-    }
-
-    async fn client(&self) -> SmServiceClient<tonic::transport::Channel> {
-        SmServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("the daemon accepts connections")
-    }
-
-    /// Sends SIGTERM and waits for the exit; whether it exited successfully.
-    fn terminate(&mut self) -> bool {
-        let kill = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        self.child.wait().unwrap().success()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A client of the daemon's SM endpoint (plain HTTP/2).
+async fn client(daemon: &Daemon) -> SmServiceClient<tonic::transport::Channel> {
+    SmServiceClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .expect("the daemon accepts connections")
 }
 
 /// Writes `json` as the config file `name` in `dir`; its path.
@@ -109,11 +35,16 @@ async fn r_blob_1_the_daemon_answers_each_digest_with_its_url_template() {
         "blobs.json",
         r#"{"blobUrlTemplate": "https://cloud.example/blobs/{digest}"}"#,
     );
-    let mut daemon = Daemon::start(
-        &["--insecure", "--listen", "127.0.0.1:0", "--config", &file],
-        &[],
-    );
-    let mut client = daemon.client().await;
+    let mut daemon = Daemon::start(&[
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        &file,
+        "--admin-socket",
+        "off",
+    ]);
+    let mut client = client(&daemon).await;
     let manifest = format!("sha256:{}", "ab".repeat(32));
     let layer = format!("sha512:{}", "0f".repeat(64));
     let urls = client
@@ -150,14 +81,13 @@ async fn r_blob_1_the_daemon_answers_each_digest_with_its_url_template() {
             && status.message().contains("not a blob digest"),
         "{status:?}"
     );
-    assert!(daemon.terminate());
+    assert!(daemon.terminate().0);
 }
 
 #[tokio::test]
 async fn r_blob_1_without_a_template_every_digest_is_not_found() {
-    let mut daemon = Daemon::start(&["--insecure", "--listen", "127.0.0.1:0"], &[]);
-    let status = daemon
-        .client()
+    let mut daemon = Daemon::start(&["--insecure", "--listen", "127.0.0.1:0"]);
+    let status = client(&daemon)
         .await
         .get_blobs_infos(BlobsInfosRequest {
             digests: vec![format!("sha256:{}", "ab".repeat(32))],
@@ -166,7 +96,7 @@ async fn r_blob_1_without_a_template_every_digest_is_not_found() {
         .expect_err("no blob store");
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("no blob store"), "{status:?}");
-    assert!(daemon.terminate());
+    assert!(daemon.terminate().0);
 }
 
 /// The notices a `Type=notify` unit waits for: `READY=1` once the SM listener is bound (its
@@ -189,7 +119,7 @@ fn systemd_hears_ready_once_the_daemon_listens_and_stopping_on_sigterm() {
         String::from_utf8(buf[..n].to_vec()).expect("UTF-8")
     };
 
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::start_with(
         &["--insecure", "--listen", "127.0.0.1:0"],
         &[("NOTIFY_SOCKET", &path)],
     );
@@ -200,6 +130,11 @@ fn systemd_hears_ready_once_the_daemon_listens_and_stopping_on_sigterm() {
         ["READY=1", &format!("STATUS=serving SMs on {}", daemon.addr)],
         "{ready:?}"
     );
-    assert!(daemon.terminate(), "SIGTERM ends the daemon successfully");
+    let (success, _) = daemon.terminate();
+    assert!(
+        success,
+        "SIGTERM ends the daemon successfully: {:#?}",
+        daemon.log
+    );
     assert_eq!(notice(), "STOPPING=1\n");
 }
