@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let mut signals = StopSignals::listen();
         // Before anything records a metric.
         if let Some(addr) = settings.metrics_listen
             && let Err(e) = app::serve_metrics(addr)
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
             "READY=1",
             &format!("STATUS=serving SMs on {}", running.addr),
         ]);
-        let signal = wait_for_signal().await;
+        let signal = signals.wait().await;
         info!(signal, "stopping");
         notify_systemd(&["STOPPING=1"]);
         match running.stop().await {
@@ -136,24 +137,59 @@ fn init_logging(flag: Option<&str>) {
         .init();
 }
 
-async fn wait_for_signal() -> &'static str {
+/// SIGINT and SIGTERM, listened for from the start: a signal that comes as soon as the daemon
+/// has said it is ready (a service manager stopping it at once) must stop it cleanly, not find
+/// the default action that kills the process.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers now. Must be called within the runtime.
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind)
+                    .inspect_err(|e| warn!(error = %e, "cannot listen for {name}"))
+                    .ok()
+            };
+            Self {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+
+    /// The first stop signal; its name.
+    async fn wait(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.int) => "SIGINT",
+                () = next(&mut self.term) => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
     }
 }
