@@ -86,6 +86,12 @@ pub struct Cli {
     /// "smcontroller_routing=debug,info". Without it the daemon uses its environment variable.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Once every listener is up (when systemd hears `READY=1`), write where the daemon serves
+    /// to PATH as JSON (pid, smListen, mtls, admin, metrics), atomically; removed at the stop.
+    /// For programs that start the daemon and must know when it serves.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// The daemon's settings: one field per key of the config file (its name in camelCase), read
@@ -1186,6 +1192,8 @@ mod tests {
             "off",
             "--log",
             "debug",
+            "--ready-file",
+            "/tmp/ready.json",
         ])
         .unwrap();
         assert_eq!(
@@ -1197,6 +1205,7 @@ mod tests {
                 pki: None,
                 admin_socket: Some("off".into()),
                 log: Some("debug".into()),
+                ready_file: Some("/tmp/ready.json".into()),
             }
         );
         let s = load_str(

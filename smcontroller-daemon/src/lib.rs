@@ -5,5 +5,6 @@
 
 pub mod app;
 pub mod config;
+pub mod ready;
 pub mod receivers;
 pub mod sim;

@@ -4,7 +4,8 @@
 //! (or plain HTTP/2 with `--insecure`, logged as a warning), records what nodes send in its log,
 //! and exits cleanly on SIGINT/SIGTERM. A bad config, or TLS credentials that cannot be loaded
 //! at start, exit with 64. Under systemd (`Type=notify`, `packaging/smcontrollerd.service`) it
-//! notifies `READY=1` once it listens and `STOPPING=1` when it stops.
+//! notifies `READY=1` once it listens and `STOPPING=1` when it stops; with `--ready-file PATH`
+//! it also writes where it serves to PATH at that moment (see `smcontroller_daemon::ready`).
 
 use std::process::ExitCode;
 
@@ -12,6 +13,7 @@ use clap::Parser;
 use smcontroller_daemon::{
     app,
     config::{self, Cli, EXIT_BAD_CONFIG},
+    ready::Ready,
     receivers::Recorder,
 };
 use tracing::{error, info, warn};
@@ -65,6 +67,28 @@ fn main() -> ExitCode {
             running.publish_gauges();
         }
         serve_admin(&mut running, &settings).await;
+        if let Some(path) = &cli.ready_file {
+            let ready = Ready {
+                pid: std::process::id(),
+                sm_listen: running.addr,
+                mtls: !settings.insecure,
+                admin: running
+                    .admin_endpoints()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                metrics: settings.metrics_listen,
+            };
+            if let Err(e) = ready.write(path) {
+                error!(error = %e, path = %path.display(), "cannot write the ready file");
+                eprintln!(
+                    "smcontrollerd: cannot write the ready file {}: {e}",
+                    path.display()
+                );
+                let _ = running.stop().await;
+                return ExitCode::FAILURE;
+            }
+        }
         notify_systemd(&[
             "READY=1",
             &format!("STATUS=serving SMs on {}", running.addr),
@@ -72,6 +96,9 @@ fn main() -> ExitCode {
         let signal = signals.wait().await;
         info!(signal, "stopping");
         notify_systemd(&["STOPPING=1"]);
+        if let Some(path) = &cli.ready_file {
+            let _ = std::fs::remove_file(path);
+        }
         match running.stop().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -89,13 +89,20 @@ async fn metrics_move_with_traffic_and_the_admin_socket_answers() {
         .to_string(),
     )
     .unwrap();
-    let mut daemon = Daemon::start(&[
+    let daemon = Daemon::start(&[
         "--config",
         config.to_str().unwrap(),
         "--pki",
         dir.path().to_str().unwrap(),
     ]);
-    daemon.wait_for_line(|l| l.contains("admin API listening"));
+    // Ready: every listener is up, the admin socket among them.
+    assert_eq!(
+        daemon.ready.admin,
+        [format!("unix:{}", socket.display())],
+        "{:?}",
+        daemon.ready
+    );
+    assert_eq!(daemon.ready.metrics, Some(metrics), "{:?}", daemon.ready);
 
     // Before any SM: the endpoint serves, and the server certificate's expiry is there.
     let text = scrape_until(metrics, "the certificate expiry", |t| {

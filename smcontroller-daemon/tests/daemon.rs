@@ -184,7 +184,7 @@ async fn r_tls_1_the_daemon_with_pki_accepts_sms_over_mtls_and_refuses_a_client_
     let pki = TestPki::new().unwrap();
     pki.write_dev_pki(dir.path(), 3).unwrap();
     let mut daemon = Daemon::start(&["--pki", path(dir.path()), "--listen", "127.0.0.1:0"]);
-    daemon.wait_for_line(|l| l.contains("serving SMService over mTLS"));
+    assert!(daemon.ready.mtls, "{:?}", daemon.ready);
 
     let sim = Simulator::start(SimConfig {
         tls: Some(SimTls::from_pki_dir(dir.path()).unwrap()),

@@ -55,7 +55,7 @@ async fn pkcs11_smcontrollerd_with_a_token_key_serves_mtls_and_an_sm_registers()
         "--admin-socket",
         "off",
     ]);
-    daemon.wait_for_line(|l| l.contains("serving SMService over mTLS"));
+    assert!(daemon.ready.mtls, "{:?}", daemon.ready);
     let addr = daemon.addr;
 
     let sim = Simulator::start(SimConfig {

@@ -13,15 +13,16 @@
 
 use std::{
     io::{BufRead, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use smcontroller_certs::test_util::TestPki;
+use smcontroller_daemon::ready;
 
 /// Runs smcontrollerd with simulated SMs on loopback and drives it with smctl.
 #[derive(Debug, Parser)]
@@ -41,7 +42,7 @@ struct Args {
 }
 
 /// How long the daemon and the nodes may take to come up.
-const DEADLINE: Duration = Duration::from_secs(20);
+const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A child process that is ended when dropped.
 struct Process {
@@ -115,16 +116,6 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .tempdir()
         .context("creating a temporary directory")?;
     let socket = dir.path().join("admin.sock");
-    let config = dir.path().join("smcontrollerd.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "cmServerUrl": "127.0.0.1:0",
-            "adminSocket": socket,
-        })
-        .to_string(),
-    )
-    .context("writing the daemon's config")?;
     let pki = dir.path().join("pki");
     if !args.insecure {
         TestPki::new()
@@ -150,7 +141,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             )
         }
     );
-    let (daemon, addr) = start_daemon(&daemon_exe, &config, &tls)?;
+    let (daemon, addr) = start_daemon(&daemon_exe, dir.path(), &socket, &tls)?;
     println!(
         "smcontrollerd listens on {addr}; admin socket {}",
         socket.display()
@@ -225,11 +216,22 @@ fn path_str(path: &Path) -> anyhow::Result<&str> {
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-/// Starts the daemon and waits for the address it logs.
-fn start_daemon(exe: &Path, config: &Path, tls: &[&str]) -> anyhow::Result<(Process, String)> {
+/// Starts the daemon on a free loopback port with its admin API on `socket`, and waits until
+/// it is ready: until it has written its ready file (`--ready-file`), never by reading its log.
+/// Returns it with the address of its SM port.
+fn start_daemon(
+    exe: &Path,
+    dir: &Path,
+    socket: &Path,
+    tls: &[&str],
+) -> anyhow::Result<(Process, SocketAddr)> {
+    let ready_file = dir.join("ready.json");
     let mut child = Command::new(exe)
-        .arg("--config")
-        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--admin-socket")
+        .arg(socket)
+        .arg("--ready-file")
+        .arg(&ready_file)
         .args(tls)
         .args(["--log", "info"])
         .env("NO_COLOR", "1")
@@ -238,46 +240,29 @@ fn start_daemon(exe: &Path, config: &Path, tls: &[&str]) -> anyhow::Result<(Proc
         .spawn()
         .context("starting smcontrollerd")?;
     let stderr = child.stderr.take().context("the daemon's log")?;
+    // The daemon's warnings and errors go on to our stderr; the rest of its log is drained, so
+    // that it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("smcontrollerd: {line}");
+            }
+        }
+    });
+    let ready = ready::wait(&ready_file, &mut child, DEADLINE);
     let daemon = Process {
         name: "smcontrollerd",
         child,
     };
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            // The daemon's warnings and errors go on to our stderr.
-            if line.contains(" WARN ") || line.contains(" ERROR ") {
-                eprintln!("smcontrollerd: {line}");
-            }
-            if tx.send(line).is_err() {
-                // Nobody reads any more: keep draining, so the daemon never blocks.
-                continue;
-            }
-        }
-    });
-    let until = Instant::now() + DEADLINE;
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .context("smcontrollerd did not start listening")?;
-        if line.contains("SM controller listening") {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .context("the daemon logs its address")?
-                .to_owned();
-            // The admin socket is served right after.
-            let line = lines
-                .recv_timeout(until.saturating_duration_since(Instant::now()))
-                .context("smcontrollerd did not serve its admin socket")?;
-            if !line.contains("admin API listening") {
-                bail!("smcontrollerd did not serve its admin socket: {line}");
-            }
-            return Ok((daemon, addr));
-        }
+    let ready = ready?;
+    let admin = format!("unix:{}", socket.display());
+    if !ready.admin.contains(&admin) {
+        bail!(
+            "smcontrollerd is ready but does not serve its admin API on {admin} (it serves {:?})",
+            ready.admin
+        );
     }
+    Ok((daemon, ready.sm_listen))
 }
 
 /// `smctl` against the demo's daemon.

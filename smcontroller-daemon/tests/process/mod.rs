@@ -1,6 +1,7 @@
 //! `smcontrollerd` as a real process, for the tests that run the binary: started with a
-//! test's arguments, its log (stderr) read line by line, stopped with SIGTERM, and killed if
-//! the test fails first (no process is left behind).
+//! test's arguments, ready when it has written its ready file (`--ready-file`, never a log
+//! line), its log (stderr) read line by line, stopped with SIGTERM, and killed if the test fails
+//! first (no process is left behind).
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -13,38 +14,49 @@ use std::{
     time::{Duration, Instant},
 };
 
+use smcontroller_daemon::ready::{self, Ready};
+
 /// The daemon binary of this crate.
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_smcontrollerd");
 
-/// How long the daemon may take to log what a test waits for.
+/// How long the daemon may take to get ready, or to log what a test waits for.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running `smcontrollerd`.
 pub struct Daemon {
     child: Child,
     exited: bool,
-    /// The address it logged that it listens on.
+    /// The address its SM port listens on (from its ready file).
     pub addr: SocketAddr,
+    /// What it wrote to its ready file.
+    pub ready: Ready,
+    /// Holds the ready file.
+    _dir: tempfile::TempDir,
     lines: mpsc::Receiver<String>,
     /// Every log line read so far.
     pub log: Vec<String>,
 }
 
 impl Daemon {
-    /// Starts the daemon with `args` (which should listen on port 0) and waits for the address
-    /// it logs. See [`start_with`](Self::start_with).
+    /// Starts the daemon with `args` (which should listen on port 0) and waits until it is
+    /// ready. See [`start_with`](Self::start_with).
     pub fn start(args: &[&str]) -> Self {
         Self::start_with(args, &[])
     }
 
-    /// Starts the daemon with `args` and the environment `env`, and waits for the address it
-    /// logs. The daemon logs at `info`, without colours, and is told nothing of systemd unless
-    /// `env` says so. Without `--config` or `--admin-socket` among `args` it serves no admin
-    /// socket: tests run at once, and as root its default is in `/run`.
+    /// Starts the daemon with `args` and the environment `env`, and waits until it has written
+    /// its ready file (every listener up); panics with its log if it exits first or is not
+    /// ready within [`DEADLINE`]. The daemon logs at `info`, without colours, and is told nothing
+    /// of systemd unless `env` says so. Without `--config` or `--admin-socket` among `args` it
+    /// serves no admin socket: tests run at once, and as root its default is in `/run`.
     pub fn start_with(args: &[&str], env: &[(&str, &Path)]) -> Self {
+        let dir = tempfile::tempdir().expect("a directory for the ready file");
+        let ready_file = dir.path().join("ready.json");
         let mut command = Command::new(DAEMON);
         command
             .args(args)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .args(["--log", "info"])
             .env("NO_COLOR", "1")
             .env_remove("NOTIFY_SOCKET")
@@ -68,21 +80,26 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Self {
+        let waited = ready::wait(&ready_file, &mut child, DEADLINE);
+        let ready = match waited {
+            Ok(ready) => ready,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The reader ends at the end of stderr: the daemon has exited.
+                let log: Vec<String> = lines.iter().collect();
+                panic!("{e}; log: {log:#?}");
+            }
+        };
+        Self {
             child,
             exited: false,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: ready.sm_listen,
+            ready,
+            _dir: dir,
             lines,
             log: Vec::new(),
-        };
-        let line = daemon.wait_for_line(|l| l.contains("SM controller listening"));
-        daemon.addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .expect("the daemon logs its address");
-        daemon
+        }
     }
 
     /// The first line of the log that `pred` accepts, waiting for it if it has not been logged
