@@ -8,6 +8,7 @@
 //! | `clippy` | `cargo hack clippy --workspace --all-targets --each-feature -- -D warnings` |
 //! | `doc` | `RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features`, then `cargo hack doc --no-deps --each-feature --exclude-all-features` on each crate with features |
 //! | `test` | SoftHSM2 installed if missing (below), then `cargo test --workspace --all-features`, then `cargo hack test --each-feature --exclude-all-features` on each crate with features |
+//! | `demo` | the README's first command, `cargo xtask demo`, over mTLS and again with `--insecure`; fails on a non-zero exit |
 //!
 //! The PKCS#11 tests (contract R-TLS-5) need a real token: SoftHSM2, the Debian package
 //! `softhsm2`. When its module is missing, the `test` step installs it with `apt-get` if it runs
@@ -60,11 +61,13 @@ pub(crate) enum Step {
     Doc,
     /// Runs the tests of the workspace (and of each feature combination where they differ).
     Test,
+    /// Runs the demo (`cargo xtask demo`) over mTLS and over plain HTTP/2.
+    Demo,
 }
 
 impl Step {
     /// Every step, in the order `cargo xtask ci` runs them.
-    const ALL: [Self; 4] = [Self::Fmt, Self::Clippy, Self::Doc, Self::Test];
+    const ALL: [Self; 5] = [Self::Fmt, Self::Clippy, Self::Doc, Self::Test, Self::Demo];
 
     fn name(self) -> &'static str {
         match self {
@@ -72,6 +75,7 @@ impl Step {
             Self::Clippy => "clippy",
             Self::Doc => "doc",
             Self::Test => "test",
+            Self::Demo => "demo",
         }
     }
 
@@ -127,6 +131,11 @@ impl Step {
                         .args(package_args(&featured))
                         .args(["--each-feature", "--exclude-all-features"]),
                 )
+            }
+            Self::Demo => {
+                command(crate::demo_build(root))?;
+                command(crate::demo_run::<&str>(root, &[]))?;
+                command(crate::demo_run(root, &["--insecure"]))
             }
         }
     }

@@ -128,8 +128,17 @@ fn workspace_root() -> PathBuf {
 /// `cargo run --quiet -p smcontroller-daemon --bin smcontroller-demo -- ARGS`, with the demo's
 /// exit code as ours.
 fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
-    // The demo runs the real daemon, the simulator and smctl: build them first.
-    let build = Cmd::cargo(root).args([
+    let build = demo_build(root);
+    eprintln!("xtask: {build}");
+    build.run()?;
+    let cmd = demo_run(root, args);
+    eprintln!("xtask: {cmd}");
+    cmd.hand_over()
+}
+
+/// Builds what the demo runs: the real daemon, the simulator and smctl.
+pub(crate) fn demo_build(root: &Path) -> Cmd {
+    Cmd::cargo(root).args([
         "build",
         "--quiet",
         "-p",
@@ -137,10 +146,12 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
         "-p",
         "smcontroller-admin",
         "--bins",
-    ]);
-    eprintln!("xtask: {build}");
-    build.run()?;
-    let cmd = Cmd::cargo(root)
+    ])
+}
+
+/// Runs the demo (built by [`demo_build`]) with `args`.
+pub(crate) fn demo_run<S: AsRef<str>>(root: &Path, args: &[S]) -> Cmd {
+    Cmd::cargo(root)
         .args([
             "run",
             "--quiet",
@@ -150,9 +161,7 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
             "smcontroller-demo",
             "--",
         ])
-        .args(args);
-    eprintln!("xtask: {cmd}");
-    cmd.hand_over()
+        .args(args)
 }
 
 /// `cargo bench -p smcontroller-daemon --bench controller -- --json target/bench/results.json
