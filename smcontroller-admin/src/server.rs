@@ -19,8 +19,8 @@ use std::{
 
 use futures::Stream;
 use smcontroller_api::{
-    Error, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider, LogRequest, LogStatus,
-    LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeId, NodeNetwork,
+    Error, InstanceIdent, InstanceRunner, LogProvider, LogRequest, LogStatus, LogType,
+    MonitoringProvider, NodeConfig, NodeConfigHandler, NodeId, NodeNetwork, StartInstance,
 };
 use smcontroller_grpc::proto::servicemanager::v5 as sm;
 use smcontroller_routing::Controller;
@@ -253,6 +253,7 @@ pub fn status_of(error: Error) -> Status {
         }
         Error::ResourceExhausted(_) => Status::resource_exhausted(message),
         Error::Transport(_) => Status::internal(message),
+        Error::NotSupported(_) => Status::unimplemented(message),
     }
 }
 
@@ -374,7 +375,7 @@ impl pb::admin_service_server::AdminService for AdminService {
             .into_iter()
             .enumerate()
             .map(|(i, info)| {
-                InstanceInfo::try_from(info)
+                StartInstance::try_from(info)
                     .map_err(|e| Status::invalid_argument(format!("start_instances[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -51,6 +51,10 @@ pub enum Error {
     /// The transport failed (stream error, TLS, I/O).
     #[error("transport error: {0}")]
     Transport(String),
+    /// What was asked does not exist in the wire revision the unit speaks (`smProtocol`): for
+    /// example `update_networks` to a 9.1 unit. The message names the revision.
+    #[error("not supported: {0}")]
+    NotSupported(String),
 }
 
 impl Error {

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use crate::{
     Result,
     types::{
-        InstanceIdent, InstanceInfo, LogRequest, NodeConfig, NodeConfigStatus, NodeId,
-        NodeMonitoringData, UpdateNetworkParameters,
+        InstanceIdent, LogRequest, NodeConfig, NodeConfigStatus, NodeId, NodeMonitoringData,
+        PendingFirewallUpdate, StartInstance, UpdateNetworkParameters,
     },
 };
 
@@ -41,11 +41,16 @@ pub trait NodeConfigHandler: Send + Sync {
 pub trait InstanceRunner: Send + Sync {
     /// Queues one `update_instances` to the node and returns once it is queued; the outcome
     /// arrives later through [`InstanceStatusReceiver`](crate::InstanceStatusReceiver).
+    ///
+    /// An instance's [`network`](StartInstance::network) is sent only under the 9.0 wire
+    /// revision; under 9.1 one that carries a network fails the call with
+    /// [`Error::NotSupported`](crate::Error::NotSupported) (9.1 nodes get their networks from
+    /// the [`NetworkProvider`](crate::NetworkProvider)).
     async fn update_instances(
         &self,
         node: &NodeId,
         stop: &[InstanceIdent],
-        start: &[InstanceInfo],
+        start: &[StartInstance],
     ) -> Result<()>;
 }
 
@@ -61,12 +66,31 @@ pub trait MonitoringProvider: Send + Sync {
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait NodeNetwork: Send + Sync {
-    /// Queues one `update_networks` to the node; the node sends no answer.
+    /// Queues one `update_networks` to the node; the node sends no answer. Only the 9.0 wire
+    /// revision has it: under 9.1 it fails at once with
+    /// [`Error::NotSupported`](crate::Error::NotSupported), naming the revision.
     async fn update_networks(
         &self,
         node: &NodeId,
         networks: &[UpdateNetworkParameters],
     ) -> Result<()>;
+}
+
+/// Pushes firewall updates to 9.1 nodes (used by the network manager, the
+/// [`NetworkProvider`](crate::NetworkProvider)'s side): each node holds one
+/// `SubscribeInstanceNetworkUpdates` stream, the newest replacing the older.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+pub trait FirewallUpdates: Send + Sync {
+    /// Sends `update` (the instance's whole rule set) on the node's subscription. `Err`
+    /// ([`Error::NotFound`](crate::Error::NotFound)) when the node has no subscription, or
+    /// ([`Error::ResourceExhausted`](crate::Error::ResourceExhausted)) when it does not read it:
+    /// the caller keeps the update and pushes it again after the node's next
+    /// [`sync_network_state`](crate::NetworkProvider::sync_network_state), as the reference
+    /// network manager does.
+    fn push_firewall_update(&self, node: &NodeId, update: &PendingFirewallUpdate) -> Result<()>;
+
+    /// Whether the node has a subscription now.
+    fn is_subscribed(&self, node: &NodeId) -> bool;
 }
 
 /// Requests logs from nodes (used by log forwarding).
@@ -108,7 +132,7 @@ mockall::mock! {
             &self,
             node: &NodeId,
             stop: &[InstanceIdent],
-            start: &[InstanceInfo],
+            start: &[StartInstance],
         ) -> Result<()>;
     }
 

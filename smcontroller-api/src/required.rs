@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use crate::{
     Result,
     types::{
-        Alert, CertInfo, CertificateDer, DisconnectReason, InstanceEnvVarsStatus, InstanceStatus,
-        LogPart, NodeId, NodeMonitoringData, PrivateKeyDer, SmInfo,
+        Alert, CertInfo, CertificateDer, DisconnectReason, InstanceEnvVarsStatus, InstanceIdent,
+        InstanceNetworkState, InstanceStatus, ItemNetworkParameters, LogPart, NetworkParameters,
+        NodeId, NodeMonitoringData, PrivateKeyDer, SmInfo, UpdateNetworkParameters,
     },
 };
 
@@ -60,6 +61,55 @@ pub trait ItemInfoProvider: Send + Sync {
     /// means the provider cannot answer now: the SM is told `UNAVAILABLE` (or
     /// `DEADLINE_EXCEEDED` for a `Timeout`) and may retry.
     async fn get_blob_url(&self, digest: &str) -> Result<String>;
+}
+
+/// The unit's network manager, as 9.1 nodes use it through `servicemanager.v5.NetworkService`
+/// (contract R-NET-1): the CM implements it, the controller calls it for each request of a
+/// node. Never called under the 9.0 wire revision.
+///
+/// An `Err` goes back to the node inside the response (`error`, with its Aos code), with the
+/// call itself successful, as the reference does; [`Error::Failed`](crate::Error::Failed)
+/// carries an Aos code of the implementer's choice. Calls come while the node's `RegisterSM`
+/// stream may not be read yet (a node syncs first, R-NET-2): an implementation must not wait
+/// on the node's registration. The node sets no deadline and holds its own sends meanwhile:
+/// answer quickly.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait NetworkProvider: Send + Sync {
+    /// The node's address, subnet and VLAN in the network `network_id` (the instances' owner
+    /// id), made if the network or the node's host in it is new; the same answer when asked
+    /// again.
+    async fn get_node_network_params(
+        &self,
+        network_id: &str,
+        node: &NodeId,
+    ) -> Result<UpdateNetworkParameters>;
+
+    /// An address for the instance in `network_id` on the node, with the DNS servers and the
+    /// firewall rules it gets; the same address when asked again for the same instance.
+    async fn allocate_instance_network(
+        &self,
+        instance: &InstanceIdent,
+        network_id: &str,
+        node: &NodeId,
+        params: &ItemNetworkParameters,
+    ) -> Result<NetworkParameters>;
+
+    /// Frees the instance's address (an unknown instance is not an error).
+    async fn release_instance_network(&self, instance: &InstanceIdent, node: &NodeId)
+    -> Result<()>;
+
+    /// The node leaves the network: its instances there and its host are released.
+    async fn release_node_network(&self, network_id: &str, node: &NodeId) -> Result<()>;
+
+    /// What the node runs now, sent when it (re)connects: instances it no longer has are
+    /// released; firewall updates it has not confirmed are pushed again (through
+    /// [`FirewallUpdates`](crate::FirewallUpdates)).
+    async fn sync_network_state(
+        &self,
+        node: &NodeId,
+        instances: &[InstanceNetworkState],
+    ) -> Result<()>;
 }
 
 /// Hears about nodes coming and going and what they offer.

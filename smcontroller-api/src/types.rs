@@ -481,7 +481,8 @@ pub struct FirewallRule {
     pub src_ip: String,
 }
 
-/// Network settings of an instance (`NetworkParameters`).
+/// Network settings of an instance (`NetworkParameters` of 9.0; under 9.1 the answer to
+/// `AllocateInstanceNetwork`, with the `network_id` of the request).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetworkParameters {
     /// Network id.
@@ -528,13 +529,115 @@ pub struct InstanceInfo {
     pub state_path: String,
     /// Environment variables.
     pub env_vars: Vec<EnvVarInfo>,
-    /// Network settings, if any.
-    pub network_parameters: Option<NetworkParameters>,
     /// Monitoring settings, if any.
     pub monitoring_parameters: Option<MonitoringParameters>,
 }
 
-/// One network of a node (`UpdateNetworkParameters`).
+/// One instance to start, as [`InstanceRunner::update_instances`](crate::InstanceRunner) takes
+/// it: the instance, and beside it the network the CM computed for it, which only the 9.0 wire
+/// revision carries (`InstanceInfo.network_parameters`, field 12). Under 9.1 a node asks for
+/// its networks itself (`NetworkService`), so `network` must be `None` there.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StartInstance {
+    /// The instance.
+    pub info: InstanceInfo,
+    /// Its network settings (9.0 only).
+    pub network: Option<NetworkParameters>,
+}
+
+impl From<InstanceInfo> for StartInstance {
+    /// An instance without network settings: what every instance is under 9.1.
+    fn from(info: InstanceInfo) -> Self {
+        Self {
+            info,
+            network: None,
+        }
+    }
+}
+
+/// The revision of `servicemanager.v5` a unit's SMs speak. Nothing on the wire tells them
+/// apart, so it is set per unit (`smProtocol`); one controller speaks one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SmProtocol {
+    /// Aos 9.0: networks pushed with `update_networks` and carried in `InstanceInfo` field 12,
+    /// monitoring parameters in field 13.
+    #[default]
+    #[serde(rename = "9.0")]
+    V9_0,
+    /// Aos 9.1 and later releases: no `update_networks`; `InstanceInfo` field 12 is the
+    /// monitoring parameters; nodes call `servicemanager.v5.NetworkService` on the same port.
+    #[serde(rename = "9.1")]
+    V9_1,
+}
+
+impl SmProtocol {
+    /// `"9.0"` or `"9.1"`, as the config and the operator's tools write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V9_0 => "9.0",
+            Self::V9_1 => "9.1",
+        }
+    }
+}
+
+impl fmt::Display for SmProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SmProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "9.0" => Ok(Self::V9_0),
+            "9.1" => Ok(Self::V9_1),
+            other => Err(format!(
+                "{other:?} is not an SM protocol revision: give \"9.0\" or \"9.1\""
+            )),
+        }
+    }
+}
+
+/// What an instance's item declares of its network (`UpdateItemNetworkParams`, 9.1): the host
+/// names it answers to, the connections it may open (`itemID/port[/proto]`) and the ports it
+/// exposes (`port[/proto]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemNetworkParameters {
+    /// Host names of the instance.
+    pub hosts: Vec<String>,
+    /// Connections it may open: `itemID/port[/proto]`.
+    pub allowed_connections: Vec<String>,
+    /// Ports it exposes: `port[/proto]`.
+    pub exposed_ports: Vec<String>,
+}
+
+/// What a node reports of one running instance's network (`InstanceNetworkStateInfo`, 9.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceNetworkState {
+    /// The instance.
+    pub instance: InstanceIdent,
+    /// Its network.
+    pub network_id: String,
+    /// Its address there.
+    pub ip: String,
+    /// The firewall rules the node applies for it.
+    pub rules: Vec<FirewallRule>,
+}
+
+/// New firewall rules of one instance, pushed to its node (`PendingFirewallUpdate`, 9.1): the
+/// instance's whole rule set, which replaces what the node had.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingFirewallUpdate {
+    /// The instance.
+    pub instance: InstanceIdent,
+    /// Its complete set of rules.
+    pub rules: Vec<FirewallRule>,
+}
+
+/// One network of a node (`UpdateNetworkParameters` of 9.0; under 9.1 the answer to
+/// `GetNodeNetworkParams`, with the `network_id` of the request).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpdateNetworkParameters {
     /// Network id.

@@ -605,7 +605,8 @@ async fn r_bad_2_a_command_too_large_fails_its_call_and_the_stream_goes_on() {
     };
     let result = within(
         "the oversized call failing",
-        h.controller.update_instances(&node, &[], &[instance]),
+        h.controller
+            .update_instances(&node, &[], &[instance.into()]),
     )
     .await;
     match result {

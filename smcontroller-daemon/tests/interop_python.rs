@@ -31,7 +31,7 @@ use smcontroller_api::{
     LogRequest, LogType, MonitoringData, MonitoringParameters, MonitoringProvider,
     NetworkParameters, NodeConfig, NodeConfigHandler, NodeConfigState, NodeId, NodeMonitoringData,
     NodeNetwork, OsInfo, PartitionAlertRule, PartitionUsage, ResourceInfo, ResourceRatios,
-    RuntimeInfo, SmInfo, UpdateNetworkParameters,
+    RuntimeInfo, SmInfo, StartInstance, UpdateNetworkParameters,
 };
 use smcontroller_daemon::{app, config::Settings, receivers::Recorder};
 use tokio::{
@@ -378,8 +378,8 @@ fn node_config() -> NodeConfig {
     }
 }
 
-fn instance_to_start() -> InstanceInfo {
-    InstanceInfo {
+fn instance_to_start() -> StartInstance {
+    let info = InstanceInfo {
         ident: InstanceIdent {
             item_id: "svc".into(),
             subject_id: "subj".into(),
@@ -406,7 +406,16 @@ fn instance_to_start() -> InstanceInfo {
                 value: String::new(),
             },
         ],
-        network_parameters: Some(NetworkParameters {
+        monitoring_parameters: Some(MonitoringParameters {
+            alert_rules: Some(AlertRules {
+                ram: Some(percents(5, 0.7, 0.8)),
+                ..AlertRules::default()
+            }),
+        }),
+    };
+    StartInstance {
+        info,
+        network: Some(NetworkParameters {
             network_id: "net-py".into(),
             subnet: "172.18.0.0/16".into(),
             ip: "172.18.0.5".into(),
@@ -417,12 +426,6 @@ fn instance_to_start() -> InstanceInfo {
                 proto: "tcp".into(),
                 src_ip: "172.18.0.5".into(),
             }],
-        }),
-        monitoring_parameters: Some(MonitoringParameters {
-            alert_rules: Some(AlertRules {
-                ram: Some(percents(5, 0.7, 0.8)),
-                ..AlertRules::default()
-            }),
         }),
     }
 }

@@ -9,7 +9,7 @@ use pb::{sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoi
 use smcontroller_api::{
     Error, InstanceFilter, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider, LogRequest,
     LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigState, NodeId,
-    NodeNetwork, UpdateNetworkParameters,
+    NodeNetwork, StartInstance, UpdateNetworkParameters,
 };
 use smcontroller_grpc::{proto::servicemanager::v5 as pb, server::ServerSettings};
 use support::{Harness, average_monitoring, router_settings};
@@ -248,11 +248,12 @@ async fn r_async_1_commands_reach_the_sm_in_call_order() {
     };
     for i in 0..50u64 {
         if i % 2 == 0 {
-            let start = InstanceInfo {
+            let start: StartInstance = InstanceInfo {
                 ident: ident(i),
                 version: "1.0.0".into(),
                 ..InstanceInfo::default()
-            };
+            }
+            .into();
             h.controller
                 .update_instances(&node("n1"), &[ident(i + 1000)], &[start])
                 .await

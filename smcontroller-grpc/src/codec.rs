@@ -19,6 +19,7 @@ use prost::{
     encoding::{WireType, decode_key, decode_varint},
 };
 use prost_types::{FileDescriptorSet, field_descriptor_proto::Type};
+use smcontroller_api::SmProtocol;
 use tonic::{
     Status,
     codec::{BufferSettings, Codec, DecodeBuf, Decoder},
@@ -89,9 +90,10 @@ impl<U: Message + Default> Decoder for GuardedDecoder<U> {
             // The whole message is in one contiguous chunk (tonic collects it before decoding);
             // if it ever is not, the guard falls back to decoding unguarded rather than failing.
             let chunk = buf.chunk();
+            let (protocol, name) = full_name::<U>();
             if chunk.len() == wire
-                && let Some(schema) = schema()
-                && let Some(nested) = schema.count_nested(full_name::<U>(), chunk)
+                && let Some(schema) = schema(protocol)
+                && let Some(nested) = schema.count_nested(&name, chunk)
             {
                 check_inflation(wire, nested)?;
             }
@@ -120,20 +122,22 @@ fn check_inflation(wire: usize, nested: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// The protobuf full name of the messages this crate decodes, by their Rust type.
-fn full_name<U>() -> &'static str {
-    let rust = std::any::type_name::<U>();
-    if rust.ends_with("SmOutgoingMessages") {
-        ".servicemanager.v5.SMOutgoingMessages"
-    } else if rust.ends_with("SmIncomingMessages") {
-        ".servicemanager.v5.SMIncomingMessages"
-    } else if rust.ends_with("BlobsInfosRequest") {
-        ".servicemanager.v5.BlobsInfosRequest"
-    } else if rust.ends_with("BlobsInfos") {
-        ".servicemanager.v5.BlobsInfos"
+/// The wire revision and protobuf full name of a message type of this crate, from its Rust
+/// path: types of the 9.1 tree (`proto::v91`) are walked with the 9.1 schema, the others with
+/// 9.0's. prost keeps the proto names but for the `SM` prefix, which it writes `Sm`.
+fn full_name<U>() -> (SmProtocol, String) {
+    let path = std::any::type_name::<U>();
+    let protocol = if path.contains("::v91::") {
+        SmProtocol::V9_1
     } else {
-        ""
-    }
+        SmProtocol::V9_0
+    };
+    let rust = path.rsplit("::").next().unwrap_or_default();
+    let proto = match rust.strip_prefix("Sm") {
+        Some(rest) if rest.ends_with("Messages") => format!("SM{rest}"),
+        _ => rust.to_owned(),
+    };
+    (protocol, format!(".servicemanager.v5.{proto}"))
 }
 
 /// Which fields of each message type are messages themselves: all the scan needs.
@@ -146,21 +150,26 @@ struct Schema {
 /// How deep the scan follows nested messages (prost's own recursion limit is 100).
 const MAX_DEPTH: usize = 100;
 
-fn schema() -> Option<&'static Schema> {
-    static SCHEMA: OnceLock<Option<Schema>> = OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            let set = FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).ok()?;
-            let mut schema = Schema::default();
-            for file in &set.file {
-                let package = file.package();
-                for message in &file.message_type {
-                    schema.add(&format!(".{package}"), message);
-                }
+/// The schema of a wire revision, read once from its compiled descriptor set.
+fn schema(protocol: SmProtocol) -> Option<&'static Schema> {
+    static SCHEMA_90: OnceLock<Option<Schema>> = OnceLock::new();
+    static SCHEMA_91: OnceLock<Option<Schema>> = OnceLock::new();
+    let cell = match protocol {
+        SmProtocol::V9_0 => &SCHEMA_90,
+        SmProtocol::V9_1 => &SCHEMA_91,
+    };
+    cell.get_or_init(|| {
+        let set = FileDescriptorSet::decode(crate::proto::file_descriptor_set(protocol)).ok()?;
+        let mut schema = Schema::default();
+        for file in &set.file {
+            let package = file.package();
+            for message in &file.message_type {
+                schema.add(&format!(".{package}"), message);
             }
-            Some(schema)
-        })
-        .as_ref()
+        }
+        Some(schema)
+    })
+    .as_ref()
 }
 
 impl Schema {
@@ -280,7 +289,7 @@ mod tests {
 
     #[test]
     fn the_scan_counts_every_nested_message() {
-        let schema = schema().expect("the descriptor set parses");
+        let schema = schema(SmProtocol::V9_0).expect("the descriptor set parses");
         let bytes = instances(1000, false).encode_to_vec();
         // The oneof member, and each instance.
         assert_eq!(
@@ -297,7 +306,7 @@ mod tests {
 
     #[test]
     fn r_bad_2_empty_elements_are_refused_and_real_ones_pass() {
-        let schema = schema().unwrap();
+        let schema = schema(SmProtocol::V9_0).unwrap();
         let bomb = instances(100_000, false).encode_to_vec();
         let nested = schema
             .count_nested(".servicemanager.v5.SMOutgoingMessages", &bomb)
@@ -315,7 +324,7 @@ mod tests {
 
     #[test]
     fn truncated_bytes_are_left_to_prost() {
-        let schema = schema().unwrap();
+        let schema = schema(SmProtocol::V9_0).unwrap();
         let mut bytes = instances(10, true).encode_to_vec();
         bytes.truncate(bytes.len() - 3);
         assert_eq!(
@@ -325,15 +334,45 @@ mod tests {
     }
 
     #[test]
-    fn every_decoded_type_has_a_name_in_the_schema() {
-        let schema = schema().unwrap();
-        for name in [
+    fn every_decoded_type_has_a_name_in_the_schema_of_its_revision() {
+        use crate::proto::{servicemanager::v5 as pb, v91::servicemanager::v5 as pb91};
+        for (protocol, name) in [
             full_name::<SmOutgoingMessages>(),
-            full_name::<crate::proto::servicemanager::v5::SmIncomingMessages>(),
-            full_name::<crate::proto::servicemanager::v5::BlobsInfosRequest>(),
-            full_name::<crate::proto::servicemanager::v5::BlobsInfos>(),
+            full_name::<pb::SmIncomingMessages>(),
+            full_name::<pb::BlobsInfosRequest>(),
+            full_name::<pb::BlobsInfos>(),
+            full_name::<pb91::SmIncomingMessages>(),
+            full_name::<pb91::GetNodeNetworkParamsRequest>(),
+            full_name::<pb91::AllocateInstanceNetworkRequest>(),
+            full_name::<pb91::ReleaseInstanceNetworkRequest>(),
+            full_name::<pb91::ReleaseNodeNetworkRequest>(),
+            full_name::<pb91::SubscribeInstanceNetworkUpdatesRequest>(),
+            full_name::<pb91::SyncNetworkStateRequest>(),
+            full_name::<pb91::InstanceNetworkUpdateNotification>(),
         ] {
-            assert!(schema.messages.contains_key(name), "{name}");
+            let schema = schema(protocol).unwrap();
+            assert!(schema.messages.contains_key(&name), "{protocol}: {name}");
         }
+        assert_eq!(full_name::<pb91::SmIncomingMessages>().0, SmProtocol::V9_1);
+        assert_eq!(full_name::<SmOutgoingMessages>().0, SmProtocol::V9_0);
+    }
+
+    #[test]
+    fn r_rev_1_each_schema_has_its_revision_of_instance_info() {
+        let message_fields = |protocol| {
+            let mut fields: Vec<_> =
+                schema(protocol).unwrap().messages[".servicemanager.v5.InstanceInfo"]
+                    .iter()
+                    .map(|(n, t)| (*n, t.clone()))
+                    .collect();
+            fields.sort();
+            fields
+        };
+        let v90 = message_fields(SmProtocol::V9_0);
+        let v91 = message_fields(SmProtocol::V9_1);
+        assert!(v90.contains(&(12, ".servicemanager.v5.NetworkParameters".into())));
+        assert!(v90.contains(&(13, ".servicemanager.v5.MonitoringParameters".into())));
+        assert!(v91.contains(&(12, ".servicemanager.v5.MonitoringParameters".into())));
+        assert!(!v91.iter().any(|(n, _)| *n == 13), "{v91:?}");
     }
 }

@@ -9,6 +9,7 @@ pub mod connections;
 pub mod convert;
 pub mod guard;
 pub mod ids;
+pub mod network;
 pub mod proto;
 pub mod server;
 pub mod service;

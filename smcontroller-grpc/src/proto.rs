@@ -17,6 +17,32 @@ pub mod servicemanager {
     }
 }
 
-/// The compiled `FileDescriptorSet` of `proto/` (with the google well-known imports), as bytes.
+/// The Aos 9.1 revision of `servicemanager.v5` (`proto/v9.1/`): the types that differ from 9.0
+/// (`SmIncomingMessages`, `UpdateInstances`, `InstanceInfo`), the `SMService` that carries
+/// them, and `NetworkService`. Every other message is the 9.0 type of [`servicemanager::v5`].
+pub mod v91 {
+    /// `servicemanager.v5`, 9.1 revision.
+    pub mod servicemanager {
+        /// `servicemanager.v5`, 9.1 revision.
+        pub mod v5 {
+            include!(concat!(env!("OUT_DIR"), "/v91/servicemanager.v5.rs"));
+        }
+    }
+}
+
+/// The compiled `FileDescriptorSet` of the 9.0 revision of `proto/` (with the google
+/// well-known imports), as bytes.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/smcontroller_descriptor.bin"));
+
+/// The compiled `FileDescriptorSet` of the 9.1 revision (`proto/v9.1/` with `common.v2`).
+pub const FILE_DESCRIPTOR_SET_V91: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/smcontroller_descriptor_v91.bin"));
+
+/// The descriptor set of a wire revision: what reflection serves and the codec walks.
+pub fn file_descriptor_set(protocol: smcontroller_api::SmProtocol) -> &'static [u8] {
+    match protocol {
+        smcontroller_api::SmProtocol::V9_0 => FILE_DESCRIPTOR_SET,
+        smcontroller_api::SmProtocol::V9_1 => FILE_DESCRIPTOR_SET_V91,
+    }
+}

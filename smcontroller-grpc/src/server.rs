@@ -10,14 +10,23 @@ use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use smcontroller_api::SmProtocol;
+use smcontroller_certs::IdentityField;
+
 use crate::{
     connections::Connections,
     guard::{GuardSettings, Guarded},
+    network::{NETWORK_SERVICE_NAME, NetworkService},
     proto::{
-        FILE_DESCRIPTOR_SET,
+        file_descriptor_set,
         servicemanager::v5::{SmIncomingMessages, sm_service_server::SmServiceServer},
+        v91::servicemanager::v5::{
+            SmIncomingMessages as SmIncomingMessages91,
+            network_service_server::NetworkServiceServer,
+            sm_service_server::SmServiceServer as SmServiceServer91,
+        },
     },
-    service::SmService,
+    service::{SmService, SmService91},
 };
 
 /// Settings of the gRPC server. `Default` gives the contract's defaults.
@@ -98,10 +107,13 @@ pub enum ServeError {
 
 /// The health of the SM endpoint as `grpc.health.v1` reports it: `SERVING` once the server
 /// listens, `NOT_SERVING` while a credential restart closes the SM streams (R-TLS-3). Both the
-/// server as a whole (`""`) and `servicemanager.v5.SMService` are reported.
+/// server as a whole (`""`), `servicemanager.v5.SMService` and, under 9.1,
+/// `servicemanager.v5.NetworkService` are reported.
 #[derive(Clone)]
 pub struct Health {
     reporter: tonic_health::server::HealthReporter,
+    /// Whether `NetworkService` is served (9.1), and so reported.
+    network: bool,
 }
 
 impl std::fmt::Debug for Health {
@@ -122,31 +134,73 @@ impl Health {
         self.reporter
             .set_service_status(SM_SERVICE_NAME, status)
             .await;
+        if self.network {
+            self.reporter
+                .set_service_status(NETWORK_SERVICE_NAME, status)
+                .await;
+        }
     }
 }
 
 /// The full name of the SM service, as health checks and reflection name it.
 pub const SM_SERVICE_NAME: &str = "servicemanager.v5.SMService";
 
-/// The HTTP/2 server of `settings` with every service of the SM endpoint: `SMService`, its
-/// health (`grpc.health.v1`, reported serving) and server reflection (so `grpcurl` and other
-/// generic clients can discover it). The one place the endpoint's services are put together.
+/// The HTTP/2 server of `settings` with every service of the SM endpoint: `SMService` in the
+/// controller's wire revision (R-REV-1), and under 9.1 `NetworkService` beside it (R-NET-1),
+/// their health (`grpc.health.v1`, reported serving) and server reflection of that revision
+/// (so `grpcurl` and other generic clients can discover it). The one place the endpoint's
+/// services are put together.
 pub(crate) async fn endpoint(
     settings: &ServerSettings,
     service: SmService,
+    identity_binding: Option<IdentityField>,
 ) -> Result<(tonic::transport::server::Router, Health), ServeError> {
+    let protocol = service.controller().settings().sm_protocol;
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health { reporter };
+    let health = Health {
+        reporter,
+        network: protocol == SmProtocol::V9_1,
+    };
     health.set(true).await;
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(file_descriptor_set(protocol))
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let router = transport(settings)
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(sm_service(service, settings));
+        .add_service(reflection);
+    info!(sm_protocol = %protocol, "SM wire revision");
+    let router = match protocol {
+        SmProtocol::V9_0 => router.add_service(sm_service(service, settings)),
+        SmProtocol::V9_1 => {
+            let controller = service.controller().clone();
+            let router = router.add_service(sm_service_91(service, settings));
+            match controller.network_provider() {
+                Some(provider) => {
+                    let network = NetworkService::new(
+                        provider,
+                        controller.firewall_updates(),
+                        controller.refusals(),
+                        settings.max_id_len,
+                    )
+                    .with_identity_binding(identity_binding);
+                    router.add_service(
+                        NetworkServiceServer::new(network)
+                            .max_decoding_message_size(settings.max_message_size)
+                            .max_encoding_message_size(settings.max_message_size),
+                    )
+                }
+                None => {
+                    warn!(
+                        "smProtocol 9.1 without a network provider: NetworkService is not \
+                         served, so 9.1 nodes cannot start instances with a network"
+                    );
+                    router
+                }
+            }
+        }
+    };
     Ok((router, health))
 }
 
@@ -156,7 +210,7 @@ pub(crate) async fn endpoint(
 pub fn sm_service(service: SmService, settings: &ServerSettings) -> SmServiceServer<SmService> {
     service.controller().limit_commands(CommandLimit {
         max_bytes: settings.max_message_size,
-        size_of: command_size,
+        size_of: command_size::<SmIncomingMessages>,
     });
     let service = service.with_limits(settings.max_id_len, settings.blob_lookups);
     SmServiceServer::new(service)
@@ -164,9 +218,24 @@ pub fn sm_service(service: SmService, settings: &ServerSettings) -> SmServiceSer
         .max_encoding_message_size(settings.max_message_size)
 }
 
-/// A command's size on the wire.
-fn command_size(command: &Outbound) -> usize {
-    prost::Message::encoded_len(&SmIncomingMessages::from(command.clone()))
+/// [`sm_service`] in the 9.1 revision.
+pub fn sm_service_91(
+    service: SmService,
+    settings: &ServerSettings,
+) -> SmServiceServer91<SmService91> {
+    service.controller().limit_commands(CommandLimit {
+        max_bytes: settings.max_message_size,
+        size_of: command_size::<SmIncomingMessages91>,
+    });
+    let service = service.with_limits(settings.max_id_len, settings.blob_lookups);
+    SmServiceServer91::new(SmService91(service))
+        .max_decoding_message_size(settings.max_message_size)
+        .max_encoding_message_size(settings.max_message_size)
+}
+
+/// A command's size on the wire, in the envelope `M` of a revision.
+fn command_size<M: From<Outbound> + prost::Message>(command: &Outbound) -> usize {
+    prost::Message::encoded_len(&M::from(command.clone()))
 }
 
 /// The HTTP/2 server with the transport settings of `settings` (keepalive, flow-control
@@ -219,7 +288,7 @@ pub async fn serve_insecure_with(
         Err(e) => warn!(error = %e, "serving SMService WITHOUT TLS (insecure mode)"),
     }
     let refusals = controller.refusals();
-    let (router, _health) = endpoint(&settings, SmService::new(controller, items)).await?;
+    let (router, _health) = endpoint(&settings, SmService::new(controller, items), None).await?;
     // Our own accept loop: the connection cap and a backoff on accept errors (R-BAD-3), and
     // `TCP_NODELAY` (without it, Nagle held small frames back until the peer's delayed ACK).
     let timeout = settings.accept.handshake_timeout;

@@ -12,7 +12,8 @@ use smcontroller_api::{Error, ItemInfoProvider};
 use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
 use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use smcontroller_routing::{
-    AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outgoing,
+    AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outbound,
+    Outgoing,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
@@ -21,14 +22,19 @@ use crate::{
     codec::DECODED_SIZE_REFUSAL,
     convert::ConvertError,
     ids,
-    proto::servicemanager::v5::{
-        BlobsInfos, BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages,
-        sm_outgoing_messages::SmOutgoingMessage, sm_service_server,
+    proto::{
+        servicemanager::v5::{
+            BlobsInfos, BlobsInfosRequest, SmIncomingMessages, SmOutgoingMessages,
+            sm_outgoing_messages::SmOutgoingMessage, sm_service_server,
+        },
+        v91::servicemanager::v5 as pb91,
     },
 };
 
-/// The response stream of `RegisterSM`.
-pub type CommandStream = Pin<Box<dyn Stream<Item = Result<SmIncomingMessages, Status>> + Send>>;
+/// The response stream of `RegisterSM`: the commands in the envelope of the wire revision
+/// (`SmIncomingMessages` of 9.0 by default, or of 9.1).
+pub type CommandStream<M = SmIncomingMessages> =
+    Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
 /// The `SMService` implementation: a thin adapter between tonic and the router.
 #[derive(Clone)]
@@ -96,6 +102,47 @@ impl sm_service_server::SmService for SmService {
         &self,
         request: Request<Streaming<SmOutgoingMessages>>,
     ) -> Result<Response<Self::RegisterSMStream>, Status> {
+        self.register(request)
+    }
+
+    async fn get_blobs_infos(
+        &self,
+        request: Request<BlobsInfosRequest>,
+    ) -> Result<Response<BlobsInfos>, Status> {
+        self.blobs_infos(request).await
+    }
+}
+
+/// `SMService` as a 9.1 unit serves it (R-REV-1): the same service, its commands in the 9.1
+/// envelope (`InstanceInfo` renumbered). What SMs send is the same type in both revisions.
+#[derive(Debug, Clone)]
+pub struct SmService91(pub SmService);
+
+#[tonic::async_trait]
+impl pb91::sm_service_server::SmService for SmService91 {
+    type RegisterSMStream = CommandStream<pb91::SmIncomingMessages>;
+
+    async fn register_sm(
+        &self,
+        request: Request<Streaming<SmOutgoingMessages>>,
+    ) -> Result<Response<Self::RegisterSMStream>, Status> {
+        self.0.register(request)
+    }
+
+    async fn get_blobs_infos(
+        &self,
+        request: Request<BlobsInfosRequest>,
+    ) -> Result<Response<BlobsInfos>, Status> {
+        self.0.blobs_infos(request).await
+    }
+}
+
+impl SmService {
+    /// `RegisterSM`: hands the stream to the router; its commands go out in the envelope `M`.
+    fn register<M: From<Outbound> + Send + 'static>(
+        &self,
+        request: Request<Streaming<SmOutgoingMessages>>,
+    ) -> Result<Response<CommandStream<M>>, Status> {
         // A transport failure (undecodable or over-size frame, reset) is kept so the response
         // ends with its status (R-BAD-1); the router only needs to know the stream failed.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
@@ -134,7 +181,8 @@ impl sm_service_server::SmService for SmService {
         Ok(Response::new(command_stream(outgoing, failure)))
     }
 
-    async fn get_blobs_infos(
+    /// `GetBlobsInfos`: each digest resolved through the provider.
+    async fn blobs_infos(
         &self,
         request: Request<BlobsInfosRequest>,
     ) -> Result<Response<BlobsInfos>, Status> {
@@ -317,7 +365,10 @@ fn kind(message: &SmOutgoingMessage) -> InboundKind {
 
 /// The router's outgoing items as the `RegisterSM` response: commands converted to the wire,
 /// ending at `Close` with its status (or the transport failure's).
-fn command_stream(outgoing: Commands, failure: Arc<Mutex<Option<Status>>>) -> CommandStream {
+fn command_stream<M: From<Outbound> + Send + 'static>(
+    outgoing: Commands,
+    failure: Arc<Mutex<Option<Status>>>,
+) -> CommandStream<M> {
     Box::pin(stream::unfold(Some(outgoing), move |state| {
         let failure = failure.clone();
         async move {

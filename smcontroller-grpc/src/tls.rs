@@ -149,7 +149,8 @@ pub async fn serve_tls(
     let refusals = controller.refusals();
     let service =
         SmService::new(controller.clone(), items).with_identity_binding(tls.identity_binding);
-    let (router, health) = crate::server::endpoint(&settings, service).await?;
+    let (router, health) =
+        crate::server::endpoint(&settings, service, tls.identity_binding).await?;
     let stop = CancellationToken::new();
     let restarts = tokio::spawn(restart_on_renewal(
         controller,

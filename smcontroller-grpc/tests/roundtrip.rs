@@ -247,7 +247,7 @@ fn network_parameters() -> impl Strategy<Value = api::NetworkParameters> {
     )
 }
 
-fn instance_info() -> impl Strategy<Value = api::InstanceInfo> {
+fn instance_info() -> impl Strategy<Value = api::StartInstance> {
     let env = (text(), text()).prop_map(|(name, value)| api::EnvVarInfo { name, value });
     let monitoring = option::of(alert_rules(finite()))
         .prop_map(|alert_rules| api::MonitoringParameters { alert_rules });
@@ -264,21 +264,23 @@ fn instance_info() -> impl Strategy<Value = api::InstanceInfo> {
             |(
                 (ident, version, manifest_digest, owner_id, runtime_id),
                 (uid, gid, priority, storage_path, state_path),
-                (env_vars, network_parameters, monitoring_parameters),
-            )| api::InstanceInfo {
-                ident,
-                version,
-                manifest_digest,
-                owner_id,
-                runtime_id,
-                uid,
-                gid,
-                priority,
-                storage_path,
-                state_path,
-                env_vars,
-                network_parameters,
-                monitoring_parameters,
+                (env_vars, network, monitoring_parameters),
+            )| api::StartInstance {
+                info: api::InstanceInfo {
+                    ident,
+                    version,
+                    manifest_digest,
+                    owner_id,
+                    runtime_id,
+                    uid,
+                    gid,
+                    priority,
+                    storage_path,
+                    state_path,
+                    env_vars,
+                    monitoring_parameters,
+                },
+                network,
             },
         )
 }
@@ -598,6 +600,27 @@ proptest! {
     #[test]
     fn every_outbound_command_survives_the_wire(command in outbound()) {
         let wire = pb::SmIncomingMessages::from(command.clone());
+        let decoded = through_bytes(&wire);
+        prop_assert_eq!(&decoded, &wire);
+        prop_assert_eq!(Outbound::try_from(decoded), Ok(command));
+    }
+
+    /// R-REV-1: every command a 9.1 unit sends (no networks) survives its 9.1 envelope.
+    #[test]
+    fn every_outbound_command_survives_the_9_1_wire(command in outbound()) {
+        use smcontroller_grpc::proto::v91::servicemanager::v5 as pb91;
+        let command = match command {
+            Outbound::UpdateNetworks(_) => return Ok(()),
+            Outbound::UpdateInstances { stop, start } => Outbound::UpdateInstances {
+                stop,
+                start: start
+                    .into_iter()
+                    .map(|s| api::StartInstance::from(s.info))
+                    .collect(),
+            },
+            other => other,
+        };
+        let wire = pb91::SmIncomingMessages::from(command.clone());
         let decoded = through_bytes(&wire);
         prop_assert_eq!(&decoded, &wire);
         prop_assert_eq!(Outbound::try_from(decoded), Ok(command));

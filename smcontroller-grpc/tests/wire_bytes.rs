@@ -12,6 +12,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use prost::Message as _;
 use smcontroller_api as api;
+use smcontroller_grpc::proto::v91::servicemanager::v5::{
+    self as pb91, sm_incoming_messages::SmIncomingMessage as Incoming91,
+};
 use smcontroller_grpc::proto::{
     common::v2 as common,
     servicemanager::v5::{
@@ -137,16 +140,12 @@ fn sm_info_with_node_id_n1() {
     assert!(info.runtimes.is_empty() && info.resources.is_empty());
 }
 
-#[test]
-fn instance_info_with_network_and_monitoring_parameters() {
-    let info = api::InstanceInfo {
+/// The instance of the `InstanceInfo` golden tests: version "1.0", uid 1, monitoring with a
+/// CPU rule (1 s, up to 0.5).
+fn golden_instance() -> api::InstanceInfo {
+    api::InstanceInfo {
         version: "1.0".into(),
         uid: 1,
-        network_parameters: Some(api::NetworkParameters {
-            ip: "1.2.3.4".into(),
-            dns_servers: vec!["8.8.8.8".into()],
-            ..Default::default()
-        }),
         monitoring_parameters: Some(api::MonitoringParameters {
             alert_rules: Some(api::AlertRules {
                 cpu: Some(api::AlertRulePercents {
@@ -158,20 +157,58 @@ fn instance_info_with_network_and_monitoring_parameters() {
             }),
         }),
         ..Default::default()
-    };
-    let mut message = pb::InstanceInfo::from(info.clone());
-    // The conversion always sends the ident; leave it out here to keep the bytes short.
-    message.instance = None;
+    }
+}
 
-    let mut expected = vec![
+/// The bytes of [`golden_instance`]'s version and uid.
+fn golden_head() -> Vec<u8> {
+    let mut bytes = vec![
         0x12, // InstanceInfo.version: field 2, wire type 2 -> 18
         0x03, // "1.0" is 3 bytes
     ];
-    expected.extend_from_slice(b"1.0");
-    expected.extend_from_slice(&[
+    bytes.extend_from_slice(b"1.0");
+    bytes.extend_from_slice(&[
         0x30, // uid: field 6, wire type 0 -> 6 << 3 = 48
         0x01, // 1
     ]);
+    bytes
+}
+
+/// The bytes of [`golden_instance`]'s `MonitoringParameters` after its key: 17 bytes.
+///
+/// MonitoringParameters { alert_rules (1) { cpu (2) { duration (1) { seconds (1): 1 },
+/// max_threshold (3): 0.5 } } }, from the inside out:
+///   Duration: 0x08 0x01 = 2 bytes
+///   AlertRulePercents: 0x0A 0x02 <2> + 0x19 (3 << 3 | 1) <8 bytes of 0.5> = 4 + 9 = 13
+///     (min_threshold 0.0 is the default and is not written)
+///   AlertRules: 0x12 (2 << 3 | 2) 0x0D <13> = 15
+///   MonitoringParameters: 0x0A 0x0F <15> = 17
+const GOLDEN_MONITORING: [u8; 18] = [
+    0x11, // length 17
+    0x0A, 0x0F, // alert_rules, 15 bytes
+    0x12, 0x0D, // cpu, 13 bytes
+    0x0A, 0x02, // duration, 2 bytes
+    0x08, 0x01, // seconds = 1
+    0x19, // max_threshold: field 3, wire type 1 (64-bit)
+    // 0.5 as an IEEE 754 double is 0x3FE0_0000_0000_0000, little-endian on the wire
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xE0, 0x3F,
+];
+
+#[test]
+fn r_rev_1_instance_info_9_0_has_the_network_in_12_and_monitoring_in_13() {
+    let start = api::StartInstance {
+        info: golden_instance(),
+        network: Some(api::NetworkParameters {
+            ip: "1.2.3.4".into(),
+            dns_servers: vec!["8.8.8.8".into()],
+            ..Default::default()
+        }),
+    };
+    let mut message = pb::InstanceInfo::from(start);
+    // The conversion always sends the ident; leave it out here to keep the bytes short.
+    message.instance = None;
+
+    let mut expected = golden_head();
     // NetworkParameters: ip (field 3: 0x1A, 7, "1.2.3.4") = 9 bytes, dns_servers (field 4:
     // 0x22, 7, "8.8.8.8") = 9 bytes; 18 in all.
     expected.extend_from_slice(&[
@@ -182,24 +219,8 @@ fn instance_info_with_network_and_monitoring_parameters() {
     expected.extend_from_slice(b"1.2.3.4");
     expected.extend_from_slice(&[0x22, 0x07]);
     expected.extend_from_slice(b"8.8.8.8");
-    // MonitoringParameters { alert_rules (1) { cpu (2) { duration (1) { seconds (1): 1 },
-    // max_threshold (3): 0.5 } } }, from the inside out:
-    //   Duration: 0x08 0x01 = 2 bytes
-    //   AlertRulePercents: 0x0A 0x02 <2> + 0x19 (3 << 3 | 1) <8 bytes of 0.5> = 4 + 9 = 13
-    //     (min_threshold 0.0 is the default and is not written)
-    //   AlertRules: 0x12 (2 << 3 | 2) 0x0D <13> = 15
-    //   MonitoringParameters: 0x0A 0x0F <15> = 17
-    expected.extend_from_slice(&[
-        0x6A, // monitoring_parameters: field 13, wire type 2 -> 13 << 3 | 2 = 106
-        0x11, // length 17
-        0x0A, 0x0F, // alert_rules, 15 bytes
-        0x12, 0x0D, // cpu, 13 bytes
-        0x0A, 0x02, // duration, 2 bytes
-        0x08, 0x01, // seconds = 1
-        0x19, // max_threshold: field 3, wire type 1 (64-bit)
-        // 0.5 as an IEEE 754 double is 0x3FE0_0000_0000_0000, little-endian on the wire
-        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xE0, 0x3F,
-    ]);
+    expected.push(0x6A); // monitoring_parameters: field 13, wire type 2 -> 13 << 3 | 2 = 106
+    expected.extend_from_slice(&GOLDEN_MONITORING);
     assert_eq!(expected.len(), 5 + 2 + 20 + 19);
     assert_eq!(message.encode_to_vec(), expected);
 
@@ -223,6 +244,57 @@ fn instance_info_with_network_and_monitoring_parameters() {
             0.5
         ))
     );
+}
+
+/// Aos 9.1 (`aos_core_api` v9.1.0, `InstanceInfo`): `monitoring_parameters = 12`, no network.
+/// The same instance as above, as a 9.1 unit sends it in `update_instances`.
+#[test]
+fn r_rev_1_instance_info_9_1_has_the_monitoring_in_12() {
+    let command = Outbound::UpdateInstances {
+        stop: vec![],
+        start: vec![golden_instance().into()],
+    };
+    let message = pb91::SmIncomingMessages::from(command.clone());
+    let Some(Incoming91::UpdateInstances(update)) = &message.sm_incoming_message else {
+        panic!("not update_instances: {message:?}");
+    };
+    let mut info = update.start_instances[0].clone();
+    info.instance = None;
+
+    let mut expected = golden_head();
+    expected.push(0x62); // monitoring_parameters: field 12, wire type 2 -> 12 << 3 | 2 = 98
+    expected.extend_from_slice(&GOLDEN_MONITORING);
+    assert_eq!(expected.len(), 5 + 2 + 19);
+    assert_eq!(info.encode_to_vec(), expected);
+
+    // Read by a 9.1 SM: the monitoring parameters, whole.
+    let decoded = pb91::InstanceInfo::decode(&expected[..]).unwrap();
+    assert_eq!(decoded, info);
+    // The whole command round-trips through the 9.1 envelope.
+    let bytes = message.encode_to_vec();
+    let back = Outbound::try_from(pb91::SmIncomingMessages::decode(&bytes[..]).unwrap()).unwrap();
+    assert_eq!(back, command);
+
+    // The silent breakage of a mixed unit: a 9.0 reader takes field 12 for a network and
+    // loses the monitoring.
+    match pb::InstanceInfo::decode(&expected[..]) {
+        Ok(misread) => assert!(
+            misread.monitoring_parameters.is_none(),
+            "a 9.0 reader does not see 9.1's monitoring: {misread:?}"
+        ),
+        Err(_) => {} // or it cannot parse the instance at all
+    }
+}
+
+/// A 9.1 unit never puts `update_networks` (field 10) on the wire: the router refuses it
+/// before it is queued, and the 9.1 envelope has no place for it.
+#[test]
+fn r_rev_1_update_networks_has_no_9_1_form() {
+    let message = pb91::SmIncomingMessages::from(Outbound::UpdateNetworks(vec![
+        api::UpdateNetworkParameters::default(),
+    ]));
+    assert_eq!(message.sm_incoming_message, None);
+    assert!(message.encode_to_vec().is_empty());
 }
 
 #[test]

@@ -12,9 +12,9 @@ use std::{
 use async_trait::async_trait;
 use futures::Stream;
 use smcontroller_api::{
-    CloudConnection, Error, InstanceIdent, InstanceInfo, InstanceRunner, LogProvider, LogRequest,
-    LogType, MonitoringProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
-    NodeMonitoringData, NodeNetwork, Result, UpdateNetworkParameters,
+    CloudConnection, Error, InstanceIdent, InstanceRunner, LogProvider, LogRequest, LogType,
+    MonitoringProvider, NetworkProvider, NodeConfig, NodeConfigHandler, NodeConfigStatus, NodeId,
+    NodeMonitoringData, NodeNetwork, Result, SmProtocol, StartInstance, UpdateNetworkParameters,
 };
 use smcontroller_limits::{Budget, Refusals, WarnGate};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -25,6 +25,7 @@ use crate::{
     lifecycle::{Backlog, Commands, Link, Registry, SendError, WAITING},
     message::{InboundEvent, LogQuery, Outbound},
     session::{self, Context},
+    subscriptions::Subscriptions,
     waiters::{Reply, ReplyKind},
 };
 
@@ -86,6 +87,8 @@ pub struct Controller {
     settings: Arc<Settings>,
     next_session: Arc<AtomicU64>,
     command_limit: Arc<OnceLock<CommandLimit>>,
+    subscriptions: Subscriptions,
+    network: Option<Arc<dyn NetworkProvider>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -100,7 +103,9 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller with no nodes; the cloud is taken as disconnected until told otherwise.
     pub fn new(settings: Settings, receivers: Receivers) -> Self {
+        let shutdown = CancellationToken::new();
         Self {
+            subscriptions: Subscriptions::new(settings.max_nodes, shutdown.clone()),
             ctx: Arc::new(Context {
                 registry: Arc::new(Registry::new(settings.max_nodes)),
                 receivers,
@@ -111,19 +116,40 @@ impl Controller {
                 pending: AtomicUsize::new(0),
                 waiting: Mutex::default(),
                 refused_early: WarnGate::default(),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 cut: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
             command_limit: Arc::new(OnceLock::new()),
             settings: Arc::new(settings),
             next_session: Arc::new(AtomicU64::new(0)),
+            network: None,
         }
+    }
+
+    /// The CM's network manager, which answers 9.1 nodes' `NetworkService` calls (R-NET-1).
+    /// Set it before the controller is cloned or served.
+    pub fn with_network_provider(mut self, provider: Arc<dyn NetworkProvider>) -> Self {
+        self.network = Some(provider);
+        self
+    }
+
+    /// The network manager, if one was given.
+    pub fn network_provider(&self) -> Option<Arc<dyn NetworkProvider>> {
+        self.network.clone()
     }
 
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The firewall-update subscriptions of 9.1 nodes (R-NET-3): the transport subscribes
+    /// nodes there, the network manager pushes through it ([`FirewallUpdates`]). A handle of
+    /// its own, so that the network manager need not hold the controller. All end at the
+    /// [`shutdown`](Self::shutdown).
+    pub fn firewall_updates(&self) -> Subscriptions {
+        self.subscriptions.clone()
     }
 
     /// Takes a new SM stream. `inbound` is what the SM sends, converted by the transport; the
@@ -498,8 +524,19 @@ impl InstanceRunner for Controller {
         &self,
         node: &NodeId,
         stop: &[InstanceIdent],
-        start: &[InstanceInfo],
+        start: &[StartInstance],
     ) -> Result<()> {
+        if self.settings.sm_protocol == SmProtocol::V9_1
+            && let Some(with_network) = start.iter().find(|s| s.network.is_some())
+        {
+            let ident = &with_network.info.ident;
+            return Err(Error::NotSupported(format!(
+                "instance {}/{}/{} carries network parameters, but this unit speaks the Aos 9.1 \
+                 wire revision (smProtocol 9.1), where nodes get their networks from \
+                 NetworkService",
+                ident.item_id, ident.subject_id, ident.instance
+            )));
+        }
         self.send(
             node,
             Outbound::UpdateInstances {
@@ -517,6 +554,13 @@ impl NodeNetwork for Controller {
         node: &NodeId,
         networks: &[UpdateNetworkParameters],
     ) -> Result<()> {
+        if self.settings.sm_protocol == SmProtocol::V9_1 {
+            return Err(Error::NotSupported(
+                "update_networks is not part of the Aos 9.1 wire revision this unit speaks \
+                 (smProtocol 9.1): 9.1 nodes get their networks from NetworkService"
+                    .to_owned(),
+            ));
+        }
         self.send(node, Outbound::UpdateNetworks(networks.to_vec()))
     }
 }

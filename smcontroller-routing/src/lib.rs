@@ -18,6 +18,7 @@ mod queue;
 mod receivers;
 mod session;
 mod settings;
+mod subscriptions;
 mod waiters;
 
 pub use controller::{AttachError, CommandLimit, Controller, NodeStatus};
@@ -28,3 +29,4 @@ pub use message::{
 pub use receivers::Receivers;
 pub use settings::Settings;
 pub use smcontroller_limits::{Budget, Refusals};
+pub use subscriptions::{SUBSCRIPTION_BACKLOG, SubscribeError, Subscription, Subscriptions};

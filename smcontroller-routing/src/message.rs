@@ -5,8 +5,8 @@
 use std::time::SystemTime;
 
 use smcontroller_api::{
-    Alert, InstanceFilter, InstanceIdent, InstanceInfo, InstanceStatus, LogPart, NodeConfig,
-    NodeConfigStatus, NodeMonitoringData, SmInfo, UpdateNetworkParameters,
+    Alert, InstanceFilter, InstanceIdent, InstanceStatus, LogPart, NodeConfig, NodeConfigStatus,
+    NodeMonitoringData, SmInfo, StartInstance, UpdateNetworkParameters,
 };
 
 /// A command to one SM (`SMIncomingMessages`).
@@ -25,8 +25,8 @@ pub enum Outbound {
     UpdateInstances {
         /// Instances to stop.
         stop: Vec<InstanceIdent>,
-        /// Instances to start.
-        start: Vec<InstanceInfo>,
+        /// Instances to start (with their networks under 9.0).
+        start: Vec<StartInstance>,
     },
     /// `update_networks`.
     UpdateNetworks(Vec<UpdateNetworkParameters>),

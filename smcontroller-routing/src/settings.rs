@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use smcontroller_api::SmProtocol;
+
 /// How the router waits and buffers. `Default` gives the contract's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -38,6 +40,10 @@ pub struct Settings {
     /// Bytes of commands waiting to be written to one node (as encoded for the wire), beyond
     /// which a call fails like for `outbound_backlog`. Default 8 MiB.
     pub outbound_backlog_bytes: usize,
+    /// The wire revision the unit's SMs speak (R-REV-1). Under 9.1 there is no
+    /// `update_networks` and instances carry no network; asking for either fails at once with
+    /// [`Error::NotSupported`](smcontroller_api::Error::NotSupported). Default 9.0.
+    pub sm_protocol: SmProtocol,
 }
 
 impl Default for Settings {
@@ -53,6 +59,7 @@ impl Default for Settings {
             inbound_queue_bytes: 8 * 1024 * 1024,
             outbound_backlog: 64,
             outbound_backlog_bytes: 8 * 1024 * 1024,
+            sm_protocol: SmProtocol::V9_0,
         }
     }
 }

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use smcontroller_api::{Error, InstanceInfo, InstanceRunner, NodeConfigHandler, NodeId};
+use smcontroller_api::{Error, InstanceRunner, NodeConfigHandler, NodeId, StartInstance};
 use smcontroller_routing::{Budget, CommandLimit, EndCode, Inbound, Outbound, Settings};
 use support::{Ev, SLOW, Sm, config_status, controller, monitoring};
 
@@ -198,7 +198,7 @@ async fn r_bad_2_a_command_over_the_size_limit_fails_its_call_and_the_stream_goe
     recorder
         .wait_for("registered", WAIT, |e| e.len() == 2)
         .await;
-    let big = vec![InstanceInfo::default(); 5];
+    let big = vec![StartInstance::default(); 5];
     let refused = controller
         .update_instances(&node("n1"), &[], &big)
         .await
@@ -210,7 +210,7 @@ async fn r_bad_2_a_command_over_the_size_limit_fails_its_call_and_the_stream_goe
     assert_eq!(controller.refusals().get(Budget::CommandSize), 1);
 
     // The stream is still up and the next call goes out.
-    let small = vec![InstanceInfo::default(); 2];
+    let small = vec![StartInstance::default(); 2];
     controller
         .update_instances(&node("n1"), &[], &small)
         .await

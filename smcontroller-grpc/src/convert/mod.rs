@@ -32,6 +32,7 @@
 mod common;
 mod inbound;
 mod outbound;
+mod v91;
 
 use std::{str::FromStr, time::SystemTime};
 

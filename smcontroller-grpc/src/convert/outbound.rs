@@ -226,8 +226,10 @@ impl From<pb::EnvVarInfo> for api::EnvVarInfo {
     }
 }
 
-impl From<api::InstanceInfo> for pb::InstanceInfo {
-    fn from(i: api::InstanceInfo) -> Self {
+impl From<api::StartInstance> for pb::InstanceInfo {
+    /// The 9.0 `InstanceInfo`: the network beside the instance goes into field 12.
+    fn from(start: api::StartInstance) -> Self {
+        let i = start.info;
         Self {
             instance: Some(i.ident.into()),
             version: i.version,
@@ -240,31 +242,36 @@ impl From<api::InstanceInfo> for pb::InstanceInfo {
             storage_path: i.storage_path,
             state_path: i.state_path,
             env_vars: i.env_vars.into_iter().map(Into::into).collect(),
-            network_parameters: i.network_parameters.map(Into::into),
+            network_parameters: start.network.map(Into::into),
             monitoring_parameters: i.monitoring_parameters.map(Into::into),
         }
     }
 }
 
-impl TryFrom<pb::InstanceInfo> for api::InstanceInfo {
+impl TryFrom<pb::InstanceInfo> for api::StartInstance {
     type Error = ConvertError;
 
     /// `instance` is required; network and monitoring parameters are optional.
     fn try_from(i: pb::InstanceInfo) -> Result<Self, ConvertError> {
         Ok(Self {
-            ident: required_ident("instance_info.instance", i.instance)?,
-            version: i.version,
-            manifest_digest: i.manifest_digest,
-            owner_id: i.owner_id,
-            runtime_id: i.runtime_id,
-            uid: i.uid,
-            gid: i.gid,
-            priority: i.priority,
-            storage_path: i.storage_path,
-            state_path: i.state_path,
-            env_vars: i.env_vars.into_iter().map(Into::into).collect(),
-            network_parameters: i.network_parameters.map(Into::into),
-            monitoring_parameters: i.monitoring_parameters.map(TryInto::try_into).transpose()?,
+            info: api::InstanceInfo {
+                ident: required_ident("instance_info.instance", i.instance)?,
+                version: i.version,
+                manifest_digest: i.manifest_digest,
+                owner_id: i.owner_id,
+                runtime_id: i.runtime_id,
+                uid: i.uid,
+                gid: i.gid,
+                priority: i.priority,
+                storage_path: i.storage_path,
+                state_path: i.state_path,
+                env_vars: i.env_vars.into_iter().map(Into::into).collect(),
+                monitoring_parameters: i
+                    .monitoring_parameters
+                    .map(TryInto::try_into)
+                    .transpose()?,
+            },
+            network: i.network_parameters.map(Into::into),
         })
     }
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use smcontroller_api::{
     Error, InstanceIdent, InstanceInfo, InstanceRunner, InstanceState, InstanceStatus,
     InstanceStatusReceiver, NodeConfigHandler, NodeConfigState, NodeId, Result, SmController,
+    StartInstance,
 };
 
 /// The instances each node should run. A node that is not named should run none.
@@ -143,7 +144,10 @@ impl Launcher {
         if status.state != NodeConfigState::Installed {
             return Ok(NodeOutcome::NotConfigured(status.state));
         }
-        self.runner.update_instances(node, stop, start).await?;
+        let start_instances: Vec<StartInstance> = start.iter().cloned().map(Into::into).collect();
+        self.runner
+            .update_instances(node, stop, &start_instances)
+            .await?;
 
         let mut running = self.running();
         let now = running.entry(node.clone()).or_default();
