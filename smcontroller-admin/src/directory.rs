@@ -1,12 +1,14 @@
 //! What the admin server asks the daemon's receiver about each node: when it connected, when
-//! it last sent something, its last `sm_info`, its message counts, and the nodes that left.
+//! it last sent something, its last `sm_info`, its message counts, and the nodes that left;
+//! and what it asks the network provider about the unit's networks.
 //!
 //! The router knows which nodes are registered (and each stream's generation and queue); the
-//! receiver knows what they sent. The daemon's `Recorder` implements [`NodeDirectory`].
+//! receiver knows what they sent. The daemon's `Recorder` implements [`NodeDirectory`]; its
+//! default network provider (`DefaultNetworks`, 9.1) implements [`NetworkDirectory`].
 
 use std::time::SystemTime;
 
-use smcontroller_api::{DisconnectReason, NodeId, SmInfo};
+use smcontroller_api::{DisconnectReason, InstanceIdent, NodeId, SmInfo};
 
 use crate::proto::v1 as pb;
 
@@ -107,4 +109,91 @@ impl NodeDirectory for NoDirectory {
     fn departed(&self) -> Vec<DepartedView> {
         Vec::new()
     }
+}
+
+/// The networks of a network provider, as the admin API lists them (`ListNetworks`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworksView {
+    /// The address pool the subnets are cut from, e.g. `172.17.0.0/16`.
+    pub pool: String,
+    /// Every network, sorted by id.
+    pub networks: Vec<NetworkView>,
+}
+
+/// One network id (the instances' owner id) and what is in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkView {
+    /// The network id.
+    pub network_id: String,
+    /// Its subnet, CIDR.
+    pub subnet: String,
+    /// Its VLAN id.
+    pub vlan_id: u32,
+    /// The nodes' addresses in it, sorted by node.
+    pub hosts: Vec<NetworkHostView>,
+    /// The instances' addresses in it.
+    pub instances: Vec<NetworkInstanceView>,
+}
+
+/// A node's address in a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkHostView {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its address.
+    pub ip: String,
+}
+
+/// An instance's address in a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInstanceView {
+    /// The instance.
+    pub instance: InstanceIdent,
+    /// The node it was allocated from.
+    pub node_id: NodeId,
+    /// Its address.
+    pub ip: String,
+}
+
+impl NetworksView {
+    /// The networks on the admin wire.
+    pub fn to_proto(&self) -> pb::ListNetworksResponse {
+        pb::ListNetworksResponse {
+            pool: self.pool.clone(),
+            networks: self
+                .networks
+                .iter()
+                .map(|n| pb::Network {
+                    network_id: n.network_id.clone(),
+                    subnet: n.subnet.clone(),
+                    vlan_id: n.vlan_id,
+                    hosts: n
+                        .hosts
+                        .iter()
+                        .map(|h| pb::NetworkHost {
+                            node_id: h.node_id.to_string(),
+                            ip: h.ip.clone(),
+                        })
+                        .collect(),
+                    instances: n
+                        .instances
+                        .iter()
+                        .map(|i| pb::NetworkInstance {
+                            instance: Some(i.instance.clone().into()),
+                            node_id: i.node_id.to_string(),
+                            ip: i.ip.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The unit's network provider, as the admin server reads it: the daemon's default one
+/// implements it. A controller without one (smProtocol 9.0) gives the admin server none, and
+/// `ListNetworks` then answers `FAILED_PRECONDITION`.
+pub trait NetworkDirectory: Send + Sync {
+    /// Every network now.
+    fn networks(&self) -> NetworksView;
 }

@@ -1,7 +1,8 @@
 //! The admin server: `smcontroller.admin.v1.AdminService` on top of the router
-//! ([`Controller`]), the daemon's receiver ([`NodeDirectory`]) and the [`EventHub`], served on
-//! a local endpoint of its own ([`AdminEndpoint`]): a Unix socket (mode 0660) or a loopback
-//! TCP port, never the SM listener.
+//! ([`Controller`]), the daemon's receiver ([`NodeDirectory`]), its network provider if it has
+//! one ([`NetworkDirectory`]) and the [`EventHub`], served on a local endpoint of its own
+//! ([`AdminEndpoint`]): a Unix socket (mode 0660) or a loopback TCP port, never the SM
+//! listener.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,7 +35,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
-    directory::NodeDirectory,
+    directory::{NetworkDirectory, NodeDirectory},
     events::{Event, EventBody, EventHub, EventKind, average_monitoring_to_proto, timestamp},
     proto::v1::{self as pb, admin_service_server::AdminServiceServer},
 };
@@ -158,12 +159,18 @@ pub enum ServeError {
     },
 }
 
-/// The admin API's implementation. Build it with [`AdminService::new`], serve it with
-/// [`serve`].
+/// What `ListNetworks` answers when the admin service was given no network provider.
+const NO_NETWORK_PROVIDER: &str = "this controller has no network provider of its own: it \
+     speaks smProtocol 9.0, where networks are pushed to nodes with update_networks (smctl \
+     networks update)";
+
+/// The admin API's implementation. Build it with [`AdminService::new`] (and
+/// [`with_networks`](AdminService::with_networks) under 9.1), serve it with [`serve`].
 #[derive(Clone)]
 pub struct AdminService {
     controller: Controller,
     directory: Arc<dyn NodeDirectory>,
+    networks: Option<Arc<dyn NetworkDirectory>>,
     events: EventHub,
     stopping: watch::Receiver<bool>,
     stop: Arc<watch::Sender<bool>>,
@@ -188,11 +195,19 @@ impl AdminService {
         Self {
             controller,
             directory,
+            networks: None,
             events,
             stopping,
             stop: Arc::new(stop),
             next_correlation: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Lists the networks of `networks` (the controller's own network provider, 9.1) in
+    /// `ListNetworks`; without it, `ListNetworks` answers `FAILED_PRECONDITION`.
+    pub fn with_networks(mut self, networks: Arc<dyn NetworkDirectory>) -> Self {
+        self.networks = Some(networks);
+        self
     }
 
     /// One node as the admin API shows it; `None` if it is not registered.
@@ -398,6 +413,17 @@ impl pb::admin_service_server::AdminService for AdminService {
             .await
             .map_err(status_of)?;
         Ok(Response::new(pb::Queued {}))
+    }
+
+    async fn list_networks(
+        &self,
+        _request: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let networks = self
+            .networks
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition(NO_NETWORK_PROVIDER))?;
+        Ok(Response::new(networks.networks().to_proto()))
     }
 
     type RequestLogStream = LogStream;

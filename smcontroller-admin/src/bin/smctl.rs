@@ -60,7 +60,7 @@ enum Command {
     /// Start and stop service instances on a node.
     #[command(subcommand)]
     Instances(InstancesCommand),
-    /// Push network settings to a node.
+    /// List the unit's networks (smProtocol 9.1) or push network settings to a node (9.0).
     #[command(subcommand)]
     Networks(NetworksCommand),
     /// Request a log from nodes and print its parts, assembled.
@@ -131,7 +131,10 @@ enum InstancesCommand {
 
 #[derive(Debug, Subcommand)]
 enum NetworksCommand {
-    /// Queue an update_networks.
+    /// The networks of the daemon's network provider (smProtocol 9.1): subnet, VLAN, the
+    /// nodes' and the instances' addresses.
+    List,
+    /// Queue an update_networks (smProtocol 9.0).
     Update {
         /// The node id.
         id: String,
@@ -265,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Instances(InstancesCommand::Update { id, start, stop }) => {
             update_instances(&mut admin, out, id, start, stop).await
         }
+        Command::Networks(NetworksCommand::List) => list_networks(&mut admin, out).await,
         Command::Networks(NetworksCommand::Update { id, file }) => {
             update_networks(&mut admin, out, id, file).await
         }
@@ -573,6 +577,67 @@ async fn update_networks(
         return out.json_pretty(&reply, "smcontroller.admin.v1.Queued");
     }
     println!("{id}: update_networks queued ({count} networks)");
+    Ok(())
+}
+
+async fn list_networks(admin: &mut AdminClient, out: Output) -> anyhow::Result<()> {
+    let response = admin
+        .list_networks(pb::ListNetworksRequest {})
+        .await?
+        .into_inner();
+    if out.json {
+        return out.json_pretty(&response, "smcontroller.admin.v1.ListNetworksResponse");
+    }
+    if response.networks.is_empty() {
+        println!("no networks yet (pool {})", response.pool);
+        return Ok(());
+    }
+    let mut networks = Table::new();
+    networks.load_preset(UTF8_BORDERS_ONLY).set_header([
+        "NETWORK",
+        "SUBNET",
+        "VLAN",
+        "HOSTS",
+        "INSTANCES",
+    ]);
+    let mut instances = Table::new();
+    instances
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["NETWORK", "INSTANCE", "NODE", "IP"]);
+    for n in &response.networks {
+        let hosts: Vec<String> = n
+            .hosts
+            .iter()
+            .map(|h| format!("{} {}", h.node_id, h.ip))
+            .collect();
+        networks.add_row([
+            n.network_id.clone(),
+            n.subnet.clone(),
+            n.vlan_id.to_string(),
+            if hosts.is_empty() {
+                "-".to_owned()
+            } else {
+                hosts.join(", ")
+            },
+            n.instances.len().to_string(),
+        ]);
+        for i in &n.instances {
+            instances.add_row([
+                n.network_id.clone(),
+                i.instance.as_ref().map_or_else(
+                    || "?".to_owned(),
+                    |x| format!("{}/{}/{}", x.item_id, x.subject_id, x.instance),
+                ),
+                i.node_id.clone(),
+                i.ip.clone(),
+            ]);
+        }
+    }
+    println!("pool {}", response.pool);
+    println!("{networks}");
+    if instances.row_count() > 0 {
+        println!("{instances}");
+    }
     Ok(())
 }
 
