@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod config;
+pub mod network;
 pub mod ready;
 pub mod receivers;
 pub mod sim;
