@@ -13,11 +13,14 @@ use std::{
 };
 
 use async_trait::async_trait;
-use smcontroller_admin::server::{AdminEndpoint, default_socket_path};
-use smcontroller_api::ItemInfoProvider;
+use smcontroller_admin::server::{self as admin, AdminEndpoint, AdminService, default_socket_path};
+use smcontroller_api::{
+    InstanceIdent, ItemInfoProvider, ItemNetworkParameters, NetworkProvider, NodeId,
+};
 use smcontroller_daemon::{
     app::{self, Running},
     config::Settings,
+    network::{DefaultNetworks, NetworkPool},
     receivers::Recorder,
     sim::{Behaviour, SimConfig, SimEventKind, Simulator},
 };
@@ -667,6 +670,117 @@ async fn the_admin_api_is_not_on_the_sm_listener() {
     assert!(!Path::new(&socket).exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_list_shows_the_network_providers_networks() {
+    let fx = Fixture::start(1, |c| c).await;
+    // This daemon speaks 9.0: it has no network provider to list.
+    let run_ = fx.smctl(&["networks", "list"]).await;
+    run_.failed_with("FAILED_PRECONDITION");
+    assert!(run_.stderr.contains("update_networks"), "{run_:#?}");
+
+    // An admin API over the same controller, with a default network provider (as a 9.1
+    // daemon has).
+    let running = fx.running();
+    let networks = Arc::new(
+        DefaultNetworks::open(
+            NetworkPool::default(),
+            None,
+            Arc::new(running.controller.firewall_updates()),
+        )
+        .unwrap(),
+    );
+    let service = AdminService::new(
+        running.controller.clone(),
+        Arc::new(running.recorder.clone()),
+        running.recorder.events(),
+    )
+    .with_networks(networks.clone());
+    let socket = fx.dir.path().join("networks.sock");
+    let server = admin::serve(&AdminEndpoint::Unix(socket.clone()), service)
+        .await
+        .unwrap();
+    let smctl = |args: &'static [&'static str]| {
+        let admin = format!("unix:{}", socket.display());
+        async move {
+            run(tokio::process::Command::new(SMCTL)
+                .arg("--admin")
+                .arg(admin)
+                .args(args))
+            .await
+        }
+    };
+
+    let empty = smctl(&["networks", "list"]).await;
+    assert!(empty.ok, "{empty:#?}");
+    assert!(
+        empty
+            .stdout
+            .contains("no networks yet (pool 172.17.0.0/16)"),
+        "{empty:#?}"
+    );
+
+    for n in ["node-1", "node-2"] {
+        networks
+            .get_node_network_params("net-a", &NodeId::new(n))
+            .await
+            .unwrap();
+    }
+    networks
+        .get_node_network_params("net-b", &NodeId::new("node-2"))
+        .await
+        .unwrap();
+    let instance = InstanceIdent {
+        item_id: "svc".into(),
+        subject_id: "subj".into(),
+        instance: 1,
+        ..InstanceIdent::default()
+    };
+    networks
+        .allocate_instance_network(
+            &instance,
+            "net-a",
+            &NodeId::new("node-2"),
+            &ItemNetworkParameters::default(),
+        )
+        .await
+        .unwrap();
+
+    let table = smctl(&["networks", "list"]).await;
+    assert!(table.ok, "{table:#?}");
+    for text in [
+        "pool 172.17.0.0/16",
+        "net-a",
+        "172.17.0.0/24",
+        "node-1 172.17.0.1, node-2 172.17.0.2",
+        "net-b",
+        "172.17.1.0/24",
+        "svc/subj/1",
+        "172.17.0.3",
+    ] {
+        assert!(table.stdout.contains(text), "{text} missing: {table:#?}");
+    }
+
+    let json = smctl(&["networks", "list", "--json"]).await.json();
+    assert_eq!(json["pool"], "172.17.0.0/16");
+    let listed = json["networks"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{json}");
+    assert_eq!(listed[0]["network_id"], "net-a");
+    assert_eq!(listed[0]["subnet"], "172.17.0.0/24");
+    assert_eq!(listed[0]["vlan_id"], 1);
+    assert_eq!(listed[1]["vlan_id"], 2);
+    assert_eq!(listed[0]["hosts"][1]["node_id"], "node-2");
+    assert_eq!(listed[0]["hosts"][1]["ip"], "172.17.0.2");
+    let instances = listed[0]["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 1, "{json}");
+    assert_eq!(instances[0]["instance"]["item_id"], "svc");
+    assert_eq!(instances[0]["instance"]["instance"], "1");
+    assert_eq!(instances[0]["node_id"], "node-2");
+    assert_eq!(instances[0]["ip"], "172.17.0.3");
+
+    server.stop().await;
+    fx.stop().await;
+}
+
 #[tokio::test]
 async fn without_options_smctl_looks_for_the_daemons_default_socket() {
     // No daemon is asked here: the error says where smctl looked, which is where smcontrollerd
@@ -695,6 +809,7 @@ async fn every_subcommand_has_help() {
         &["config", "check", "--help"],
         &["config", "set", "--help"],
         &["instances", "update", "--help"],
+        &["networks", "list", "--help"],
         &["networks", "update", "--help"],
         &["logs", "--help"],
         &["logs", "system", "--help"],
