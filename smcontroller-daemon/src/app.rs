@@ -14,7 +14,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use smcontroller_admin::server::{self as admin, AdminEndpoint, AdminServer, AdminService};
-use smcontroller_api::{Error, ItemInfoProvider};
+use smcontroller_api::{Error, ItemInfoProvider, SmProtocol};
 use smcontroller_certs::{
     AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
     ReloadSettings,
@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{BlobUrlTemplate, EXIT_BAD_CONFIG, Settings},
+    network::DefaultNetworks,
     receivers::Recorder,
 };
 
@@ -52,6 +53,7 @@ pub fn router_settings(settings: &Settings) -> smcontroller_routing::Settings {
         inbound_queue_bytes: settings.inbound_queue_bytes,
         outbound_backlog: settings.outbound_backlog,
         outbound_backlog_bytes: settings.outbound_backlog_bytes,
+        sm_protocol: settings.sm_protocol,
         ..smcontroller_routing::Settings::default()
     }
 }
@@ -133,6 +135,10 @@ pub enum StartError {
     /// The server cannot listen.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The default network provider's state file cannot be read or written (9.1); the
+    /// message names the file.
+    #[error("cannot open the network state (networkStateFile): {0}")]
+    Networks(String),
 }
 
 impl StartError {
@@ -141,7 +147,7 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Credentials(_) | Self::MissingTls(_) => EXIT_BAD_CONFIG,
-            Self::Serve(_) => 1,
+            Self::Serve(_) | Self::Networks(_) => 1,
         }
     }
 }
@@ -164,6 +170,8 @@ pub struct Running {
     pub controller: Controller,
     /// What the receivers recorded.
     pub recorder: Recorder,
+    /// The default network provider, under 9.1.
+    pub networks: Option<Arc<DefaultNetworks>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ServeError>>,
     connections: Connections,
@@ -189,6 +197,26 @@ pub async fn start(
         router_settings(settings),
         Receivers::all(Arc::new(recorder.clone())),
     );
+    // Under 9.1 the daemon is the unit's network manager too (R-NET-4). It pushes firewall
+    // updates through the controller's subscriptions, not through the controller itself.
+    let (controller, networks) = match settings.sm_protocol {
+        SmProtocol::V9_0 => (controller, None),
+        SmProtocol::V9_1 => {
+            let networks = DefaultNetworks::open(
+                settings.network_pool.clone(),
+                settings.network_state_file.clone(),
+                Arc::new(controller.firewall_updates()),
+            )
+            .map(Arc::new)
+            .map_err(|e| StartError::Networks(e.to_string()))?;
+            info!(pool = %settings.network_pool, state = ?settings.network_state_file,
+                "default network provider");
+            (
+                controller.with_network_provider(networks.clone()),
+                Some(networks),
+            )
+        }
+    };
     let listener = server::bind(settings.listen).await?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: settings.listen,
@@ -225,6 +253,7 @@ pub async fn start(
         addr,
         controller,
         recorder,
+        networks,
         stop,
         server,
         connections,
@@ -280,11 +309,14 @@ impl Running {
         &mut self,
         endpoint: &AdminEndpoint,
     ) -> Result<AdminEndpoint, admin::ServeError> {
-        let service = AdminService::new(
+        let mut service = AdminService::new(
             self.controller.clone(),
             Arc::new(self.recorder.clone()),
             self.recorder.events(),
         );
+        if let Some(networks) = &self.networks {
+            service = service.with_networks(networks.clone());
+        }
         let server = admin::serve(endpoint, service).await?;
         let bound = server.endpoint().clone();
         info!(endpoint = %bound, "admin API listening");

@@ -40,14 +40,19 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 use serde_json::Value;
-use smcontroller_api::types::iso8601;
+use smcontroller_api::{SmProtocol, types::iso8601};
 use smcontroller_certs::IdentityField;
+
+use crate::network::NetworkPool;
 
 /// Exit code of the daemon when its configuration is bad: 64, `EX_USAGE` of `sysexits.h`.
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
 /// The certificate storage `--pki` sets when the config file names none.
 pub const PKI_CERT_STORAGE: &str = "sm";
+
+/// Where the default network provider keeps its state unless `networkStateFile` says otherwise.
+pub const DEFAULT_NETWORK_STATE_FILE: &str = "/var/lib/smcontroller/networks.json";
 
 /// The origin named in errors about command-line values.
 const CLI_ORIGIN: &str = "command line";
@@ -86,6 +91,15 @@ pub struct Cli {
     /// "smcontroller_routing=debug,info". Without it the daemon uses its environment variable.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// The wire revision of the unit's SMs, overriding `smProtocol`: "9.0" or "9.1".
+    #[arg(long, value_name = "9.0|9.1")]
+    pub sm_protocol: Option<String>,
+
+    /// The default network provider's state file (9.1), overriding `networkStateFile`: an
+    /// absolute path, or "off" to keep the state in memory only.
+    #[arg(long, value_name = "PATH|off")]
+    pub network_state: Option<String>,
 
     /// Once every listener is up (when systemd hears `READY=1`), write where the daemon serves
     /// to PATH as JSON (pid, smListen, mtls, admin, metrics), atomically; removed at the stop.
@@ -235,6 +249,19 @@ pub struct Settings {
     /// `"127.0.0.1:9464"`. Off by default.
     #[serde(deserialize_with = "de::optional_listen")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The wire revision of `servicemanager.v5` the unit's SMs speak (`smProtocol`, R-REV-1):
+    /// `"9.0"` (default) or `"9.1"` (every Aos release since 9.1), whose nodes also call
+    /// `NetworkService` on the SM port.
+    #[serde(deserialize_with = "de::sm_protocol")]
+    pub sm_protocol: SmProtocol,
+    /// The address pool of the daemon's default network provider (`networkPool`, 9.1 only):
+    /// an IPv4 CIDR block cut into /24 subnets, one per network id.
+    #[serde(deserialize_with = "de::network_pool")]
+    pub network_pool: NetworkPool,
+    /// Where the default network provider keeps its allocations across restarts
+    /// (`networkStateFile`, 9.1 only): an absolute path, or `"off"` (memory only).
+    #[serde(deserialize_with = "de::optional_path")]
+    pub network_state_file: Option<PathBuf>,
     /// Keys of the config file that the SM controller does not know, sorted; the daemon warns
     /// about them.
     #[serde(skip)]
@@ -279,6 +306,9 @@ impl Default for Settings {
             admin_socket: AdminSocket::Default,
             admin_listen: None,
             metrics_listen: None,
+            sm_protocol: router.sm_protocol,
+            network_pool: NetworkPool::default(),
+            network_state_file: Some(PathBuf::from(DEFAULT_NETWORK_STATE_FILE)),
             unknown_keys: Vec::new(),
         }
     }
@@ -591,6 +621,15 @@ fn finish(mut settings: Settings, origin: &str, cli: &Cli) -> Result<Settings, C
             }
         };
     }
+    if let Some(protocol) = &cli.sm_protocol {
+        settings.sm_protocol = protocol
+            .parse()
+            .map_err(|e| flag_error("--sm-protocol", e))?;
+    }
+    if let Some(path) = &cli.network_state {
+        settings.network_state_file = de::path_or_off(path)
+            .map_err(|e| flag_error("--network-state", format!("{path:?} {e}")))?;
+    }
     if let Some(dir) = &cli.pki {
         settings.use_dev_pki(dir).map_err(|e| {
             let dir = dir.display().to_string();
@@ -755,6 +794,40 @@ mod de {
                 .filter(|&n| n <= MAX)
                 .ok_or_else(|| format!("is larger than HTTP/2 allows ({MAX})"))
         })
+    }
+
+    /// `"9.0"` or `"9.1"`.
+    pub(super) fn sm_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<SmProtocol, D::Error> {
+        read(d, |v| {
+            string(v)?
+                .parse()
+                .map_err(|_| r#"is not an SM protocol revision: give "9.0" or "9.1""#.to_owned())
+        })
+    }
+
+    /// An IPv4 CIDR block (see [`NetworkPool`]).
+    pub(super) fn network_pool<'de, D: Deserializer<'de>>(d: D) -> Result<NetworkPool, D::Error> {
+        read(d, |v| {
+            string(v)?
+                .parse::<NetworkPool>()
+                .map_err(|e| format!("is not usable: {e}"))
+        })
+    }
+
+    /// An absolute path, or `"off"` (`None`).
+    pub(super) fn optional_path<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        read(d, |v| path_or_off(string(v)?))
+    }
+
+    /// `"off"` (`None`) or an absolute path.
+    pub(super) fn path_or_off(value: &str) -> Result<Option<PathBuf>, String> {
+        match value {
+            "off" => Ok(None),
+            path if Path::new(path).is_absolute() => Ok(Some(PathBuf::from(path))),
+            _ => Err(r#"is not an absolute path or "off""#.to_owned()),
+        }
     }
 
     /// `"off"` or an absolute path.
@@ -1015,6 +1088,9 @@ mod tests {
             "adminSocket": "/run/admin.sock",
             "adminListen": "[::1]:9465",
             "metricsListen": "127.0.0.1:9464",
+            "smProtocol": "9.1",
+            "networkPool": "10.200.0.0/16",
+            "networkStateFile": "off",
             "insecure": false
         }"#;
         let s = load_str(ORIGIN, json, &cli()).unwrap();
@@ -1055,6 +1131,9 @@ mod tests {
                 admin_socket: AdminSocket::Path("/run/admin.sock".into()),
                 admin_listen: Some(addr("[::1]:9465")),
                 metrics_listen: Some(addr("127.0.0.1:9464")),
+                sm_protocol: SmProtocol::V9_1,
+                network_pool: "10.200.0.0/16".parse().unwrap(),
+                network_state_file: None,
                 unknown_keys: vec![],
             }
         );
@@ -1205,6 +1284,8 @@ mod tests {
                 pki: None,
                 admin_socket: Some("off".into()),
                 log: Some("debug".into()),
+                sm_protocol: None,
+                network_state: None,
                 ready_file: Some("/tmp/ready.json".into()),
             }
         );

@@ -42,12 +42,14 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         let mut signals = StopSignals::listen();
         // Before anything records a metric.
-        if let Some(addr) = settings.metrics_listen
-            && let Err(e) = app::serve_metrics(addr)
-        {
-            error!(error = %e, %addr, "cannot serve metrics");
-            eprintln!("smcontrollerd: cannot serve metrics on {addr} (metricsListen): {e}");
-            return ExitCode::FAILURE;
+        if let Some(addr) = settings.metrics_listen {
+            if let Err(e) = app::serve_metrics(addr) {
+                error!(error = %e, %addr, "cannot serve metrics");
+                eprintln!("smcontrollerd: cannot serve metrics on {addr} (metricsListen): {e}");
+                return ExitCode::FAILURE;
+            }
+            metrics::gauge!("smcontroller_sm_protocol_info", "revision" => settings.sm_protocol.as_str())
+                .set(1.0);
         }
         let blobs = app::blob_resolver(&settings);
         let mut running = match app::start(&settings, Recorder::new(), blobs).await {
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
                 return exit(e.exit_code());
             }
         };
-        info!(addr = %running.addr, "SM controller listening");
+        info!(addr = %running.addr, sm_protocol = %settings.sm_protocol, "SM controller listening");
         if settings.metrics_listen.is_some() {
             running.publish_gauges();
         }
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
                 pid: std::process::id(),
                 sm_listen: running.addr,
                 mtls: !settings.insecure,
+                sm_protocol: settings.sm_protocol,
                 admin: running
                     .admin_endpoints()
                     .iter()

@@ -19,6 +19,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use smcontroller_api::SmProtocol;
 
 /// What a serving daemon writes to its ready file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub struct Ready {
     pub sm_listen: SocketAddr,
     /// Whether the SM port speaks mTLS (`false`: plain HTTP/2, `--insecure`).
     pub mtls: bool,
+    /// The wire revision it speaks (`smProtocol`): `"9.0"` or `"9.1"`.
+    pub sm_protocol: SmProtocol,
     /// Where the admin API serves (`unix:PATH` or `ADDR`), in the order they were bound; empty
     /// when it is off or could not be served.
     pub admin: Vec<String>,
@@ -119,6 +122,7 @@ mod tests {
             pid: 42,
             sm_listen: "127.0.0.1:8093".parse().unwrap(),
             mtls: true,
+            sm_protocol: SmProtocol::V9_1,
             admin: vec!["unix:/run/smcontroller/admin.sock".into()],
             metrics: None,
         }
@@ -139,6 +143,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(json["smListen"], "127.0.0.1:8093", "{json}");
+        assert_eq!(json["smProtocol"], "9.1", "{json}");
     }
 
     #[test]
