@@ -38,9 +38,9 @@
 //!   floor, the bare relay (`controller/relay.rs`). Its resident memory (VmRSS) and CPU time
 //!   (`/proc/self/stat`) are therefore the server's, plus the bench's own small driver;
 //! - an SM process (`--sm-child URL`) holds the simulated SMs: a lean client written here (not
-//!   `sim::Simulator`, whose per-node producer tasks, event bus and stats would share the two
+//!   `smcontroller_sim::Simulator`, whose per-node producer tasks, event bus and stats would share the two
 //!   cores with the controller). Each node has its own TCP connection (tonic `Channel`), calls
-//!   `RegisterSM`, sends `sm_info` and `node_instances_status` (built by `sim::messages`),
+//!   `RegisterSM`, sends `sm_info` and `node_instances_status` (built by `smcontroller_sim::messages`),
 //!   answers `get_node_config_status` and keeps the last `connection_status`. Under mTLS
 //!   (`--pki DIR`) every node presents the same client certificate and each connection builds
 //!   a fresh rustls client (no session resumption). The scenario process drives it with
@@ -118,7 +118,6 @@ use smcontroller_api::{
 use smcontroller_daemon::{
     app::{self, NoBlobStore},
     config::Settings,
-    sim::messages,
 };
 use smcontroller_grpc::{
     connections::Connections,
@@ -130,6 +129,7 @@ use smcontroller_grpc::{
     tls as tls_server,
 };
 use smcontroller_routing::{Controller, Receivers};
+use smcontroller_sim::messages;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     process::{Child, ChildStdin, ChildStdout},

@@ -135,6 +135,8 @@ fn demo(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
         "-p",
         "smcontroller-daemon",
         "-p",
+        "smcontroller-sim",
+        "-p",
         "smcontroller-admin",
         "--bins",
     ]);
