@@ -19,9 +19,9 @@ use smcontroller_daemon::{
     app::{self, Running},
     config::Settings,
     receivers::Recorder,
-    sim::{Behaviour, SimConfig, SimEventKind, Simulator},
 };
 use smcontroller_grpc::proto::servicemanager::v5::sm_incoming_messages::SmIncomingMessage;
+use smcontroller_sim::{Behaviour, SimConfig, SimEventKind, Simulator};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SMCTL: &str = env!("CARGO_BIN_EXE_smctl");
