@@ -22,9 +22,9 @@ use smcontroller_daemon::{
     config::Settings,
     network::{DefaultNetworks, NetworkPool},
     receivers::Recorder,
-    sim::{Behaviour, SimConfig, SimEventKind, Simulator},
 };
 use smcontroller_grpc::proto::servicemanager::v5::sm_incoming_messages::SmIncomingMessage;
+use smcontroller_sim::{Behaviour, SimConfig, SimEventKind, Simulator};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SMCTL: &str = env!("CARGO_BIN_EXE_smctl");

@@ -878,6 +878,71 @@ impl fmt::Display for DisconnectReason {
     }
 }
 
+/// The kinds of message an SM sends to the controller: the members of the oneof of
+/// `SMOutgoingMessages`, without their bodies.
+///
+/// The one list of them and of their wire names: the router names what it receives with it
+/// (in its log and in the `smcontroller_messages_in_total{kind}` metric), the transport names a
+/// message with it before the message converts, and the SM simulator counts what it sends by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SmMessageKind {
+    /// `sm_info`.
+    SmInfo,
+    /// `node_config_status`.
+    NodeConfigStatus,
+    /// `update_instances_status`.
+    UpdateInstancesStatus,
+    /// `node_instances_status`.
+    NodeInstancesStatus,
+    /// `log`.
+    Log,
+    /// `instant_monitoring`.
+    InstantMonitoring,
+    /// `average_monitoring`.
+    AverageMonitoring,
+    /// `alert`.
+    Alert,
+}
+
+impl SmMessageKind {
+    /// Every kind, in wire order (by field number, `sm_info` = 1 first).
+    pub const ALL: [Self; 8] = [
+        Self::SmInfo,
+        Self::NodeConfigStatus,
+        Self::UpdateInstancesStatus,
+        Self::NodeInstancesStatus,
+        Self::Log,
+        Self::InstantMonitoring,
+        Self::AverageMonitoring,
+        Self::Alert,
+    ];
+
+    /// The wire name: the oneof field of `SMOutgoingMessages`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SmInfo => "sm_info",
+            Self::NodeConfigStatus => "node_config_status",
+            Self::UpdateInstancesStatus => "update_instances_status",
+            Self::NodeInstancesStatus => "node_instances_status",
+            Self::Log => "log",
+            Self::InstantMonitoring => "instant_monitoring",
+            Self::AverageMonitoring => "average_monitoring",
+            Self::Alert => "alert",
+        }
+    }
+
+    /// The kind's place in [`SmMessageKind::ALL`], for tables indexed by kind.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for SmMessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where the server's certificate and key are (`CertProvider::get_cert`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {

@@ -12,7 +12,7 @@ use smcontroller_admin::{
     server::AdminEndpoint,
 };
 use smcontroller_certs::test_util::TestPki;
-use smcontroller_daemon::sim::{Behaviour, SimConfig, SimTls, Simulator};
+use smcontroller_sim::{Behaviour, SimConfig, SimTls, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod process;

@@ -21,7 +21,7 @@ use smcontroller_admin::{
     server::AdminEndpoint,
 };
 use smcontroller_certs::test_util::TestPki;
-use smcontroller_daemon::sim::{SimConfig, SimTls, Simulator};
+use smcontroller_sim::{SimConfig, SimTls, Simulator};
 
 mod process;
 

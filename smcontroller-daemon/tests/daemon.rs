@@ -8,7 +8,7 @@ use rustls::{
     pki_types::{CertificateDer, ServerName},
 };
 use smcontroller_certs::test_util::{LeafSpec, TestPki};
-use smcontroller_daemon::sim::{SimConfig, SimTls, Simulator};
+use smcontroller_sim::{SimConfig, SimTls, Simulator};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

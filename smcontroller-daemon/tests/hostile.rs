@@ -35,7 +35,6 @@ use smcontroller_certs::{
     AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
     ReloadSettings, test_util::TestPki,
 };
-use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
     connections::Connections,
     proto::servicemanager::v5::{
@@ -47,6 +46,7 @@ use smcontroller_grpc::{
 };
 use smcontroller_limits::Budget;
 use smcontroller_routing::Settings;
+use smcontroller_sim::messages;
 use support::{Blobs, DEADLINE, Event, raw_stream};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 use tonic::Code;

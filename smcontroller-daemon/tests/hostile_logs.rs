@@ -15,12 +15,12 @@ use std::{
 };
 
 use hostile_support::{GOOD, Hostile, end_status, open_stream, outgoing, within};
-use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
     proto::servicemanager::v5::{self as pb, sm_outgoing_messages::SmOutgoingMessage},
     server::ServerSettings,
 };
 use smcontroller_routing::Settings;
+use smcontroller_sim::messages;
 use support::{DEADLINE, Event};
 use tonic::Code;
 

@@ -22,13 +22,13 @@ use hostile_support::{
 };
 use prost::Message as _;
 use smcontroller_api::{Error, NodeConfigHandler, NodeId, NodeNetwork, UpdateNetworkParameters};
-use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::{
     proto::servicemanager::v5::sm_service_client::SmServiceClient,
     server::{self, ServerSettings},
 };
 use smcontroller_limits::Budget;
 use smcontroller_routing::{Controller, Receivers, Settings};
+use smcontroller_sim::messages;
 use support::{Blobs, DEADLINE};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

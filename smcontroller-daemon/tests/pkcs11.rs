@@ -8,7 +8,7 @@ use smcontroller_certs::test_util::{
     LeafSpec, TestPki,
     softhsm::{self, TokenKeyKind},
 };
-use smcontroller_daemon::sim::{SimConfig, SimTls, Simulator};
+use smcontroller_sim::{SimConfig, SimTls, Simulator};
 
 mod process;
 

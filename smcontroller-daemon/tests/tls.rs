@@ -14,6 +14,7 @@ use smcontroller_certs::{
     ReloadSettings,
     test_util::{LeafSpec, Signer, TestCert, TestPki, Usage},
 };
+use smcontroller_daemon as daemon;
 use smcontroller_grpc::{
     connections::Connections,
     proto::servicemanager::v5::{
@@ -24,10 +25,11 @@ use smcontroller_grpc::{
     tls::{Tls, TlsSettings, serve_tls},
 };
 use smcontroller_routing::{Controller, Receivers, Settings};
+use smcontroller_sim::{ClientCerts, SimConfig, SimEventKind, SimTls, Simulator};
 use support::{Blobs, DEADLINE, Event, EventLog, sm_info};
 use tokio::{
     net::TcpStream,
-    sync::{mpsc, watch},
+    sync::{broadcast, mpsc, watch},
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
@@ -618,4 +620,81 @@ async fn health_is_not_serving_during_a_credential_restart_and_reflection_lists_
         tokio::task::yield_now().await;
     }
     h.stop().await;
+}
+
+/// The simulator against the daemon's own mTLS server, with a PKI written as `cargo xtask
+/// gen-certs` writes it: each node presents `client-<node id>.pem` and registers; nodes without
+/// a client certificate are refused before `RegisterSM` and never become nodes. (It was a test
+/// of the simulator while the simulator lived in this crate.)
+#[tokio::test]
+async fn nodes_register_over_mtls_with_their_client_certificates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = TestPki::new().expect("test PKI");
+    pki.write_dev_pki(dir.path(), 2).expect("PKI written");
+    let mut settings = daemon::config::Settings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..daemon::config::Settings::default()
+    };
+    settings.use_dev_pki(dir.path()).expect("PKI dir");
+    let running = daemon::app::start(
+        &settings,
+        daemon::receivers::Recorder::new(),
+        Arc::new(daemon::app::NoBlobStore),
+    )
+    .await
+    .expect("the controller serves mTLS");
+    let url = format!("https://{}", running.addr);
+    let tls = SimTls::from_pki_dir(dir.path()).expect("the CA file");
+
+    let sim = Simulator::start(SimConfig {
+        tls: Some(tls.clone()),
+        reconnect_delay: Duration::from_millis(50),
+        ..SimConfig::new(url.clone(), 2)
+    })
+    .expect("start");
+    assert!(sim.wait_connected(2, DEADLINE).await, "{:?}", sim.stats());
+    assert!(
+        running
+            .recorder
+            .wait_until(DEADLINE, |s| s.connected_nodes() == 2)
+            .await
+    );
+    let mut nodes = running.controller.nodes();
+    nodes.sort();
+    assert_eq!(nodes, [NodeId::new("node-1"), NodeId::new("node-2")]);
+    sim.stop().await;
+
+    let (sim, mut events) = Simulator::start_with_events(SimConfig {
+        tls: Some(SimTls {
+            client_certs: ClientCerts::None,
+            ..tls
+        }),
+        node_prefix: "anonymous".to_owned(),
+        reconnect_delay: Duration::from_millis(50),
+        ..SimConfig::new(url, 1)
+    })
+    .expect("start");
+    let failed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if matches!(e.kind, SimEventKind::ConnectFailed { .. }) => break e,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("events closed"),
+            }
+        }
+    })
+    .await
+    .expect("the anonymous node's connection fails in time");
+    assert_eq!(&*failed.node_id, "anonymous-1");
+    let stats = sim.finish().await;
+    assert_eq!(stats.registered(), 0, "{stats}");
+    assert_eq!(stats.total.connects, 0, "{stats}");
+    assert!(
+        !running
+            .controller
+            .nodes()
+            .contains(&NodeId::new("anonymous-1")),
+        "a node without a client certificate never registers"
+    );
+    running.stop().await.expect("stops");
 }

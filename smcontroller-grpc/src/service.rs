@@ -12,8 +12,7 @@ use smcontroller_api::{Error, ItemInfoProvider};
 use smcontroller_certs::{IdentityField, PeerIdentity, TlsConnInfo};
 use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use smcontroller_routing::{
-    AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, InboundKind, Outbound,
-    Outgoing,
+    AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, Outbound, Outgoing,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
@@ -325,7 +324,7 @@ fn inbound_event(
     let name = message
         .sm_outgoing_message
         .as_ref()
-        .map_or("SMOutgoingMessages", |m| kind(m).name());
+        .map_or("SMOutgoingMessages", |m| m.kind().name());
     if let Some(body) = &message.sm_outgoing_message
         && let Err(too_long) = ids::check(body, max_id_len)
     {
@@ -346,20 +345,6 @@ fn inbound_event(
             message: name,
             reason: error.to_string(),
         },
-    }
-}
-
-/// Which message a oneof member is, before it converts (the names live with [`InboundKind`]).
-fn kind(message: &SmOutgoingMessage) -> InboundKind {
-    match message {
-        SmOutgoingMessage::SmInfo(_) => InboundKind::SmInfo,
-        SmOutgoingMessage::NodeConfigStatus(_) => InboundKind::NodeConfigStatus,
-        SmOutgoingMessage::UpdateInstancesStatus(_) => InboundKind::UpdateInstancesStatus,
-        SmOutgoingMessage::NodeInstancesStatus(_) => InboundKind::NodeInstancesStatus,
-        SmOutgoingMessage::Log(_) => InboundKind::Log,
-        SmOutgoingMessage::InstantMonitoring(_) => InboundKind::InstantMonitoring,
-        SmOutgoingMessage::AverageMonitoring(_) => InboundKind::AverageMonitoring,
-        SmOutgoingMessage::Alert(_) => InboundKind::Alert,
     }
 }
 

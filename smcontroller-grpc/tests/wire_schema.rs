@@ -14,7 +14,10 @@ use prost_types::{
     DescriptorProto, EnumDescriptorProto, FileDescriptorProto, FileDescriptorSet,
     field_descriptor_proto::{Label, Type},
 };
-use smcontroller_grpc::proto::FILE_DESCRIPTOR_SET;
+use smcontroller_api::SmMessageKind;
+use smcontroller_grpc::proto::{
+    FILE_DESCRIPTOR_SET, servicemanager::v5::sm_outgoing_messages::SmOutgoingMessage,
+};
 
 /// The contract, one declaration per line:
 ///
@@ -623,6 +626,45 @@ fn proto_matches_the_wire_contract_both_ways() {
         diff.len(),
         diff.join("\n  ")
     );
+}
+
+/// `SmMessageKind` (smcontroller-api), the one list of the kinds of SM -> controller message,
+/// is the oneof of `SMOutgoingMessages`: the same names in field-number order, and the
+/// transport names each member with its own kind.
+#[test]
+fn message_kinds_are_the_members_of_sm_outgoing_messages() {
+    let set = descriptor_set();
+    let message = set
+        .file
+        .iter()
+        .filter(|f| f.package() == "servicemanager.v5")
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == "SMOutgoingMessages")
+        .expect("SMOutgoingMessages in the descriptor");
+    let fields: Vec<(i32, &str)> = message
+        .field
+        .iter()
+        .map(|f| (f.number(), f.name()))
+        .collect();
+    let kinds: Vec<(i32, &str)> = SmMessageKind::ALL
+        .iter()
+        .map(|k| (i32::try_from(k.index()).expect("few kinds") + 1, k.name()))
+        .collect();
+    assert_eq!(kinds, fields);
+
+    use SmOutgoingMessage as M;
+    let members = [
+        M::SmInfo(Default::default()),
+        M::NodeConfigStatus(Default::default()),
+        M::UpdateInstancesStatus(Default::default()),
+        M::NodeInstancesStatus(Default::default()),
+        M::Log(Default::default()),
+        M::InstantMonitoring(Default::default()),
+        M::AverageMonitoring(Default::default()),
+        M::Alert(Default::default()),
+    ];
+    let named: Vec<SmMessageKind> = members.iter().map(SmOutgoingMessage::kind).collect();
+    assert_eq!(named, SmMessageKind::ALL);
 }
 
 #[test]

@@ -23,9 +23,7 @@ mod waiters;
 
 pub use controller::{AttachError, CommandLimit, Controller, NodeStatus};
 pub use lifecycle::Commands;
-pub use message::{
-    EndCode, EndStatus, Inbound, InboundEvent, InboundKind, LogQuery, Outbound, Outgoing,
-};
+pub use message::{EndCode, EndStatus, Inbound, InboundEvent, LogQuery, Outbound, Outgoing};
 pub use receivers::Receivers;
 pub use settings::Settings;
 pub use smcontroller_limits::{Budget, Refusals};

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use smcontroller_api::{
     Alert, InstanceFilter, InstanceIdent, InstanceStatus, LogPart, NodeConfig, NodeConfigStatus,
-    NodeMonitoringData, SmInfo, StartInstance, UpdateNetworkParameters,
+    NodeMonitoringData, SmInfo, SmMessageKind, StartInstance, UpdateNetworkParameters,
 };
 
 /// A command to one SM (`SMIncomingMessages`).
@@ -96,60 +96,22 @@ pub enum Inbound {
 
 impl Inbound {
     /// Which message this is.
-    pub fn kind(&self) -> InboundKind {
+    pub fn kind(&self) -> SmMessageKind {
         match self {
-            Self::SmInfo(_) => InboundKind::SmInfo,
-            Self::NodeConfigStatus(_) => InboundKind::NodeConfigStatus,
-            Self::UpdateInstancesStatus(_) => InboundKind::UpdateInstancesStatus,
-            Self::NodeInstancesStatus(_) => InboundKind::NodeInstancesStatus,
-            Self::Log(_) => InboundKind::Log,
-            Self::InstantMonitoring(_) => InboundKind::InstantMonitoring,
-            Self::AverageMonitoring(_) => InboundKind::AverageMonitoring,
-            Self::Alert(_) => InboundKind::Alert,
+            Self::SmInfo(_) => SmMessageKind::SmInfo,
+            Self::NodeConfigStatus(_) => SmMessageKind::NodeConfigStatus,
+            Self::UpdateInstancesStatus(_) => SmMessageKind::UpdateInstancesStatus,
+            Self::NodeInstancesStatus(_) => SmMessageKind::NodeInstancesStatus,
+            Self::Log(_) => SmMessageKind::Log,
+            Self::InstantMonitoring(_) => SmMessageKind::InstantMonitoring,
+            Self::AverageMonitoring(_) => SmMessageKind::AverageMonitoring,
+            Self::Alert(_) => SmMessageKind::Alert,
         }
     }
 
     /// The wire name of the message (its oneof field), for logs.
     pub fn name(&self) -> &'static str {
         self.kind().name()
-    }
-}
-
-/// The kinds of [`Inbound`] message, without their bodies: what a transport can name before a
-/// message converts (or when it does not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum InboundKind {
-    /// `sm_info`.
-    SmInfo,
-    /// `node_config_status`.
-    NodeConfigStatus,
-    /// `update_instances_status`.
-    UpdateInstancesStatus,
-    /// `node_instances_status`.
-    NodeInstancesStatus,
-    /// `log`.
-    Log,
-    /// `instant_monitoring`.
-    InstantMonitoring,
-    /// `average_monitoring`.
-    AverageMonitoring,
-    /// `alert`.
-    Alert,
-}
-
-impl InboundKind {
-    /// The wire name (the oneof field of `SMOutgoingMessages`). The one list of these names.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SmInfo => "sm_info",
-            Self::NodeConfigStatus => "node_config_status",
-            Self::UpdateInstancesStatus => "update_instances_status",
-            Self::NodeInstancesStatus => "node_instances_status",
-            Self::Log => "log",
-            Self::InstantMonitoring => "instant_monitoring",
-            Self::AverageMonitoring => "average_monitoring",
-            Self::Alert => "alert",
-        }
     }
 }
 

@@ -131,7 +131,7 @@ fn make_token(dir: &Path, hsm_dir: &Path, nodes: usize) -> anyhow::Result<()> {
         config_path.display()
     );
     println!(
-        "  cargo run -p smcontroller-daemon --bin sm-sim -- --pki {} --url https://127.0.0.1:8093 --nodes {nodes}",
+        "  cargo run -p smcontroller-sim --bin sm-sim -- --pki {} --url https://127.0.0.1:8093 --nodes {nodes}",
         dir.display()
     );
     Ok(())

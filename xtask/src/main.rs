@@ -4,11 +4,12 @@
 //! - `cargo xtask ci [fmt|clippy|doc|test]`: the checks CI runs (`.ci/run` calls it); with no
 //!   step, all of them in that order, stopping at the first failure. See [`ci`].
 //! - `cargo xtask demo [ARGS..]`: the controller with simulated SMs on loopback (the daemon's
-//!   `smcontroller-demo` binary), with ARGS passed through. It runs over mTLS with a development
+//!   `smcontroller-demo` binary, which runs `smcontrollerd`, `sm-sim` and `smctl`), with ARGS
+//!   passed through. It runs over mTLS with a development
 //!   PKI it writes to a temporary directory; `cargo xtask demo --insecure` runs it over plain
 //!   HTTP/2.
 //! - `cargo xtask bench [--quick] [ARGS..]`: the controller benchmark (every scenario of
-//!   `smcontroller-daemon/benches/controller.rs`, mTLS and the bare-relay floor included), with
+//!   `smcontroller-bench/benches/controller.rs`, mTLS and the bare-relay floor included), with
 //!   the figures written to `target/bench/results.json`. See [`bench()`].
 //!   `cargo xtask bench --hostile`: the soak under hostile peers instead
 //!   (`target/bench/hostile.json`).
@@ -144,6 +145,8 @@ pub(crate) fn demo_build(root: &Path) -> Cmd {
         "-p",
         "smcontroller-daemon",
         "-p",
+        "smcontroller-sim",
+        "-p",
         "smcontroller-admin",
         "--bins",
     ])
@@ -164,12 +167,12 @@ pub(crate) fn demo_run<S: AsRef<str>>(root: &Path, args: &[S]) -> Cmd {
         .args(args)
 }
 
-/// `cargo bench -p smcontroller-daemon --bench controller -- --json target/bench/results.json
+/// `cargo bench -p smcontroller-bench --bench controller -- --json target/bench/results.json
 /// [--quick] ARGS`: the bench builds in release, runs each scenario in processes of its own on
 /// 127.0.0.1, prints the figures beside their targets and floors, and writes them as JSON.
 ///
 /// With `hostile`, `-- --hostile --json target/bench/hostile.json ARGS`: the soak under hostile
-/// peers (`benches/controller/hostile.rs`).
+/// peers (`smcontroller-bench/benches/controller/hostile.rs`).
 fn bench(root: &Path, quick: bool, hostile: bool, args: &[String]) -> anyhow::Result<ExitCode> {
     let file = if hostile {
         "hostile.json"
@@ -181,7 +184,7 @@ fn bench(root: &Path, quick: bool, hostile: bool, args: &[String]) -> anyhow::Re
         .args([
             "bench",
             "-p",
-            "smcontroller-daemon",
+            "smcontroller-bench",
             "--bench",
             "controller",
             "--",

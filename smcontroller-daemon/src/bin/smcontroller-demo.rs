@@ -99,7 +99,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     if !path.exists() {
         bail!(
             "{} is not built; run `cargo xtask demo`, or `cargo build -p smcontroller-daemon \
-             -p smcontroller-admin --bins` first",
+             -p smcontroller-sim -p smcontroller-admin --bins` first",
             path.display()
         );
     }

@@ -16,7 +16,6 @@ use std::{
 };
 
 use smcontroller_api::{ItemInfoProvider, NodeConfigHandler, NodeId};
-use smcontroller_daemon::sim::{SimConfig, Simulator};
 use smcontroller_grpc::{
     connections::Connections,
     proto::servicemanager::v5::{
@@ -26,6 +25,7 @@ use smcontroller_grpc::{
     server::{self, ServerSettings},
 };
 use smcontroller_routing::{Controller, Receivers, Settings};
+use smcontroller_sim::{SimConfig, Simulator};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpStream, tcp::OwnedWriteHalf},

@@ -13,6 +13,23 @@ use crate::proto::servicemanager::v5::{
     self as pb, alert::AlertItem, sm_outgoing_messages::SmOutgoingMessage,
 };
 
+impl SmOutgoingMessage {
+    /// Which message this oneof member is, known before (and whether or not) it converts.
+    pub fn kind(&self) -> api::SmMessageKind {
+        use api::SmMessageKind as K;
+        match self {
+            Self::SmInfo(_) => K::SmInfo,
+            Self::NodeConfigStatus(_) => K::NodeConfigStatus,
+            Self::UpdateInstancesStatus(_) => K::UpdateInstancesStatus,
+            Self::NodeInstancesStatus(_) => K::NodeInstancesStatus,
+            Self::Log(_) => K::Log,
+            Self::InstantMonitoring(_) => K::InstantMonitoring,
+            Self::AverageMonitoring(_) => K::AverageMonitoring,
+            Self::Alert(_) => K::Alert,
+        }
+    }
+}
+
 impl TryFrom<pb::SmOutgoingMessages> for Inbound {
     type Error = ConvertError;
 

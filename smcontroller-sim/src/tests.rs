@@ -25,19 +25,13 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
-use smcontroller_api::NodeId;
 use smcontroller_certs::test_util::TestPki;
 
 use super::messages::{BOGUS, CORE_COMPONENTS, QUOTA_STATUSES};
 use super::node::Pacer;
 use super::{
-    Answers, Behaviour, ClientCerts, EndpointHook, Garbage, Registration, SimConfig, SimEvent,
-    SimEventKind, SimEvents, SimTls, Simulator,
-};
-use crate::{
-    app::{self, NoBlobStore},
-    config::Settings,
-    receivers::Recorder,
+    Answers, Behaviour, EndpointHook, Garbage, Registration, SimConfig, SimEvent, SimEventKind,
+    SimEvents, SimTls, Simulator,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -974,71 +968,6 @@ async fn bad_configuration_is_refused() {
         ..SimConfig::default()
     };
     assert!(Simulator::start(bad_rate).is_err());
-}
-
-/// The simulator against the daemon's own mTLS server, with a PKI written as `cargo xtask
-/// gen-certs` writes it: each node presents `client-<node id>.pem` and registers; nodes without
-/// a client certificate are refused before `RegisterSM` and never become nodes.
-#[tokio::test]
-async fn nodes_register_over_mtls_with_their_client_certificates() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let pki = TestPki::new().expect("test PKI");
-    pki.write_dev_pki(dir.path(), 2).expect("PKI written");
-    let mut settings = Settings {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        ..Settings::default()
-    };
-    settings.use_dev_pki(dir.path()).expect("PKI dir");
-    let running = app::start(&settings, Recorder::new(), Arc::new(NoBlobStore))
-        .await
-        .expect("the controller serves mTLS");
-    let url = format!("https://{}", running.addr);
-    let tls = SimTls::from_pki_dir(dir.path()).expect("the CA file");
-
-    let sim = Simulator::start(SimConfig {
-        tls: Some(tls.clone()),
-        reconnect_delay: Duration::from_millis(50),
-        ..SimConfig::new(url.clone(), 2)
-    })
-    .expect("start");
-    assert!(sim.wait_connected(2, WAIT).await, "{:?}", sim.stats());
-    assert!(
-        running
-            .recorder
-            .wait_until(WAIT, |s| s.connected_nodes() == 2)
-            .await
-    );
-    let mut nodes = running.controller.nodes();
-    nodes.sort();
-    assert_eq!(nodes, [NodeId::new("node-1"), NodeId::new("node-2")]);
-    sim.stop().await;
-
-    let (sim, mut events) = Simulator::start_with_events(SimConfig {
-        tls: Some(SimTls {
-            client_certs: ClientCerts::None,
-            ..tls
-        }),
-        node_prefix: "anonymous".to_owned(),
-        reconnect_delay: Duration::from_millis(50),
-        ..SimConfig::new(url, 1)
-    })
-    .expect("start");
-    let failed = wait_event(&mut events, |e| {
-        matches!(e.kind, SimEventKind::ConnectFailed { .. })
-    })
-    .await;
-    assert_eq!(&*failed.node_id, "anonymous-1");
-    let stats = sim.finish().await;
-    assert_eq!(stats.registered(), 0, "{stats}");
-    assert_eq!(stats.total.connects, 0, "{stats}");
-    assert!(
-        !running
-            .controller
-            .nodes()
-            .contains(&NodeId::new("anonymous-1")),
-        "a node without a client certificate never registers"
-    );
-    running.stop().await.expect("stops");
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ use serde_json::Value;
 use smcontroller_grpc::proto::common::v2::InstanceIdent;
 use smcontroller_grpc::proto::servicemanager::v5::{
     BlobsInfosRequest, InstanceStatus, SmIncomingMessages, SmOutgoingMessages, UpdateInstances,
-    sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
+    sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage,
+    sm_service_client::SmServiceClient,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -28,7 +29,7 @@ use tracing::{debug, info, warn};
 use super::config::{Answers, Behaviour, Registration, SimConfig};
 use super::events::{EventBus, SimEventKind};
 use super::messages;
-use super::stats::{CommandKind, NodeCounters, NodeStats, SentKind};
+use super::stats::{CommandKind, NodeCounters, NodeStats};
 use super::{SimError, endpoint};
 
 /// Largest message the simulator encodes or decodes.
@@ -160,7 +161,10 @@ pub(crate) struct Outbound {
 impl Outbound {
     /// Queues `msg` on the stream, waiting for room (HTTP/2 flow control) unless the session ends.
     pub(crate) async fn send(&self, msg: SmOutgoingMessages) -> Result<(), SimError> {
-        let kind = SentKind::of(&msg);
+        let kind = msg
+            .sm_outgoing_message
+            .as_ref()
+            .map(SmOutgoingMessage::kind);
         let copy = self.events.active().then(|| msg.clone());
         let sent = tokio::select! {
             biased;

@@ -1,12 +1,18 @@
 //! Benchmark of the SM controller against the non-functional goals of the contract (section 4).
 //!
+//! This is the whole of the `smcontroller-bench` crate, a tool of the workspace: the harness
+//! (this file), the mTLS scenarios (`controller/tls.rs`), the hostile-peer soak
+//! (`controller/hostile.rs`) and the floor they are measured against, the bare relay
+//! (`controller/relay.rs`). It may depend on any crate of the workspace (the daemon's settings
+//! and wiring, the simulator's messages); no crate may depend on it, and it is never published.
+//!
 //! # Running
 //!
 //! ```text
 //! cargo xtask bench [--quick]                                              # all, JSON too
-//! cargo bench -p smcontroller-daemon --bench controller                      # all scenarios
-//! cargo bench -p smcontroller-daemon --bench controller -- sync-rtt floor    # some of them
-//! cargo bench -p smcontroller-daemon --bench controller -- churn --cycles 100000
+//! cargo bench -p smcontroller-bench --bench controller                       # all scenarios
+//! cargo bench -p smcontroller-bench --bench controller -- sync-rtt floor     # some of them
+//! cargo bench -p smcontroller-bench --bench controller -- churn --cycles 100000
 //! ```
 //!
 //! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`, `floor`,
@@ -38,10 +44,11 @@
 //!   floor, the bare relay (`controller/relay.rs`). Its resident memory (VmRSS) and CPU time
 //!   (`/proc/self/stat`) are therefore the server's, plus the bench's own small driver;
 //! - an SM process (`--sm-child URL`) holds the simulated SMs: a lean client written here (not
-//!   `sim::Simulator`, whose per-node producer tasks, event bus and stats would share the two
-//!   cores with the controller). Each node has its own TCP connection (tonic `Channel`), calls
-//!   `RegisterSM`, sends `sm_info` and `node_instances_status` (built by `sim::messages`),
-//!   answers `get_node_config_status` and keeps the last `connection_status`. Under mTLS
+//!   `smcontroller_sim::Simulator`, whose per-node producer tasks, event bus and stats would
+//!   share the two cores with the controller). Each node has its own TCP connection (tonic
+//!   `Channel`), calls `RegisterSM`, sends `sm_info` and `node_instances_status` (built by
+//!   `smcontroller_sim::messages`), answers `get_node_config_status` and keeps the last
+//!   `connection_status`. Under mTLS
 //!   (`--pki DIR`) every node presents the same client certificate and each connection builds
 //!   a fresh rustls client (no session resumption). The scenario process drives it with
 //!   one-line commands on its stdin (`connect`, `burst`, `arm_cloud`, `await_cloud`,
@@ -118,7 +125,6 @@ use smcontroller_api::{
 use smcontroller_daemon::{
     app::{self, NoBlobStore},
     config::Settings,
-    sim::messages,
 };
 use smcontroller_grpc::{
     connections::Connections,
@@ -130,6 +136,7 @@ use smcontroller_grpc::{
     tls as tls_server,
 };
 use smcontroller_routing::{Controller, Receivers};
+use smcontroller_sim::messages;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     process::{Child, ChildStdin, ChildStdout},

@@ -4,9 +4,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
+use smcontroller_api::SmMessageKind;
 use smcontroller_grpc::proto::servicemanager::v5::{
-    ConnectionEnum, SmIncomingMessages, SmOutgoingMessages,
-    sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage,
+    ConnectionEnum, SmIncomingMessages, sm_incoming_messages::SmIncomingMessage,
 };
 
 /// The kinds of command (`SMIncomingMessages`) a node can receive.
@@ -92,79 +92,6 @@ impl CommandKind {
     }
 }
 
-/// The kinds of message (`SMOutgoingMessages`) a node can send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SentKind {
-    /// `sm_info`.
-    SmInfo,
-    /// `node_config_status`.
-    NodeConfigStatus,
-    /// `update_instances_status`.
-    UpdateInstancesStatus,
-    /// `node_instances_status`.
-    NodeInstancesStatus,
-    /// `log`.
-    Log,
-    /// `instant_monitoring`.
-    InstantMonitoring,
-    /// `average_monitoring`.
-    AverageMonitoring,
-    /// `alert`.
-    Alert,
-    /// A message with an empty oneof.
-    Empty,
-}
-
-impl SentKind {
-    /// Every kind, in wire order (empty last).
-    pub const ALL: [Self; 9] = [
-        Self::SmInfo,
-        Self::NodeConfigStatus,
-        Self::UpdateInstancesStatus,
-        Self::NodeInstancesStatus,
-        Self::Log,
-        Self::InstantMonitoring,
-        Self::AverageMonitoring,
-        Self::Alert,
-        Self::Empty,
-    ];
-
-    /// The kind of `msg`.
-    pub fn of(msg: &SmOutgoingMessages) -> Self {
-        use SmOutgoingMessage as M;
-        match &msg.sm_outgoing_message {
-            Some(M::SmInfo(_)) => Self::SmInfo,
-            Some(M::NodeConfigStatus(_)) => Self::NodeConfigStatus,
-            Some(M::UpdateInstancesStatus(_)) => Self::UpdateInstancesStatus,
-            Some(M::NodeInstancesStatus(_)) => Self::NodeInstancesStatus,
-            Some(M::Log(_)) => Self::Log,
-            Some(M::InstantMonitoring(_)) => Self::InstantMonitoring,
-            Some(M::AverageMonitoring(_)) => Self::AverageMonitoring,
-            Some(M::Alert(_)) => Self::Alert,
-            None => Self::Empty,
-        }
-    }
-
-    /// The oneof field name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::SmInfo => "sm_info",
-            Self::NodeConfigStatus => "node_config_status",
-            Self::UpdateInstancesStatus => "update_instances_status",
-            Self::NodeInstancesStatus => "node_instances_status",
-            Self::Log => "log",
-            Self::InstantMonitoring => "instant_monitoring",
-            Self::AverageMonitoring => "average_monitoring",
-            Self::Alert => "alert",
-            Self::Empty => "empty",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 /// Live counters of one node (relaxed atomics: each node has its own, nothing is shared).
 #[derive(Debug, Default)]
 pub(crate) struct NodeCounters {
@@ -174,7 +101,9 @@ pub(crate) struct NodeCounters {
     pub(crate) networks_received: AtomicU64,
     cloud_status_changes: AtomicU64,
     commands: [AtomicU64; CommandKind::ALL.len()],
-    sent: [AtomicU64; SentKind::ALL.len()],
+    sent: [AtomicU64; SmMessageKind::ALL.len()],
+    /// Messages sent with an empty oneof (garbage).
+    sent_empty: AtomicU64,
     /// Last `connection_status.cloud_status`, -1 before the first.
     last_cloud_status: AtomicI32Cell,
 }
@@ -198,8 +127,12 @@ impl NodeCounters {
         Self::bump(&self.commands[kind.index()]);
     }
 
-    pub(crate) fn sent(&self, kind: SentKind) {
-        Self::bump(&self.sent[kind.index()]);
+    /// Counts a message sent, by its kind (`None`: an empty oneof).
+    pub(crate) fn sent(&self, kind: Option<SmMessageKind>) {
+        match kind {
+            Some(kind) => Self::bump(&self.sent[kind.index()]),
+            None => Self::bump(&self.sent_empty),
+        }
     }
 
     /// Records `connection_status.cloud_status`; false when it repeats the value the node
@@ -224,8 +157,11 @@ impl NodeCounters {
         for kind in CommandKind::ALL {
             commands.add(kind, load(&self.commands[kind.index()]));
         }
-        let mut sent = SentCounts::default();
-        for kind in SentKind::ALL {
+        let mut sent = SentCounts {
+            empty: load(&self.sent_empty),
+            ..SentCounts::default()
+        };
+        for kind in SmMessageKind::ALL {
             sent.add(kind, load(&self.sent[kind.index()]));
         }
         Counters {
@@ -335,42 +271,40 @@ pub struct SentCounts {
 }
 
 impl SentCounts {
-    /// The count of `kind`.
-    pub fn get(&self, kind: SentKind) -> u64 {
+    /// The count of `kind` (messages with an empty oneof are [`SentCounts::empty`]).
+    pub fn get(&self, kind: SmMessageKind) -> u64 {
         match kind {
-            SentKind::SmInfo => self.sm_info,
-            SentKind::NodeConfigStatus => self.node_config_status,
-            SentKind::UpdateInstancesStatus => self.update_instances_status,
-            SentKind::NodeInstancesStatus => self.node_instances_status,
-            SentKind::Log => self.log,
-            SentKind::InstantMonitoring => self.instant_monitoring,
-            SentKind::AverageMonitoring => self.average_monitoring,
-            SentKind::Alert => self.alert,
-            SentKind::Empty => self.empty,
+            SmMessageKind::SmInfo => self.sm_info,
+            SmMessageKind::NodeConfigStatus => self.node_config_status,
+            SmMessageKind::UpdateInstancesStatus => self.update_instances_status,
+            SmMessageKind::NodeInstancesStatus => self.node_instances_status,
+            SmMessageKind::Log => self.log,
+            SmMessageKind::InstantMonitoring => self.instant_monitoring,
+            SmMessageKind::AverageMonitoring => self.average_monitoring,
+            SmMessageKind::Alert => self.alert,
         }
     }
 
-    fn slot(&mut self, kind: SentKind) -> &mut u64 {
+    fn slot(&mut self, kind: SmMessageKind) -> &mut u64 {
         match kind {
-            SentKind::SmInfo => &mut self.sm_info,
-            SentKind::NodeConfigStatus => &mut self.node_config_status,
-            SentKind::UpdateInstancesStatus => &mut self.update_instances_status,
-            SentKind::NodeInstancesStatus => &mut self.node_instances_status,
-            SentKind::Log => &mut self.log,
-            SentKind::InstantMonitoring => &mut self.instant_monitoring,
-            SentKind::AverageMonitoring => &mut self.average_monitoring,
-            SentKind::Alert => &mut self.alert,
-            SentKind::Empty => &mut self.empty,
+            SmMessageKind::SmInfo => &mut self.sm_info,
+            SmMessageKind::NodeConfigStatus => &mut self.node_config_status,
+            SmMessageKind::UpdateInstancesStatus => &mut self.update_instances_status,
+            SmMessageKind::NodeInstancesStatus => &mut self.node_instances_status,
+            SmMessageKind::Log => &mut self.log,
+            SmMessageKind::InstantMonitoring => &mut self.instant_monitoring,
+            SmMessageKind::AverageMonitoring => &mut self.average_monitoring,
+            SmMessageKind::Alert => &mut self.alert,
         }
     }
 
-    fn add(&mut self, kind: SentKind, n: u64) {
+    fn add(&mut self, kind: SmMessageKind, n: u64) {
         *self.slot(kind) += n;
     }
 
-    /// All messages together.
+    /// All messages together, empty ones included.
     pub fn total(&self) -> u64 {
-        SentKind::ALL.iter().map(|k| self.get(*k)).sum()
+        SmMessageKind::ALL.iter().map(|k| self.get(*k)).sum::<u64>() + self.empty
     }
 }
 
@@ -404,9 +338,10 @@ impl Counters {
         for kind in CommandKind::ALL {
             self.commands.add(kind, other.commands.get(kind));
         }
-        for kind in SentKind::ALL {
+        for kind in SmMessageKind::ALL {
             self.sent.add(kind, other.sent.get(kind));
         }
+        self.sent.empty += other.sent.empty;
     }
 }
 
@@ -495,11 +430,14 @@ impl fmt::Display for SimStats {
             t.networks_received, t.cloud_status_changes
         )?;
         write!(f, "sent {} messages:", t.sent.total())?;
-        for kind in SentKind::ALL {
+        for kind in SmMessageKind::ALL {
             let n = t.sent.get(kind);
             if n > 0 {
                 write!(f, " {}={n}", kind.name())?;
             }
+        }
+        if t.sent.empty > 0 {
+            write!(f, " empty={}", t.sent.empty)?;
         }
         Ok(())
     }

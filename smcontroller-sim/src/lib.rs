@@ -1,5 +1,13 @@
-//! The SM simulator: simulated Service Managers that speak `servicemanager.v5` to a controller
-//! exactly as real SMs do, for tests, demos and benchmarks.
+//! The SM simulator: simulated Service Managers that speak `servicemanager.v5` to an SM
+//! controller exactly as real SMs do, for tests, demos and benchmarks; `sm-sim` is its command
+//! line.
+//!
+//! It is a client of the wire and nothing more: it depends on the generated code of
+//! `smcontroller-grpc` and on tonic's TLS client, never on the daemon (`smcontroller-daemon`),
+//! the admin API (`smcontroller-admin`), a metrics exporter or sd-notify, so that a CM
+//! integrator can run simulated nodes against a controller without building the daemon. Start
+//! reading at [`Simulator`] (a fleet of nodes) and [`Behaviour`] (how one node misbehaves);
+//! [`SimStats`] is what a run counted.
 //!
 //! Each simulated node has its own HTTP/2 connection (HTTP/2 keepalive every 10 s, 3 s timeout,
 //! also while idle), calls `RegisterSM`, sends `sm_info` and `node_instances_status`, answers
@@ -18,9 +26,9 @@
 //! reconnect delay is fixed ([`SimConfig::reconnect_delay`]).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), smcontroller_daemon::sim::SimError> {
+//! # async fn demo() -> Result<(), smcontroller_sim::SimError> {
 //! use std::time::Duration;
-//! use smcontroller_daemon::sim::{SimConfig, Simulator};
+//! use smcontroller_sim::{SimConfig, Simulator};
 //!
 //! let sim = Simulator::start(SimConfig::new("http://127.0.0.1:8093", 3))?;
 //! assert!(sim.wait_connected(3, Duration::from_secs(5)).await);
@@ -59,7 +67,8 @@ pub use config::{
     SimConfig, SimTls,
 };
 pub use events::{SimEvent, SimEventKind, SimEvents};
-pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SentKind, SimStats};
+pub use smcontroller_api::SmMessageKind;
+pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SimStats};
 
 use events::EventBus;
 use node::{NodeShared, Outbound, SimContext};

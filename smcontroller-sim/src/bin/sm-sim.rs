@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use smcontroller_daemon::sim::{
+use smcontroller_sim::{
     Answers, Behaviour, ClientCerts, Garbage, Registration, SimConfig, SimTls, Simulator,
 };
 use tracing_subscriber::EnvFilter;

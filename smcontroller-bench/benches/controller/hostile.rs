@@ -44,10 +44,10 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use prost::Message as _;
 use smcontroller_api::{NodeConfigHandler, NodeId, NodeNetwork, UpdateNetworkParameters};
-use smcontroller_daemon::sim::messages;
 use smcontroller_grpc::proto::servicemanager::v5::{
     Alert, SmOutgoingMessages, sm_outgoing_messages::SmOutgoingMessage,
 };
+use smcontroller_sim::messages;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
