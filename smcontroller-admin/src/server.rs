@@ -21,7 +21,8 @@ use std::{
 use futures::Stream;
 use smcontroller_api::{
     Error, InstanceIdent, InstanceRunner, LogProvider, LogRequest, LogStatus, LogType,
-    MonitoringProvider, NodeConfig, NodeConfigHandler, NodeId, NodeNetwork, StartInstance,
+    MonitoringProvider, NodeConfig, NodeConfigHandler, NodeId, NodeNetwork, SmProtocol,
+    StartInstance,
 };
 use smcontroller_grpc::proto::servicemanager::v5 as sm;
 use smcontroller_routing::Controller;
@@ -299,6 +300,21 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogPart, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminService {
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::Info>, Status> {
+        let protocol = self.controller.settings().sm_protocol;
+        Ok(Response::new(pb::Info {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            sm_protocol: protocol.to_string(),
+            network_service: protocol == SmProtocol::V9_1
+                && self.controller.network_provider().is_some(),
+            nodes: self.controller.nodes().len() as u64,
+            pending_streams: self.controller.pending_streams() as u64,
+        }))
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,

@@ -670,6 +670,49 @@ async fn the_admin_api_is_not_on_the_sm_listener() {
     assert!(!Path::new(&socket).exists());
 }
 
+/// R-REV-1: the wire revision is visible to an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_names_the_wire_revision_the_controller_speaks() {
+    let fx = Fixture::start(1, |c| c).await;
+    let text = fx.smctl(&["info"]).await;
+    assert!(text.ok, "{text:#?}");
+    assert!(text.stdout.contains("sm protocol:     9.0"), "{text:#?}");
+    assert!(
+        text.stdout.contains("network service: not served"),
+        "{text:#?}"
+    );
+    let json = fx.smctl(&["--json", "info"]).await.json();
+    assert_eq!(json["sm_protocol"], "9.0", "{json}");
+    assert_eq!(json["nodes"], "1", "{json}");
+    fx.stop().await;
+
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        insecure: true,
+        sm_protocol: smcontroller_api::SmProtocol::V9_1,
+        network_state_file: None,
+        ..Settings::default()
+    };
+    let mut running = app::start(&settings, Recorder::new(), Arc::new(Blobs))
+        .await
+        .expect("a 9.1 daemon starts");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    running
+        .serve_admin(&AdminEndpoint::Unix(socket.clone()))
+        .await
+        .unwrap();
+    let json = run(tokio::process::Command::new(SMCTL)
+        .arg("--admin")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["--json", "info"]))
+    .await
+    .json();
+    assert_eq!(json["sm_protocol"], "9.1", "{json}");
+    assert_eq!(json["network_service"], true, "{json}");
+    running.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn networks_list_shows_the_network_providers_networks() {
     let fx = Fixture::start(1, |c| c).await;

@@ -47,6 +47,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// What the controller is: its version, the wire revision its SMs speak (smProtocol).
+    Info,
     /// The registered nodes (a table), and the last ones that went away.
     Nodes,
     /// One registered node in detail.
@@ -262,6 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut admin = client::connect(&endpoint).await?;
     let out = Output { json: cli.json };
     match cli.command {
+        Command::Info => info(&mut admin, out).await,
         Command::Nodes => nodes(&mut admin, out).await,
         Command::Node { id } => node(&mut admin, out, id).await,
         Command::Config(command) => config(&mut admin, out, command).await,
@@ -339,6 +342,26 @@ fn resources(resources: &[sm::ResourceInfo]) -> String {
         .map(|r| format!("{} x{}", r.name, r.shared_count))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+async fn info(admin: &mut AdminClient, out: Output) -> anyhow::Result<()> {
+    let info = admin.get_info(pb::GetInfoRequest {}).await?.into_inner();
+    if out.json {
+        return out.json_pretty(&info, "smcontroller.admin.v1.Info");
+    }
+    println!("version:         {}", info.version);
+    println!("sm protocol:     {}", info.sm_protocol);
+    println!(
+        "network service: {}",
+        if info.network_service {
+            "served"
+        } else {
+            "not served"
+        }
+    );
+    println!("nodes:           {}", info.nodes);
+    println!("pending streams: {}", info.pending_streams);
+    Ok(())
 }
 
 async fn nodes(admin: &mut AdminClient, out: Output) -> anyhow::Result<()> {
