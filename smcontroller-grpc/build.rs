@@ -83,6 +83,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         );
     }
+    // network.proto defines FirewallRule again, field for field as 9.0 does: one Rust type.
+    config = config.extern_path(
+        ".servicemanager.v5.FirewallRule",
+        "crate::proto::servicemanager::v5::FirewallRule",
+    );
     config.compile_fds(descriptors)?;
     Ok(())
 }

@@ -501,7 +501,7 @@ async fn r_net_3_a_newer_subscription_replaces_the_older_and_a_missed_push_comes
         .unwrap()
         .into_inner();
     assert_eq!(server.error, None, "{server:?}");
-    let expected = pb91::FirewallRule {
+    let expected = pb::FirewallRule {
         dst_ip: server.ip.clone(),
         dst_port: "8080".into(),
         proto: "tcp".into(),

@@ -134,28 +134,6 @@ impl TryFrom<pb91::SmIncomingMessages> for Outbound {
     }
 }
 
-impl From<api::FirewallRule> for pb91::FirewallRule {
-    fn from(r: api::FirewallRule) -> Self {
-        Self {
-            dst_ip: r.dst_ip,
-            dst_port: r.dst_port,
-            proto: r.proto,
-            src_ip: r.src_ip,
-        }
-    }
-}
-
-impl From<pb91::FirewallRule> for api::FirewallRule {
-    fn from(r: pb91::FirewallRule) -> Self {
-        Self {
-            dst_ip: r.dst_ip,
-            dst_port: r.dst_port,
-            proto: r.proto,
-            src_ip: r.src_ip,
-        }
-    }
-}
-
 impl From<pb91::UpdateItemNetworkParams> for api::ItemNetworkParameters {
     fn from(p: pb91::UpdateItemNetworkParams) -> Self {
         Self {
