@@ -13,14 +13,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use smcontroller_admin::server::{self as admin, AdminEndpoint, AdminService, default_socket_path};
+use smcontroller_admin::server::{AdminEndpoint, default_socket_path};
 use smcontroller_api::{
     InstanceIdent, ItemInfoProvider, ItemNetworkParameters, NetworkProvider, NodeId,
 };
 use smcontroller_daemon::{
     app::{self, Running},
     config::Settings,
-    network::{DefaultNetworks, NetworkPool},
     receivers::Recorder,
 };
 use smcontroller_grpc::proto::servicemanager::v5::sm_incoming_messages::SmIncomingMessage;
@@ -721,27 +720,26 @@ async fn networks_list_shows_the_network_providers_networks() {
     run_.failed_with("FAILED_PRECONDITION");
     assert!(run_.stderr.contains("update_networks"), "{run_:#?}");
 
-    // An admin API over the same controller, with a default network provider (as a 9.1
-    // daemon has).
-    let running = fx.running();
-    let networks = Arc::new(
-        DefaultNetworks::open(
-            NetworkPool::default(),
-            None,
-            Arc::new(running.controller.firewall_updates()),
-        )
-        .unwrap(),
-    );
-    let service = AdminService::new(
-        running.controller.clone(),
-        Arc::new(running.recorder.clone()),
-        running.recorder.events(),
-    )
-    .with_networks(networks.clone());
-    let socket = fx.dir.path().join("networks.sock");
-    let server = admin::serve(&AdminEndpoint::Unix(socket.clone()), service)
+    fx.stop().await;
+
+    // A 9.1 daemon: its admin API shows its network provider.
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        insecure: true,
+        sm_protocol: smcontroller_api::SmProtocol::V9_1,
+        network_state_file: None,
+        ..Settings::default()
+    };
+    let mut running = app::start(&settings, Recorder::new(), Arc::new(Blobs))
+        .await
+        .expect("a 9.1 daemon starts");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("networks.sock");
+    running
+        .serve_admin(&AdminEndpoint::Unix(socket.clone()))
         .await
         .unwrap();
+    let networks = running.networks.clone().expect("a 9.1 daemon has networks");
     let smctl = |args: &'static [&'static str]| {
         let admin = format!("unix:{}", socket.display());
         async move {
@@ -820,8 +818,7 @@ async fn networks_list_shows_the_network_providers_networks() {
     assert_eq!(instances[0]["node_id"], "node-2");
     assert_eq!(instances[0]["ip"], "172.17.0.3");
 
-    server.stop().await;
-    fx.stop().await;
+    running.stop().await.unwrap();
 }
 
 #[tokio::test]

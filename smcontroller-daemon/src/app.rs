@@ -13,8 +13,11 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use smcontroller_admin::server::{self as admin, AdminEndpoint, AdminServer, AdminService};
-use smcontroller_api::{Error, ItemInfoProvider, SmProtocol};
+use smcontroller_admin::{
+    directory::{self as admin_view, NetworkDirectory},
+    server::{self as admin, AdminEndpoint, AdminServer, AdminService},
+};
+use smcontroller_api::{Error, InstanceIdent, ItemInfoProvider, NodeId, SmProtocol};
 use smcontroller_certs::{
     AcceptSettings, CredentialsBuilder, CredentialsReloader, FileCertLoader, FileCertProvider,
     ReloadSettings,
@@ -24,13 +27,13 @@ use smcontroller_grpc::{
     server::{self, ServeError, ServerSettings},
     tls::{self, Tls, TlsSettings},
 };
+use smcontroller_network::DefaultNetworks;
 use smcontroller_routing::{Controller, Receivers};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     config::{BlobUrlTemplate, EXIT_BAD_CONFIG, Settings},
-    network::DefaultNetworks,
     receivers::Recorder,
 };
 
@@ -315,7 +318,7 @@ impl Running {
             self.recorder.events(),
         );
         if let Some(networks) = &self.networks {
-            service = service.with_networks(networks.clone());
+            service = service.with_networks(Arc::new(NetworksView(networks.clone())));
         }
         let server = admin::serve(endpoint, service).await?;
         let bound = server.endpoint().clone();
@@ -440,4 +443,48 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus
         .install()?;
     info!(%addr, "metrics served on /metrics");
     Ok(())
+}
+
+/// The network provider's allocations as the admin API shows them (`smctl networks list`).
+struct NetworksView(Arc<DefaultNetworks>);
+
+impl NetworkDirectory for NetworksView {
+    fn networks(&self) -> admin_view::NetworksView {
+        let snapshot = self.0.snapshot();
+        admin_view::NetworksView {
+            pool: snapshot.pool,
+            networks: snapshot
+                .networks
+                .into_iter()
+                .map(|n| admin_view::NetworkView {
+                    network_id: n.network_id,
+                    subnet: n.subnet,
+                    vlan_id: n.vlan_id,
+                    hosts: n
+                        .hosts
+                        .into_iter()
+                        .map(|h| admin_view::NetworkHostView {
+                            node_id: NodeId::from(h.node_id),
+                            ip: h.ip,
+                        })
+                        .collect(),
+                    instances: n
+                        .instances
+                        .into_iter()
+                        .map(|i| admin_view::NetworkInstanceView {
+                            instance: InstanceIdent {
+                                item_id: i.item_id,
+                                subject_id: i.subject_id,
+                                instance: i.instance,
+                                item_type: i.item_type.item_type(),
+                                preinstalled: i.preinstalled,
+                            },
+                            node_id: NodeId::from(i.node_id),
+                            ip: i.ip,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
 }

@@ -43,7 +43,7 @@ use serde_json::Value;
 use smcontroller_api::{SmProtocol, types::iso8601};
 use smcontroller_certs::IdentityField;
 
-use crate::network::NetworkPool;
+use smcontroller_network::NetworkPool;
 
 /// Exit code of the daemon when its configuration is bad: 64, `EX_USAGE` of `sysexits.h`.
 pub const EXIT_BAD_CONFIG: i32 = 64;

@@ -13,6 +13,5 @@
 
 pub mod app;
 pub mod config;
-pub mod network;
 pub mod ready;
 pub mod receivers;

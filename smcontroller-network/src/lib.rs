@@ -1,5 +1,10 @@
-//! The daemon's own network provider (R-NET-4): what answers the `NetworkService` calls of
-//! 9.1 nodes when no CM is attached. Start reading at [`DefaultNetworks`].
+//! A network provider for Aos 9.1 units (R-NET-4): what answers the `NetworkService` calls of
+//! 9.1 nodes when no CM network manager is attached; `smcontrollerd` uses it under
+//! `smProtocol` 9.1. Start reading at [`DefaultNetworks`].
+//!
+//! It implements the api's `NetworkProvider` and pushes through its `FirewallUpdates`; it
+//! depends on `smcontroller-api` alone (no transport, no TLS, no admin API), so a CM can use it
+//! as it is, or as the model of its own.
 //!
 //! - **Subnets and VLANs.** The first time a node asks for a network id (the instances' owner
 //!   id), the network gets the lowest free subnet of the [`NetworkPool`] (/24 by default) and
@@ -50,9 +55,6 @@ use std::{
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use smcontroller_admin::directory::{
-    NetworkDirectory, NetworkHostView, NetworkInstanceView, NetworkView, NetworksView,
-};
 use smcontroller_api::{
     Error, FirewallRule, FirewallUpdates, InstanceIdent, InstanceNetworkState,
     ItemNetworkParameters, ItemType, NetworkParameters, NetworkProvider, NodeId,
@@ -658,7 +660,8 @@ impl ItemTypeName {
         }
     }
 
-    fn item_type(self) -> ItemType {
+    /// The api's item type.
+    pub fn item_type(self) -> ItemType {
         match self {
             Self::Service => ItemType::Service,
             Self::Component => ItemType::Component,
@@ -1505,47 +1508,6 @@ impl InstanceSnapshot {
     /// `item/subject/instance`.
     pub fn ident(&self) -> String {
         format!("{}/{}/{}", self.item_id, self.subject_id, self.instance)
-    }
-}
-
-impl NetworkDirectory for DefaultNetworks {
-    fn networks(&self) -> NetworksView {
-        let snapshot = self.snapshot();
-        NetworksView {
-            pool: snapshot.pool,
-            networks: snapshot
-                .networks
-                .into_iter()
-                .map(|n| NetworkView {
-                    network_id: n.network_id,
-                    subnet: n.subnet,
-                    vlan_id: n.vlan_id,
-                    hosts: n
-                        .hosts
-                        .into_iter()
-                        .map(|h| NetworkHostView {
-                            node_id: NodeId::from(h.node_id),
-                            ip: h.ip,
-                        })
-                        .collect(),
-                    instances: n
-                        .instances
-                        .into_iter()
-                        .map(|i| NetworkInstanceView {
-                            instance: InstanceIdent {
-                                item_id: i.item_id,
-                                subject_id: i.subject_id,
-                                instance: i.instance,
-                                item_type: i.item_type.item_type(),
-                                preinstalled: i.preinstalled,
-                            },
-                            node_id: NodeId::from(i.node_id),
-                            ip: i.ip,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
     }
 }
 
@@ -2580,7 +2542,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let view = NetworkDirectory::networks(&networks);
+        let view = networks.snapshot();
         assert_eq!(view.pool, "172.17.0.0/16");
         assert_eq!(view.networks.len(), 1);
         let a = &view.networks[0];
@@ -2588,9 +2550,9 @@ mod tests {
             (a.network_id.as_str(), a.subnet.as_str(), a.vlan_id),
             ("a", "172.17.0.0/24", 1)
         );
-        assert_eq!(a.hosts[0].node_id, node("node-1"));
+        assert_eq!(a.hosts[0].node_id, "node-1");
         assert_eq!(a.hosts[0].ip, "172.17.0.1");
-        assert_eq!(a.instances[0].instance, ident("svc", 0));
+        assert_eq!(a.instances[0].ident(), "svc/subject/0");
         assert_eq!(a.instances[0].ip, "172.17.0.2");
     }
 }
