@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! cargo xtask bench [--quick]                                              # all, JSON too
+//! cargo xtask bench [--quick] --sm-protocol 9.1                            # the same, Aos 9.1
 //! cargo bench -p smcontroller-bench --bench controller                       # all scenarios
 //! cargo bench -p smcontroller-bench --bench controller -- sync-rtt floor     # some of them
 //! cargo bench -p smcontroller-bench --bench controller -- churn --cycles 100000
@@ -17,14 +18,17 @@
 //!
 //! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`, `floor`,
 //! `mtls-rtt`, `mtls-telemetry`, `handshakes`, `handshakes-pkcs11`, `renewal-storm`; none means
-//! all), `--json PATH`
-//! (the figures as `{"figures":[{"id","name","value","target","pass","unit",..}..]}`, with the
-//! machine, the counts and whether the run was quick), `--quick` (smaller counts: 5,000 churn
-//! cycles, 5,000 sync calls, 3,000 messages per telemetry node, 3,000 handshakes; the whole run
-//! in well under 2 minutes on 2 cores), `--cycles N` (churn connect/disconnect cycles, default
-//! 100,000 as in the contract, about 50 s here), `--scale-nodes N` (default 10,000),
-//! `--rtt-calls N` (default 20,000), `--telemetry-per-node N` (default 20,000 messages per
-//! node), `--handshakes N` (default 10,000), `--storm-nodes N` (default 1,000).
+//! all), `--json PATH` (the figures as
+//! `{"sm_protocol","figures":[{"id","name","value","target","pass","unit","sm_protocol",..}..]}`,
+//! with the machine, the counts and whether the run was quick), `--sm-protocol 9.0|9.1` (the
+//! revision of `servicemanager.v5` the controller and the SMs speak, default 9.0; under 9.1 the
+//! JSON goes to PATH with `-9.1` before its extension, `target/bench/results-9.1.json` from
+//! `cargo xtask bench`), `--quick` (smaller counts: 5,000 churn cycles, 5,000 sync calls, 3,000
+//! messages per telemetry node, 3,000 handshakes; the whole run in well under 2 minutes on 2
+//! cores), `--cycles N` (churn connect/disconnect cycles, default 100,000 as in the contract,
+//! about 50 s here), `--scale-nodes N` (default 10,000), `--rtt-calls N` (default 20,000),
+//! `--telemetry-per-node N` (default 20,000 messages per node), `--handshakes N` (default
+//! 10,000), `--storm-nodes N` (default 1,000).
 //!
 //! The bench prints figures; it asserts nothing about speed. It exits non-zero only when a
 //! scenario could not run (nodes failed to register, a process died, a deadline passed).
@@ -40,15 +44,19 @@
 //!   (`smcontroller_routing::Controller`) behind the insecure tonic server
 //!   (`smcontroller_grpc::server::serve_insecure`) or the mTLS one (`smcontroller_grpc::tls::
 //!   serve_tls`, credentials from files through `FileCertProvider` and `CredentialsReloader`),
-//!   with the daemon's default settings and receivers that only count with atomics; or, for the
-//!   floor, the bare relay (`controller/relay.rs`). Its resident memory (VmRSS) and CPU time
+//!   with the daemon's default settings (`smProtocol` from `--sm-protocol`; under 9.1 no network
+//!   provider is attached, so `NetworkService` is not served: nothing here calls it) and
+//!   receivers that only count with atomics; or, for the floor, the bare relay
+//!   (`controller/relay.rs`, revision-free). Its resident memory (VmRSS) and CPU time
 //!   (`/proc/self/stat`) are therefore the server's, plus the bench's own small driver;
 //! - an SM process (`--sm-child URL`) holds the simulated SMs: a lean client written here (not
 //!   `smcontroller_sim::Simulator`, whose per-node producer tasks, event bus and stats would
 //!   share the two cores with the controller). Each node has its own TCP connection (tonic
 //!   `Channel`), calls `RegisterSM`, sends `sm_info` and `node_instances_status` (built by
 //!   `smcontroller_sim::messages`), answers `get_node_config_status` and keeps the last
-//!   `connection_status`. Under mTLS
+//!   `connection_status`. Under 9.1 it is the 9.1 `SMService` client, whose commands are moved
+//!   into the 9.0 envelope as they arrive (`Commands`), so the rest is shared; against the bare
+//!   relay too (its `get_node_config_status` is the same bytes in both). Under mTLS
 //!   (`--pki DIR`) every node presents the same client certificate and each connection builds
 //!   a fresh rustls client (no session resumption). The scenario process drives it with
 //!   one-line commands on its stdin (`connect`, `burst`, `arm_cloud`, `await_cloud`,
@@ -121,6 +129,7 @@ use smcontroller_api::{
     Alert, AlertsReceiver, DisconnectReason, EnvVarsStatusSender, InstanceEnvVarsStatus,
     InstanceStatus as ApiInstanceStatus, InstanceStatusReceiver, LogPart, LogSender,
     MonitoringReceiver, NodeConfigHandler, NodeId, NodeMonitoringData, SmInfo, SmInfoReceiver,
+    SmProtocol,
 };
 use smcontroller_daemon::{
     app::{self, NoBlobStore},
@@ -128,9 +137,15 @@ use smcontroller_daemon::{
 };
 use smcontroller_grpc::{
     connections::Connections,
-    proto::servicemanager::v5::{
-        InstanceStatus, SmIncomingMessages, SmOutgoingMessages,
-        sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
+    proto::{
+        servicemanager::v5::{
+            InstanceStatus, SmIncomingMessages, SmOutgoingMessages,
+            sm_incoming_messages::SmIncomingMessage, sm_service_client::SmServiceClient,
+        },
+        v91::servicemanager::v5::{
+            SmIncomingMessages as SmIncomingMessages91,
+            sm_service_client::SmServiceClient as SmServiceClient91,
+        },
     },
     server::{self, ServeError},
     tls as tls_server,
@@ -212,6 +227,8 @@ struct Options {
     quick: bool,
     /// Where the orchestrator writes the figures as JSON.
     json: Option<String>,
+    /// The wire revision the controller and the SMs speak (`--sm-protocol`, default 9.0).
+    sm_protocol: SmProtocol,
 }
 
 impl Options {
@@ -227,6 +244,7 @@ impl Options {
             storm_nodes: STORM_NODES,
             quick,
             json: None,
+            sm_protocol: SmProtocol::default(),
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -250,13 +268,16 @@ impl Options {
                 "--handshakes" => options.handshakes = usize::try_from(value(arg)?)?,
                 "--storm-nodes" => options.storm_nodes = usize::try_from(value(arg)?)?,
                 "--json" => options.json = Some(text(arg)?),
+                "--sm-protocol" => {
+                    options.sm_protocol = text(arg)?.parse().map_err(|e: String| anyhow!(e))?;
+                }
                 name if ALL_SCENARIOS.contains(&name) || name.starts_with("rtt:") => {
                     options.scenarios.push(name.to_owned());
                 }
                 other => bail!(
                     "unknown argument {other:?}; scenarios: {ALL_SCENARIOS:?}, options: \
-                     --quick, --json PATH, --cycles N, --scale-nodes N, --rtt-calls N, \
-                     --telemetry-per-node N, --handshakes N, --storm-nodes N"
+                     --quick, --json PATH, --sm-protocol 9.0|9.1, --cycles N, --scale-nodes N, \
+                     --rtt-calls N, --telemetry-per-node N, --handshakes N, --storm-nodes N"
                 ),
             }
         }
@@ -280,11 +301,34 @@ impl Options {
             self.handshakes.to_string(),
             "--storm-nodes".into(),
             self.storm_nodes.to_string(),
+            "--sm-protocol".into(),
+            self.sm_protocol.to_string(),
         ];
         if self.quick {
             args.push("--quick".into());
         }
         args
+    }
+
+    /// Where the figures go: `--json PATH` as given under 9.0; under another revision the same
+    /// path with `-REVISION` before its extension (`results.json` -> `results-9.1.json`), so
+    /// `cargo xtask bench --sm-protocol 9.1` keeps the 9.0 figures beside its own. A path that
+    /// already ends so is kept.
+    fn json_path(&self) -> Option<std::path::PathBuf> {
+        let path = std::path::PathBuf::from(self.json.as_ref()?);
+        if self.sm_protocol == SmProtocol::V9_0 {
+            return Some(path);
+        }
+        let suffix = format!("-{}", self.sm_protocol);
+        let stem = path.file_stem()?.to_string_lossy().into_owned();
+        if stem.ends_with(&suffix) {
+            return Some(path);
+        }
+        let name = match path.extension() {
+            Some(ext) => format!("{stem}{suffix}.{}", ext.to_string_lossy()),
+            None => format!("{stem}{suffix}"),
+        };
+        Some(path.with_file_name(name))
     }
 
     /// The counts of this run, for the JSON.
@@ -306,11 +350,9 @@ fn main() -> ExitCode {
         Some("--sm-child") => match args.get(1) {
             Some(url) => {
                 watchdog("SM process");
-                let pki = match (args.get(2).map(String::as_str), args.get(3)) {
-                    (Some("--pki"), Some(dir)) => Some(std::path::PathBuf::from(dir)),
-                    _ => None,
-                };
-                runtime().and_then(|rt| rt.block_on(sm_child(url.clone(), pki)))
+                sm_child_options(&args[2..]).and_then(|(pki, protocol)| {
+                    runtime().and_then(|rt| rt.block_on(sm_child(url.clone(), pki, protocol)))
+                })
             }
             None => Err(anyhow!("--sm-child needs the controller's URL")),
         },
@@ -318,6 +360,9 @@ fn main() -> ExitCode {
             watchdog("scenario process");
             let name = args.get(1).cloned().unwrap_or_default();
             Options::parse(&args[2.min(args.len())..])
+                .inspect(|options| {
+                    let _ = SM_PROTOCOL.set(options.sm_protocol);
+                })
                 .and_then(|options| runtime().map(|rt| (rt, options)))
                 .and_then(|(rt, options)| rt.block_on(run_scenario(&name, &options)))
         }
@@ -343,6 +388,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The options of an SM process after its URL: `[--pki DIR] [--sm-protocol REVISION]`.
+fn sm_child_options(args: &[String]) -> anyhow::Result<(Option<std::path::PathBuf>, SmProtocol)> {
+    let (mut pki, mut protocol) = (None, SmProtocol::default());
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--pki" => pki = Some(std::path::PathBuf::from(value)),
+            "--sm-protocol" => protocol = value.parse().map_err(|e: String| anyhow!(e))?,
+            other => bail!("SM process: unknown argument {other:?}"),
+        }
+    }
+    Ok((pki, protocol))
+}
+
+/// The wire revision of this scenario process (`--sm-protocol`, set once from its options):
+/// the controllers it starts speak it, and so do their SM processes.
+static SM_PROTOCOL: OnceLock<SmProtocol> = OnceLock::new();
+
+fn sm_protocol() -> SmProtocol {
+    SM_PROTOCOL.get().copied().unwrap_or_default()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -379,8 +449,10 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the bench executable")?;
     let run_started = Instant::now();
     println!(
-        "SM controller bench: {} cores seen, tokio {WORKERS} workers per process; scenarios: {}{}",
+        "SM controller bench: {} cores seen, tokio {WORKERS} workers per process; SM wire \
+         revision {} (servicemanager.v5); scenarios: {}{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        options.sm_protocol,
         options.scenarios.join(", "),
         if options.quick {
             format!(
@@ -412,7 +484,10 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
             if let Some(row) = line.strip_prefix(SUMMARY) {
                 rows.push(row.split('\t').map(str::to_owned).collect());
             } else if let Some(json) = line.strip_prefix(FIGURE) {
-                figures.push(serde_json::from_str(json).context("a figure line")?);
+                let mut figure: serde_json::Value =
+                    serde_json::from_str(json).context("a figure line")?;
+                figure["sm_protocol"] = options.sm_protocol.as_str().into();
+                figures.push(figure);
             } else {
                 println!("{line}");
             }
@@ -430,23 +505,26 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
             ]);
         }
     }
-    let ratios = floor_ratios(&figures);
-    for ratio in &ratios {
+    let mut ratios = floor_ratios(&figures);
+    for ratio in &mut ratios {
         rows.push(ratio_row(ratio));
+        ratio["sm_protocol"] = options.sm_protocol.as_str().into();
     }
     figures.extend(ratios);
-    print_table(&rows);
+    print_table(&rows, options.sm_protocol);
     println!(
-        "\nwhole run: {:.1} s{}",
+        "\nwhole run: {:.1} s{}, SM wire revision {}",
         run_started.elapsed().as_secs_f64(),
-        if options.quick { " (quick)" } else { "" }
+        if options.quick { " (quick)" } else { "" },
+        options.sm_protocol
     );
-    if let Some(path) = &options.json {
-        let path = std::path::Path::new(path);
+    if let Some(path) = options.json_path() {
+        let path = path.as_path();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let document = serde_json::json!({
+            "sm_protocol": options.sm_protocol.as_str(),
             "quick": options.quick,
             "counts": options.counts(),
             "scenarios": options.scenarios,
@@ -566,7 +644,7 @@ fn ratio_row(ratio: &serde_json::Value) -> Vec<String> {
     ]
 }
 
-fn print_table(rows: &[Vec<String>]) {
+fn print_table(rows: &[Vec<String>], protocol: SmProtocol) {
     let header: Vec<String> = ["goal", "figure", "target", "measured", "within target"]
         .iter()
         .map(|s| (*s).to_owned())
@@ -577,7 +655,9 @@ fn print_table(rows: &[Vec<String>]) {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    println!("\n=== summary (contract section 4; 2 shared cores, noisy) ===");
+    println!(
+        "\n=== summary (contract section 4; SM wire revision {protocol}; 2 shared cores, noisy) ==="
+    );
     for (n, row) in std::iter::once(&header).chain(rows).enumerate() {
         let cells: Vec<String> = row
             .iter()
@@ -831,11 +911,14 @@ struct Harness {
     server: JoinHandle<Result<(), ServeError>>,
     /// The PKI and the server's credential files, with mTLS.
     tls: Option<tls::ServerFiles>,
+    /// The wire revision of the controller, which its SM processes speak too (the bare relay
+    /// has none: its one command, `get_node_config_status`, is the same bytes in both).
+    protocol: SmProtocol,
 }
 
 impl Harness {
-    /// The controller wired as `app::start` does, with the daemon's default settings and
-    /// counting receivers; insecure.
+    /// The controller wired as `app::start` does, with the daemon's default settings, the
+    /// revision of this process ([`sm_protocol`]) and counting receivers; insecure.
     async fn start() -> anyhow::Result<Self> {
         Self::start_kind(ServerKind::Insecure).await
     }
@@ -849,6 +932,7 @@ impl Harness {
                 max_nodes: 16_384,
                 max_pending_streams: 16_384,
                 max_connections: 16_384,
+                sm_protocol: sm_protocol(),
                 ..Settings::default()
             },
         )
@@ -922,6 +1006,7 @@ impl Harness {
             stop,
             server,
             tls,
+            protocol: settings.sm_protocol,
         })
     }
 
@@ -932,9 +1017,14 @@ impl Harness {
         }
     }
 
-    /// The SM process for this server (with the client PKI under mTLS).
+    /// The SM process for this server (with the client PKI under mTLS), speaking its revision.
     async fn sm_process(&self) -> anyhow::Result<SmProcess> {
-        SmProcess::spawn(&self.url, self.tls.as_ref().map(|t| t.dir.path())).await
+        SmProcess::spawn(
+            &self.url,
+            self.tls.as_ref().map(|t| t.dir.path()),
+            self.protocol,
+        )
+        .await
     }
 
     /// Waits until `counter` reaches `want` (polled every millisecond); the time it took.
@@ -1165,8 +1255,9 @@ async fn setup(
     let started = Instant::now();
     let reply = connect_all(&harness, &mut sm, prefix, nodes).await?;
     println!(
-        "{nodes} SMs registered with the {} in {:.2} s (SM process: {})",
+        "{nodes} SMs registered with the {} ({}) in {:.2} s (SM process: {})",
         kind.label(),
+        harness.protocol,
         started.elapsed().as_secs_f64(),
         reply.join(" ")
     );
@@ -1566,8 +1657,9 @@ async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyho
     let rss_after = rss(None);
     let per_node = rss_after.saturating_sub(rss_before) as f64 / nodes as f64;
     println!(
-        "{}, {nodes} nodes, {} sequential calls: {}; {:.0} calls/s",
+        "{} (SMs on {}), {nodes} nodes, {} sequential calls: {}; {:.0} calls/s",
         kind.label(),
+        harness.protocol,
         options.rtt_calls,
         lat.describe(),
         options.rtt_calls as f64 / wall.as_secs_f64()
@@ -1788,13 +1880,18 @@ struct SmProcess {
 }
 
 impl SmProcess {
-    async fn spawn(url: &str, pki: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    async fn spawn(
+        url: &str,
+        pki: Option<&std::path::Path>,
+        protocol: SmProtocol,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut command = tokio::process::Command::new(exe);
         command.arg("--sm-child").arg(url);
         if let Some(dir) = pki {
             command.arg("--pki").arg(dir);
         }
+        command.args(["--sm-protocol", protocol.as_str()]);
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1864,6 +1961,8 @@ struct Fleet {
     /// The client side of mTLS (a fresh rustls config, hence no session resumption, for each
     /// connection), and the PKI directory it came from.
     tls: Option<(ClientTlsConfig, std::path::PathBuf)>,
+    /// Which `SMService` client the nodes use: 9.0's, or 9.1's (commands in the 9.1 envelope).
+    protocol: SmProtocol,
     /// Whether a node whose stream ends opens a new connection and registers again at once.
     reconnect: std::sync::atomic::AtomicBool,
     reconnects: AtomicU64,
@@ -1897,15 +1996,31 @@ struct LeanNode {
     task: JoinHandle<()>,
 }
 
-/// A new connection (a full TLS handshake under mTLS) and a `RegisterSM` stream for `id`: the
-/// request stream's only strong sender, and the inbound stream.
+/// The commands a node receives, in the envelope of its revision. What SMs send is the same
+/// type in both; a 9.1 command is moved into the 9.0 envelope as it arrives (the edge), so the
+/// rest of the lean client is the same for both.
+enum Commands {
+    V90(Streaming<SmIncomingMessages>),
+    V91(Streaming<SmIncomingMessages91>),
+}
+
+impl Commands {
+    /// The next command, in the 9.0 envelope; `None` once the stream ended or failed.
+    async fn next(&mut self) -> Option<SmIncomingMessages> {
+        match self {
+            Self::V90(inbound) => inbound.message().await.ok().flatten(),
+            Self::V91(inbound) => inbound.message().await.ok().flatten().map(Into::into),
+        }
+    }
+}
+
+/// A new connection (a full TLS handshake under mTLS) and a `RegisterSM` stream for `id`, with
+/// the client of the fleet's revision: the request stream's only strong sender, and the
+/// commands.
 async fn open_stream(
     fleet: &Fleet,
     id: &str,
-) -> anyhow::Result<(
-    mpsc::Sender<SmOutgoingMessages>,
-    Streaming<SmIncomingMessages>,
-)> {
+) -> anyhow::Result<(mpsc::Sender<SmOutgoingMessages>, Commands)> {
     let mut endpoint = Endpoint::from_shared(fleet.url.clone())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(20))
@@ -1920,23 +2035,28 @@ async fn open_stream(
     tx.send(messages::sm_info(id)).await?;
     tx.send(messages::node_instances_status(&fleet.instances))
         .await?;
-    let mut client = SmServiceClient::new(channel);
-    let inbound = client
-        .register_sm(ReceiverStream::new(rx))
-        .await
-        .context("RegisterSM")?
-        .into_inner();
-    Ok((tx, inbound))
+    let requests = ReceiverStream::new(rx);
+    let inbound = match fleet.protocol {
+        SmProtocol::V9_0 => SmServiceClient::new(channel)
+            .register_sm(requests)
+            .await
+            .map(|r| Commands::V90(r.into_inner())),
+        SmProtocol::V9_1 => SmServiceClient91::new(channel)
+            .register_sm(requests)
+            .await
+            .map(|r| Commands::V91(r.into_inner())),
+    };
+    Ok((tx, inbound.context("RegisterSM")?))
 }
 
 /// Answers the controller on one stream until it ends.
 async fn serve_stream(
     fleet: &Fleet,
-    mut inbound: Streaming<SmIncomingMessages>,
+    mut inbound: Commands,
     replies: mpsc::WeakSender<SmOutgoingMessages>,
 ) {
     let mut cloud = -1;
-    while let Ok(Some(message)) = inbound.message().await {
+    while let Some(message) = inbound.next().await {
         match message.sm_incoming_message {
             Some(SmIncomingMessage::GetNodeConfigStatus(_)) => {
                 fleet.config_requests.fetch_add(1, Ordering::Relaxed);
@@ -1995,7 +2115,11 @@ async fn connect_node(fleet: Arc<Fleet>, id: String) -> anyhow::Result<LeanNode>
     Ok(LeanNode { tx, task })
 }
 
-async fn sm_child(url: String, pki: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn sm_child(
+    url: String,
+    pki: Option<std::path::PathBuf>,
+    protocol: SmProtocol,
+) -> anyhow::Result<()> {
     let tls = match pki {
         Some(dir) => {
             let read = |file: &str| {
@@ -2013,6 +2137,7 @@ async fn sm_child(url: String, pki: Option<std::path::PathBuf>) -> anyhow::Resul
     let fleet = Arc::new(Fleet {
         url,
         tls,
+        protocol,
         reconnect: std::sync::atomic::AtomicBool::new(false),
         reconnects: AtomicU64::new(0),
         reconnect_errors: AtomicU64::new(0),
