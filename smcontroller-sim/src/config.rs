@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use smcontroller_api::SmProtocol;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::SimError;
@@ -32,6 +33,10 @@ pub struct SimConfig {
     pub tls: Option<SimTls>,
     /// Number of simulated nodes, each with its own connection.
     pub nodes: usize,
+    /// The wire revision the nodes speak, which must be the controller's (`smProtocol`): 9.0
+    /// (the default), or 9.1, where each node also calls `NetworkService` on its connection
+    /// as the reference 9.1.1 SM does (see the [crate](crate) documentation).
+    pub sm_protocol: SmProtocol,
     /// Node ids are `{node_prefix}-{n}`, `n` counted from 1 (the node's index plus one), as
     /// `cargo xtask gen-certs` names the nodes of its client certificates.
     pub node_prefix: String,
@@ -107,6 +112,7 @@ impl Default for SimConfig {
             url: "http://127.0.0.1:8093".to_owned(),
             tls: None,
             nodes: 1,
+            sm_protocol: SmProtocol::V9_0,
             node_prefix: "node".to_owned(),
             monitoring_rate: 0.0,
             alert_rate: 0.0,
@@ -134,6 +140,7 @@ impl fmt::Debug for SimConfig {
             .field("url", &self.url)
             .field("tls", &self.tls)
             .field("nodes", &self.nodes)
+            .field("sm_protocol", &self.sm_protocol)
             .field("node_prefix", &self.node_prefix)
             .field("monitoring_rate", &self.monitoring_rate)
             .field("alert_rate", &self.alert_rate)

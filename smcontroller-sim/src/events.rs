@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use smcontroller_grpc::proto::servicemanager::v5::{SmIncomingMessages, SmOutgoingMessages};
+use smcontroller_grpc::proto::v91::servicemanager::v5::PendingFirewallUpdate;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
+
+use super::stats::NetworkCall;
 
 /// Something that happened to a node, for tests that assert exactly what went over the wire.
 #[derive(Clone, Debug)]
@@ -34,7 +37,8 @@ pub enum SimEventKind {
         /// Why.
         reason: String,
     },
-    /// A message arrived from the controller.
+    /// A message arrived from the controller (under 9.1 in the 9.0 envelope, as the node
+    /// handles it: `InstanceInfo.monitoring_parameters` in its place, no network).
     Received(SmIncomingMessages),
     /// A message was handed to the stream.
     Sent(SmOutgoingMessages),
@@ -43,6 +47,17 @@ pub enum SimEventKind {
         /// Why.
         reason: String,
     },
+    /// A `NetworkService` call was answered or failed (9.1). For a subscription: when the
+    /// call was answered (the stream opened) or failed.
+    Network {
+        /// Which call.
+        call: NetworkCall,
+        /// Why it failed (the call, or the `error` of its answer); `None` when it succeeded.
+        error: Option<String>,
+    },
+    /// A firewall update arrived on the node's subscription (9.1); it replaced the rules of
+    /// its instance, if the node has that instance's network.
+    FirewallUpdate(PendingFirewallUpdate),
 }
 
 /// The broadcast of events with a lock-free count of its listeners.

@@ -25,6 +25,28 @@
 //! without instances; it ignores a `connection_status` that repeats its cloud status; its
 //! reconnect delay is fixed ([`SimConfig::reconnect_delay`]).
 //!
+//! It speaks the wire revision of [`SimConfig::sm_protocol`]. Under 9.0 (the default) that is
+//! all. Under 9.1 each node also does, on its own connection, what the reference 9.1.1 SM does
+//! with `NetworkService`, in this order:
+//!
+//! 1. before `RegisterSM`, it subscribes to its network updates
+//!    (`SubscribeInstanceNetworkUpdates`) and reads them for as long as the connection lasts,
+//!    subscribing again after the reconnect delay whenever the subscription ends; each update
+//!    replaces the firewall rules of its instance;
+//! 2. it registers as under 9.0 (`sm_info`, `node_instances_status`), then calls
+//!    `SyncNetworkState` with the instances it runs with a network *before* it reads its
+//!    stream (a failure is only logged and counted);
+//! 3. on `update_instances` it releases the networks of the instances to stop
+//!    (`ReleaseInstanceNetwork`, and `ReleaseNodeNetwork` after a network's last instance on
+//!    the node; failures only logged), resolves the manifests as under 9.0, then for each
+//!    instance to start with an owner id, the network id, asks `GetNodeNetworkParams` if the
+//!    node is not in that network yet and `AllocateInstanceNetwork`; an error fails the
+//!    instance (`failed`, with the error), as in the reference.
+//!
+//! Its commands arrive in the 9.1 envelope and are handled as the 9.0 ones (one conversion at
+//! the edge). [`NodeHandle::networks`] shows what a node was given; [`Counters`] counts the
+//! calls ([`NetworkCall`]), their failures and the firewall updates.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), smcontroller_sim::SimError> {
 //! use std::time::Duration;
@@ -39,11 +61,14 @@
 //! ```
 //!
 //! The simulator builds and reads the prost messages itself ([`messages`]); it shares no
-//! conversion code with the controller, so each end checks the other.
+//! conversion code with the controller, so each end checks the other. The one exception is
+//! the move of a 9.1 command into the 9.0 envelope, prost message to prost message (the
+//! `smcontroller-grpc` conversion written for the simulator; no domain type on the way).
 
 mod config;
 mod events;
 pub mod messages;
+mod network;
 mod node;
 mod stats;
 #[cfg(test)]
@@ -67,8 +92,12 @@ pub use config::{
     SimConfig, SimTls,
 };
 pub use events::{SimEvent, SimEventKind, SimEvents};
-pub use smcontroller_api::SmMessageKind;
-pub use stats::{CommandCounts, CommandKind, Counters, NodeStats, SentCounts, SimStats};
+pub use network::{InstanceNetwork, NETWORK_TIMEOUT, Networks, NodeNetwork};
+pub use smcontroller_api::{SmMessageKind, SmProtocol};
+pub use stats::{
+    CommandCounts, CommandKind, Counters, NetworkCall, NetworkCallCounts, NodeStats, SentCounts,
+    SimStats,
+};
 
 use events::EventBus;
 use node::{NodeShared, Outbound, SimContext};
@@ -338,6 +367,13 @@ impl NodeHandle {
     /// A snapshot of the node.
     pub fn stats(&self) -> NodeStats {
         self.node.stats()
+    }
+
+    /// The networks `NetworkService` gave the node (9.1; empty under 9.0): its address in each
+    /// network it is in, and each running instance's address and firewall rules. They outlive
+    /// the node's streams, as a real SM keeps them.
+    pub fn networks(&self) -> Networks {
+        self.node.networks()
     }
 
     fn outbound(&self) -> Result<(Outbound, node::Link), SimError> {

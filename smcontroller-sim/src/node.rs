@@ -6,19 +6,27 @@
 //! instance started it resolves the instance's manifest digest with `GetBlobsInfos` on its own
 //! connection. Its reconnect delay is fixed. It ignores a `connection_status` that repeats the
 //! cloud status it has.
+//!
+//! Under the 9.1 wire revision a session also does what [`network`](super::network) describes:
+//! it subscribes to its network updates before `RegisterSM`, syncs its network state before it
+//! reads its stream, and prepares and releases the networks of the instances it starts and
+//! stops. Its commands come in the 9.1 envelope and are converted at the edge
+//! ([`CommandStream`]) into the 9.0 one, so that everything else handles them alike.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
+use smcontroller_api::SmProtocol;
 use smcontroller_grpc::proto::common::v2::InstanceIdent;
 use smcontroller_grpc::proto::servicemanager::v5::{
     BlobsInfosRequest, InstanceStatus, SmIncomingMessages, SmOutgoingMessages, UpdateInstances,
     sm_incoming_messages::SmIncomingMessage, sm_outgoing_messages::SmOutgoingMessage,
     sm_service_client::SmServiceClient,
 };
-use tokio::sync::{mpsc, watch};
+use smcontroller_grpc::proto::v91::servicemanager::v5 as pb91;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +37,7 @@ use tracing::{debug, info, warn};
 use super::config::{Answers, Behaviour, Registration, SimConfig};
 use super::events::{EventBus, SimEventKind};
 use super::messages;
+use super::network::{self, Calls, NetworkState, Networks};
 use super::stats::{CommandKind, NodeCounters, NodeStats};
 use super::{SimError, endpoint};
 
@@ -82,13 +91,15 @@ pub(crate) struct NodeShared {
     pub(crate) connected: AtomicBool,
     pub(crate) registered: AtomicBool,
     state: Mutex<NodeState>,
+    /// The networks `NetworkService` gave the node (9.1), kept across reconnects.
+    pub(crate) network: Mutex<NetworkState>,
     link: Mutex<Option<Link>>,
     instances_generation: AtomicU64,
     monitoring_seq: AtomicU64,
     alert_seq: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -107,6 +118,7 @@ impl NodeShared {
                 config_version: config.initial_config_version.clone(),
                 instances: messages::initial_instances(config.instances),
             }),
+            network: Mutex::default(),
             link: Mutex::new(None),
             instances_generation: AtomicU64::new(0),
             monitoring_seq: AtomicU64::new(0),
@@ -116,6 +128,10 @@ impl NodeShared {
 
     pub(crate) fn link(&self) -> Option<Link> {
         lock(&self.link).clone()
+    }
+
+    pub(crate) fn networks(&self) -> Networks {
+        lock(&self.network).snapshot()
     }
 
     fn instances(&self) -> (u64, Vec<InstanceStatus>) {
@@ -238,7 +254,52 @@ pub(crate) async fn run_node(node: Arc<NodeShared>, ctx: Arc<SimContext>) {
     debug!(node = %node.id, "node stopped");
 }
 
+/// The command stream of a session, in the envelope of the node's wire revision. Commands
+/// come out of it in the 9.0 envelope (a 9.1 one converted at this edge: the monitoring
+/// parameters in their place, no network), so that the rest of the node handles both alike.
+enum CommandStream {
+    V9_0(Streaming<SmIncomingMessages>),
+    V9_1(Streaming<pb91::SmIncomingMessages>),
+}
+
+impl CommandStream {
+    /// Calls `RegisterSM` with the client of `protocol`, the node's messages coming from `rx`.
+    async fn register(
+        protocol: SmProtocol,
+        channel: Channel,
+        rx: mpsc::Receiver<SmOutgoingMessages>,
+    ) -> Result<Self, tonic::Status> {
+        let outgoing = ReceiverStream::new(rx);
+        match protocol {
+            SmProtocol::V9_0 => SmServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE)
+                .register_sm(outgoing)
+                .await
+                .map(|r| Self::V9_0(r.into_inner())),
+            SmProtocol::V9_1 => pb91::sm_service_client::SmServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE)
+                .register_sm(outgoing)
+                .await
+                .map(|r| Self::V9_1(r.into_inner())),
+        }
+    }
+
+    /// The next command, in the 9.0 envelope; `None` when the stream ended.
+    async fn message(&mut self) -> Result<Option<SmIncomingMessages>, tonic::Status> {
+        match self {
+            Self::V9_0(stream) => stream.message().await,
+            Self::V9_1(stream) => Ok(stream.message().await?.map(SmIncomingMessages::from)),
+        }
+    }
+}
+
 /// One connection: open a channel, register, serve the stream until it ends.
+///
+/// Under 9.1 the node first subscribes to its network updates on the new connection (the
+/// subscription lives as long as the session), and once the stream is open it syncs its
+/// network state before it reads the first command.
 async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
     let endpoint = match endpoint(&ctx.config, node.tls.as_ref()) {
         Ok(e) => e,
@@ -252,6 +313,33 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
         },
     };
     let token = ctx.stop.child_token();
+    // Whichever way the session ends, everything of it ends (the subscription too).
+    let _end_of_session = token.clone().drop_guard();
+    let calls = (ctx.config.sm_protocol == SmProtocol::V9_1).then(|| Calls {
+        node: node.clone(),
+        events: ctx.events.clone(),
+        channel: channel.clone(),
+        session: token.clone(),
+    });
+    let subscription = match &calls {
+        Some(calls) => {
+            // The reference's subscription thread races RegisterSM; here the first attempt
+            // is answered (or fails) first, so that a controller sees the same order every
+            // time.
+            let (opened, first) = oneshot::channel();
+            let task = tokio::spawn(network::subscribe(
+                calls.clone(),
+                ctx.config.reconnect_delay,
+                opened,
+            ));
+            tokio::select! {
+                () = ctx.stop.cancelled() => return SessionEnd::Stopped,
+                _ = first => {}
+            }
+            Some(task)
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(ctx.config.outbound_capacity.max(8));
     let out = Outbound {
         tx,
@@ -264,15 +352,12 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
     if let Err(e) = send_registration(node, &out).await {
         return SessionEnd::Failed(e.to_string());
     }
-    let mut client = SmServiceClient::new(channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let response = tokio::select! {
         () = ctx.stop.cancelled() => return SessionEnd::Stopped,
-        r = client.register_sm(ReceiverStream::new(rx)) => r,
+        r = CommandStream::register(ctx.config.sm_protocol, channel.clone(), rx) => r,
     };
     let mut inbound = match response {
-        Ok(r) => r.into_inner(),
+        Ok(stream) => stream,
         Err(status) => return SessionEnd::Failed(format!("RegisterSM: {status}")),
     };
 
@@ -292,8 +377,9 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
         ctx: ctx.clone(),
         out,
         channel,
+        calls,
     };
-    let end = serve.read_loop(&mut inbound).await;
+    let end = serve.run(&mut inbound).await;
 
     token.cancel();
     *lock(&node.link) = None;
@@ -302,6 +388,9 @@ async fn session(node: &Arc<NodeShared>, ctx: &Arc<SimContext>) -> SessionEnd {
     drop(serve);
     drop(inbound);
     let _ = producer.await;
+    if let Some(subscription) = subscription {
+        let _ = subscription.await;
+    }
     let reason = match &end {
         SessionEnd::Stopped => "simulator stopped".to_owned(),
         SessionEnd::Failed(r) | SessionEnd::Ended(r) => r.clone(),
@@ -342,10 +431,27 @@ struct Serve {
     out: Outbound,
     /// The node's connection, for the unary calls a real SM makes on it (`GetBlobsInfos`).
     channel: Channel,
+    /// Its `NetworkService` calls, under 9.1.
+    calls: Option<Calls>,
 }
 
 impl Serve {
-    async fn read_loop(&mut self, inbound: &mut Streaming<SmIncomingMessages>) -> SessionEnd {
+    /// Serves the open stream: under 9.1 the network state is synced first, before the first
+    /// command is read (R-NET-2: the controller answers without reading the stream first).
+    async fn run(&mut self, inbound: &mut CommandStream) -> SessionEnd {
+        if let Some(calls) = &self.calls
+            && calls.sync().await.is_err()
+        {
+            return if self.ctx.stop.is_cancelled() {
+                SessionEnd::Stopped
+            } else {
+                SessionEnd::Ended("stream dropped by the simulator".to_owned())
+            };
+        }
+        self.read_loop(inbound).await
+    }
+
+    async fn read_loop(&mut self, inbound: &mut CommandStream) -> SessionEnd {
         let mut first = true;
         loop {
             let next = tokio::select! {
@@ -516,7 +622,16 @@ impl Serve {
     /// reports. The `update_instances_status` lists the started instances alone: `active`, or
     /// `failed` with an error naming the digest when the call failed; after a stop alone it
     /// lists none.
+    ///
+    /// Under 9.1 the networks of the instances to stop are released first, and each instance
+    /// to start whose manifest was resolved gets its network before it is reported: `failed`
+    /// with the error of `NetworkService` when that fails.
     async fn update_instances(&self, req: UpdateInstances) -> Result<(), SimError> {
+        if let Some(calls) = &self.calls {
+            for ident in &req.stop_instances {
+                calls.release(ident).await?;
+            }
+        }
         let mut statuses = Vec::with_capacity(req.start_instances.len());
         if !req.start_instances.is_empty() {
             let digests = req
@@ -526,7 +641,14 @@ impl Serve {
                 .collect();
             let resolved = self.resolve_blobs(digests).await?;
             for info in &req.start_instances {
+                let network_error = match (&resolved, &self.calls) {
+                    (Ok(()), Some(calls)) => calls.prepare(info).await?,
+                    _ => None,
+                };
                 let status = match &resolved {
+                    Ok(()) if network_error.is_some() => {
+                        messages::instance_status(info, self.vocabulary("failed"), network_error)
+                    }
                     Ok(()) => messages::instance_status(info, self.vocabulary("active"), None),
                     Err(why) => {
                         let error = messages::failure(format!(

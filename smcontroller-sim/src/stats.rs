@@ -92,6 +92,57 @@ impl CommandKind {
     }
 }
 
+/// The `NetworkService` calls a node makes under the 9.1 wire revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NetworkCall {
+    /// `SubscribeInstanceNetworkUpdates`.
+    Subscribe,
+    /// `SyncNetworkState`.
+    SyncNetworkState,
+    /// `GetNodeNetworkParams`.
+    GetNodeNetworkParams,
+    /// `AllocateInstanceNetwork`.
+    AllocateInstanceNetwork,
+    /// `ReleaseInstanceNetwork`.
+    ReleaseInstanceNetwork,
+    /// `ReleaseNodeNetwork`.
+    ReleaseNodeNetwork,
+}
+
+impl NetworkCall {
+    /// Every call, in the order of the service's definition but the subscription first.
+    pub const ALL: [Self; 6] = [
+        Self::Subscribe,
+        Self::SyncNetworkState,
+        Self::GetNodeNetworkParams,
+        Self::AllocateInstanceNetwork,
+        Self::ReleaseInstanceNetwork,
+        Self::ReleaseNodeNetwork,
+    ];
+
+    /// The RPC's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Subscribe => "SubscribeInstanceNetworkUpdates",
+            Self::SyncNetworkState => "SyncNetworkState",
+            Self::GetNodeNetworkParams => "GetNodeNetworkParams",
+            Self::AllocateInstanceNetwork => "AllocateInstanceNetwork",
+            Self::ReleaseInstanceNetwork => "ReleaseInstanceNetwork",
+            Self::ReleaseNodeNetwork => "ReleaseNodeNetwork",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for NetworkCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Live counters of one node (relaxed atomics: each node has its own, nothing is shared).
 #[derive(Debug, Default)]
 pub(crate) struct NodeCounters {
@@ -102,6 +153,9 @@ pub(crate) struct NodeCounters {
     cloud_status_changes: AtomicU64,
     commands: [AtomicU64; CommandKind::ALL.len()],
     sent: [AtomicU64; SmMessageKind::ALL.len()],
+    network_calls: [AtomicU64; NetworkCall::ALL.len()],
+    network_failures: [AtomicU64; NetworkCall::ALL.len()],
+    pub(crate) firewall_updates: AtomicU64,
     /// Messages sent with an empty oneof (garbage).
     sent_empty: AtomicU64,
     /// Last `connection_status.cloud_status`, -1 before the first.
@@ -135,6 +189,20 @@ impl NodeCounters {
         }
     }
 
+    /// Counts a `NetworkService` call, and its failure when it `failed` (the call itself, or
+    /// an `error` in its answer).
+    pub(crate) fn network_call(&self, call: NetworkCall, failed: bool) {
+        Self::bump(&self.network_calls[call.index()]);
+        if failed {
+            Self::bump(&self.network_failures[call.index()]);
+        }
+    }
+
+    /// Counts a failure of a call counted already (a subscription's stream that broke).
+    pub(crate) fn network_failure(&self, call: NetworkCall) {
+        Self::bump(&self.network_failures[call.index()]);
+    }
+
     /// Records `connection_status.cloud_status`; false when it repeats the value the node
     /// already has (a real SM ignores such a status). The value outlives the stream, as a real
     /// SM's does: the first status after a reconnect may be a repeat.
@@ -164,6 +232,12 @@ impl NodeCounters {
         for kind in SmMessageKind::ALL {
             sent.add(kind, load(&self.sent[kind.index()]));
         }
+        let mut network_calls = NetworkCallCounts::default();
+        let mut network_failures = NetworkCallCounts::default();
+        for call in NetworkCall::ALL {
+            network_calls.add(call, load(&self.network_calls[call.index()]));
+            network_failures.add(call, load(&self.network_failures[call.index()]));
+        }
         Counters {
             connects: load(&self.connects),
             connect_failures: load(&self.connect_failures),
@@ -172,7 +246,61 @@ impl NodeCounters {
             cloud_status_changes: load(&self.cloud_status_changes),
             commands,
             sent,
+            network_calls,
+            network_failures,
+            firewall_updates: load(&self.firewall_updates),
         }
+    }
+}
+
+/// `NetworkService` calls, by RPC (all 0 under the 9.0 wire revision).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetworkCallCounts {
+    /// `SubscribeInstanceNetworkUpdates`.
+    pub subscribe: u64,
+    /// `SyncNetworkState`.
+    pub sync_network_state: u64,
+    /// `GetNodeNetworkParams`.
+    pub get_node_network_params: u64,
+    /// `AllocateInstanceNetwork`.
+    pub allocate_instance_network: u64,
+    /// `ReleaseInstanceNetwork`.
+    pub release_instance_network: u64,
+    /// `ReleaseNodeNetwork`.
+    pub release_node_network: u64,
+}
+
+impl NetworkCallCounts {
+    /// The count of `call`.
+    pub fn get(&self, call: NetworkCall) -> u64 {
+        match call {
+            NetworkCall::Subscribe => self.subscribe,
+            NetworkCall::SyncNetworkState => self.sync_network_state,
+            NetworkCall::GetNodeNetworkParams => self.get_node_network_params,
+            NetworkCall::AllocateInstanceNetwork => self.allocate_instance_network,
+            NetworkCall::ReleaseInstanceNetwork => self.release_instance_network,
+            NetworkCall::ReleaseNodeNetwork => self.release_node_network,
+        }
+    }
+
+    fn slot(&mut self, call: NetworkCall) -> &mut u64 {
+        match call {
+            NetworkCall::Subscribe => &mut self.subscribe,
+            NetworkCall::SyncNetworkState => &mut self.sync_network_state,
+            NetworkCall::GetNodeNetworkParams => &mut self.get_node_network_params,
+            NetworkCall::AllocateInstanceNetwork => &mut self.allocate_instance_network,
+            NetworkCall::ReleaseInstanceNetwork => &mut self.release_instance_network,
+            NetworkCall::ReleaseNodeNetwork => &mut self.release_node_network,
+        }
+    }
+
+    fn add(&mut self, call: NetworkCall, n: u64) {
+        *self.slot(call) += n;
+    }
+
+    /// All calls together.
+    pub fn total(&self) -> u64 {
+        NetworkCall::ALL.iter().map(|c| self.get(*c)).sum()
     }
 }
 
@@ -326,6 +454,13 @@ pub struct Counters {
     pub commands: CommandCounts,
     /// Messages sent, by kind.
     pub sent: SentCounts,
+    /// `NetworkService` calls made (9.1), by RPC; a subscription counts once per call.
+    pub network_calls: NetworkCallCounts,
+    /// Of them, those that failed: the call itself (a gRPC error, no answer in time, a
+    /// subscription's stream that broke), or an `error` in the answer.
+    pub network_failures: NetworkCallCounts,
+    /// `PendingFirewallUpdate`s received on the node's subscription (9.1).
+    pub firewall_updates: u64,
 }
 
 impl Counters {
@@ -342,6 +477,12 @@ impl Counters {
             self.sent.add(kind, other.sent.get(kind));
         }
         self.sent.empty += other.sent.empty;
+        for call in NetworkCall::ALL {
+            self.network_calls.add(call, other.network_calls.get(call));
+            self.network_failures
+                .add(call, other.network_failures.get(call));
+        }
+        self.firewall_updates += other.firewall_updates;
     }
 }
 
@@ -438,6 +579,21 @@ impl fmt::Display for SimStats {
         }
         if t.sent.empty > 0 {
             write!(f, " empty={}", t.sent.empty)?;
+        }
+        if t.network_calls.total() > 0 || t.firewall_updates > 0 {
+            write!(f, "\nNetworkService: {} calls", t.network_calls.total())?;
+            for call in NetworkCall::ALL {
+                let n = t.network_calls.get(call);
+                if n > 0 {
+                    write!(f, " {}={n}", call.name())?;
+                }
+            }
+            write!(
+                f,
+                " ({} failed; firewall updates received: {})",
+                t.network_failures.total(),
+                t.firewall_updates
+            )?;
         }
         Ok(())
     }

@@ -11,6 +11,11 @@
 //! with `DIR/ca.pem` and gives each node `DIR/client-<node id>.pem` and `.key`; `--ca` and
 //! `--cert-dir` name those places one by one. `--insecure` speaks plain HTTP/2 instead, with a
 //! warning.
+//!
+//! `--sm-protocol 9.1` speaks the Aos 9.1 wire revision (the controller's `smProtocol` must be
+//! 9.1 too): each node also subscribes to its network updates, syncs its network state on
+//! every connection and has the networks of the instances it starts allocated, and released
+//! when they stop, through `NetworkService`, as the reference 9.1.1 SM does.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +24,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use smcontroller_sim::{
     Answers, Behaviour, ClientCerts, Garbage, Registration, SimConfig, SimTls, Simulator,
+    SmProtocol,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -50,6 +56,10 @@ struct Args {
     /// Plain HTTP/2 without TLS. For development only.
     #[arg(long, conflicts_with_all = ["pki", "ca", "cert_dir", "server_name"])]
     insecure: bool,
+    /// The wire revision the nodes speak, as the controller's smProtocol: 9.0, or 9.1 (nodes
+    /// also use NetworkService).
+    #[arg(long, value_name = "9.0|9.1", default_value_t = SmProtocol::V9_0)]
+    sm_protocol: SmProtocol,
     /// Number of simulated nodes (one connection each).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
@@ -172,6 +182,7 @@ impl Args {
             url: self.url()?,
             tls: self.tls()?,
             nodes: self.nodes,
+            sm_protocol: self.sm_protocol,
             node_prefix: self.prefix.clone(),
             monitoring_rate: self.monitoring_rate,
             alert_rate: self.alert_rate,
@@ -196,8 +207,10 @@ async fn main() -> anyhow::Result<()> {
     let config = args.config()?;
     match &config.tls {
         Some(tls) => tracing::info!(url = %config.url, nodes = config.nodes,
-            client_certs = ?tls.client_certs, "starting simulated SMs over mTLS"),
+            sm_protocol = %config.sm_protocol, client_certs = ?tls.client_certs,
+            "starting simulated SMs over mTLS"),
         None => tracing::warn!(url = %config.url, nodes = config.nodes,
+            sm_protocol = %config.sm_protocol,
             "starting simulated SMs WITHOUT TLS (insecure, development only)"),
     }
     let sim = Simulator::start(config).context("starting the simulator")?;
