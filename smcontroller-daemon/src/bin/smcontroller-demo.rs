@@ -9,6 +9,12 @@
 //! gen-certs` writes) into a temporary directory and starts the daemon with `--pki`; each
 //! simulated SM presents its own client certificate. `--insecure` runs it over plain HTTP/2.
 //!
+//! `--sm-protocol 9.1` runs a unit of Aos 9.1 nodes: the daemon speaks the 9.1 wire revision
+//! with its own network provider (its state in the temporary directory), the simulated SMs use
+//! `NetworkService` as a 9.1.1 SM does, and after the commands above the demo starts an
+//! instance on node-1 with an owner id (its network id), waits until the network provider has
+//! given it an address, and shows the unit's networks with `smctl networks list`.
+//!
 //! The three programs are looked for beside this one (`cargo xtask demo` builds them first).
 
 use std::{
@@ -21,6 +27,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use smcontroller_api::SmProtocol;
 use smcontroller_certs::test_util::TestPki;
 use smcontroller_daemon::ready;
 
@@ -39,7 +46,15 @@ struct Args {
     /// Plain HTTP/2 without TLS instead of mTLS.
     #[arg(long)]
     insecure: bool,
+    /// The wire revision of the unit: 9.0, or 9.1 (the nodes get their instances' networks
+    /// from the daemon's network provider, and the demo shows them).
+    #[arg(long, value_name = "9.0|9.1", default_value_t = SmProtocol::V9_0)]
+    sm_protocol: SmProtocol,
 }
+
+/// The instance the 9.1 demo starts on node-1: its item, and its owner (its network id).
+const DEMO_ITEM: &str = "demo-service";
+const DEMO_OWNER: &str = "demo-owner";
 
 /// How long the daemon and the nodes may take to come up.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -128,10 +143,33 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     } else {
         vec!["--pki", path_str(&pki)?]
     };
+    let v9_1 = args.sm_protocol == SmProtocol::V9_1;
+    let sm_protocol = args.sm_protocol.to_string();
+    // Under 9.1 the daemon is the unit's network manager, its state in the temporary
+    // directory; it answers GetBlobsInfos from a URL template, so that the nodes resolve the
+    // manifest of the instance the demo starts.
+    let mut daemon_args: Vec<String> = tls.iter().map(|a| (*a).to_owned()).collect();
+    if v9_1 {
+        let config = dir.path().join("smcontrollerd.json");
+        std::fs::write(
+            &config,
+            r#"{"blobUrlTemplate": "https://blobs.demo.invalid/{digest}"}"#,
+        )?;
+        daemon_args.extend([
+            "--sm-protocol".to_owned(),
+            sm_protocol.clone(),
+            "--network-state".to_owned(),
+            path_str(&dir.path().join("networks.json"))?.to_owned(),
+            "--config".to_owned(),
+            path_str(&config)?.to_owned(),
+        ]);
+    }
 
     println!(
-        "SM controller demo: smcontrollerd with {} simulated SMs on 127.0.0.1, {}",
+        "SM controller demo: smcontrollerd with {} simulated SMs (Aos {} wire revision) on \
+         127.0.0.1, {}",
         args.nodes,
+        args.sm_protocol,
         if args.insecure {
             "over plain HTTP/2 (--insecure)".to_owned()
         } else {
@@ -141,7 +179,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             )
         }
     );
-    let (daemon, addr) = start_daemon(&daemon_exe, dir.path(), &socket, &tls)?;
+    let (daemon, addr) = start_daemon(&daemon_exe, dir.path(), &socket, &daemon_args)?;
     println!(
         "smcontrollerd listens on {addr}; admin socket {}",
         socket.display()
@@ -156,6 +194,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             .args(["--nodes", &args.nodes.to_string()])
             .args(["--monitoring-rate", &args.monitoring_rate.to_string()])
             .args(["--alert-rate", &args.alert_rate.to_string()])
+            .args(["--sm-protocol", &sm_protocol])
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -196,6 +235,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         let expect_ok = command != ["config", "status", "node-99"];
         ok &= smctl.show(command, expect_ok)?;
     }
+    if v9_1 {
+        ok &= show_networks(&smctl, dir.path(), node)?;
+    }
 
     let sim_stopped = sim.stop(Duration::from_secs(2));
     let _ = sim_stopped;
@@ -211,6 +253,34 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     Ok(ok && daemon_stopped)
 }
 
+/// The 9.1 part: starts an instance of [`DEMO_ITEM`] owned by [`DEMO_OWNER`] on `node`, waits
+/// until the daemon's network provider lists its address (the node asked for it with
+/// `GetNodeNetworkParams` and `AllocateInstanceNetwork`), and shows the unit's networks.
+fn show_networks(smctl: &Smctl, dir: &Path, node: &str) -> anyhow::Result<bool> {
+    let instance = dir.join("instance.json");
+    std::fs::write(
+        &instance,
+        format!(
+            r#"{{"instance": {{"item_id": "{DEMO_ITEM}", "subject_id": "demo-subject",
+                "instance": 0}},
+              "version": "1.0.0", "manifest_digest": "sha256:{}",
+              "owner_id": "{DEMO_OWNER}", "runtime_id": "runc"}}"#,
+            "5d".repeat(32)
+        ),
+    )?;
+    let mut ok = smctl.show(
+        &["instances", "update", node, "--start", path_str(&instance)?],
+        true,
+    )?;
+    let ip = smctl.wait_for_instance_ip(DEMO_ITEM)?;
+    println!(
+        "
+({DEMO_ITEM} on {node} has the address {ip} in the network {DEMO_OWNER})"
+    );
+    ok &= smctl.show(&["networks", "list"], true)?;
+    Ok(ok)
+}
+
 fn path_str(path: &Path) -> anyhow::Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
@@ -223,7 +293,7 @@ fn start_daemon(
     exe: &Path,
     dir: &Path,
     socket: &Path,
-    tls: &[&str],
+    args: &[String],
 ) -> anyhow::Result<(Process, SocketAddr)> {
     let ready_file = dir.join("ready.json");
     let mut child = Command::new(exe)
@@ -232,7 +302,7 @@ fn start_daemon(
         .arg(socket)
         .arg("--ready-file")
         .arg(&ready_file)
-        .args(tls)
+        .args(args)
         .args(["--log", "info"])
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -315,6 +385,36 @@ impl Smctl {
             if Instant::now() >= until {
                 bail!(
                     "the simulated nodes did not all register: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `smctl networks list` gives an instance of `item` an address; returns it.
+    fn wait_for_instance_ip(&self, item: &str) -> anyhow::Result<String> {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let out = self.command(&["--json", "networks", "list"]).output()?;
+            if out.status.success() {
+                let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let ip = json["networks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|n| n["instances"].as_array().into_iter().flatten())
+                    .find(|i| i["instance"]["item_id"] == item)
+                    .and_then(|i| i["ip"].as_str())
+                    .filter(|ip| !ip.is_empty());
+                if let Some(ip) = ip {
+                    return Ok(ip.to_owned());
+                }
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "{item} got no address within {DEADLINE:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
