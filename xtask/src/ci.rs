@@ -8,7 +8,7 @@
 //! | `clippy` | `cargo hack clippy --workspace --all-targets --each-feature -- -D warnings` |
 //! | `doc` | `RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features`, then `cargo hack doc --no-deps --each-feature --exclude-all-features` on each crate with features |
 //! | `test` | SoftHSM2 installed if missing (below), then `cargo test --workspace --all-features`, then `cargo hack test --each-feature --exclude-all-features` on each crate with features |
-//! | `demo` | the README's first command, `cargo xtask demo`, over mTLS and again with `--insecure`; fails on a non-zero exit |
+//! | `demo` | the README's first command, `cargo xtask demo`, over mTLS and again with `--insecure`, then a unit of Aos 9.1 nodes over mTLS, `--sm-protocol 9.1`; fails on a non-zero exit |
 //!
 //! The PKCS#11 tests (contract R-TLS-5) need a real token: SoftHSM2, the Debian package
 //! `softhsm2`. When its module is missing, the `test` step installs it with `apt-get` if it runs
@@ -61,7 +61,8 @@ pub(crate) enum Step {
     Doc,
     /// Runs the tests of the workspace (and of each feature combination where they differ).
     Test,
-    /// Runs the demo (`cargo xtask demo`) over mTLS and over plain HTTP/2.
+    /// Runs the demo (`cargo xtask demo`) over mTLS and over plain HTTP/2, and with the 9.1
+    /// wire revision over mTLS.
     Demo,
 }
 
@@ -135,7 +136,8 @@ impl Step {
             Self::Demo => {
                 command(crate::demo_build(root))?;
                 command(crate::demo_run::<&str>(root, &[]))?;
-                command(crate::demo_run(root, &["--insecure"]))
+                command(crate::demo_run(root, &["--insecure"]))?;
+                command(crate::demo_run(root, &["--sm-protocol", "9.1"]))
             }
         }
     }
