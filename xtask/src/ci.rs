@@ -19,8 +19,9 @@
 //! Every crate is checked with its default features, `--no-default-features`, each feature
 //! alone and `--all-features` (cargo-hack's `--each-feature`; it drops duplicate combinations
 //! and runs a crate without features once). `--each-feature` grows linearly with the number of
-//! features where `--feature-powerset` grows exponentially; with the one feature we have
-//! (`smcontroller-api/mock`) they are the same.
+//! features where `--feature-powerset` grows exponentially; with the features we have
+//! (`smcontroller-api/mock`, `smcontroller-certs/test-util` and `smcontroller-certs/pkcs11`)
+//! the difference is one combination.
 //!
 //! - clippy runs on the whole matrix, crate by crate: cargo-hack checks each crate on its own,
 //!   which also catches a crate that builds only thanks to features another workspace member
