@@ -955,7 +955,7 @@ struct Inner {
 impl DefaultNetworks {
     /// A provider that cuts subnets from `pool`, keeps its state in `state_file` (`None`:
     /// in memory only, for tests) and pushes firewall updates through `updates` (the
-    /// controller's [`firewall_updates`](smcontroller_routing::Controller::firewall_updates)).
+    /// controller's `firewall_updates()`).
     ///
     /// An existing file is loaded; one that cannot be read, does not parse, or does not fit
     /// `pool` is an error naming it (nothing is dropped silently). A missing one is written

@@ -145,7 +145,7 @@ impl Controller {
     }
 
     /// The firewall-update subscriptions of 9.1 nodes (R-NET-3): the transport subscribes
-    /// nodes there, the network manager pushes through it ([`FirewallUpdates`]). A handle of
+    /// nodes there, the network manager pushes through it ([`FirewallUpdates`](smcontroller_api::FirewallUpdates)). A handle of
     /// its own, so that the network manager need not hold the controller. All end at the
     /// [`shutdown`](Self::shutdown).
     pub fn firewall_updates(&self) -> Subscriptions {
