@@ -917,18 +917,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The daemon's default [`NetworkProvider`] (see the [module documentation](self)).
+/// A [`NetworkProvider`] with no CM behind it (see the [module documentation](self)).
 ///
 /// ```no_run
 /// # use std::sync::Arc;
-/// # use smcontroller_daemon::network::{DefaultNetworks, NetworkPool};
-/// # fn wire(controller: smcontroller_routing::Controller) -> anyhow::Result<()> {
-/// let networks = Arc::new(DefaultNetworks::open(
+/// # use smcontroller_api::FirewallUpdates;
+/// # use smcontroller_network::DefaultNetworks;
+/// # fn wire(updates: Arc<dyn FirewallUpdates>) -> Result<(), Box<dyn std::error::Error>> {
+/// // `updates`: the controller's `firewall_updates()`; the provider then goes to the
+/// // controller with `with_network_provider`.
+/// let networks = DefaultNetworks::open(
 ///     "172.17.0.0/16".parse()?,
 ///     Some("/var/lib/smcontroller/networks.json".into()),
-///     Arc::new(controller.firewall_updates()),
-/// )?);
-/// let controller = controller.with_network_provider(networks.clone());
+///     updates,
+/// )?;
+/// # let _ = networks;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
