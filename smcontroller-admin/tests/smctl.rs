@@ -669,22 +669,9 @@ async fn the_admin_api_is_not_on_the_sm_listener() {
     assert!(!Path::new(&socket).exists());
 }
 
-/// R-REV-1: the wire revision is visible to an operator.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn info_names_the_wire_revision_the_controller_speaks() {
-    let fx = Fixture::start(1, |c| c).await;
-    let text = fx.smctl(&["info"]).await;
-    assert!(text.ok, "{text:#?}");
-    assert!(text.stdout.contains("sm protocol:     9.0"), "{text:#?}");
-    assert!(
-        text.stdout.contains("network service: not served"),
-        "{text:#?}"
-    );
-    let json = fx.smctl(&["--json", "info"]).await.json();
-    assert_eq!(json["sm_protocol"], "9.0", "{json}");
-    assert_eq!(json["nodes"], "1", "{json}");
-    fx.stop().await;
-
+/// A daemon speaking 9.1 (with its default network provider, in memory), no SMs, its admin
+/// API on a socket in the directory it returns.
+async fn daemon_91() -> (Running, tempfile::TempDir, PathBuf) {
     let settings = Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         insecure: true,
@@ -701,6 +688,26 @@ async fn info_names_the_wire_revision_the_controller_speaks() {
         .serve_admin(&AdminEndpoint::Unix(socket.clone()))
         .await
         .unwrap();
+    (running, dir, socket)
+}
+
+/// R-REV-1: the wire revision is visible to an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_names_the_wire_revision_the_controller_speaks() {
+    let fx = Fixture::start(1, |c| c).await;
+    let text = fx.smctl(&["info"]).await;
+    assert!(text.ok, "{text:#?}");
+    assert!(text.stdout.contains("sm protocol:     9.0"), "{text:#?}");
+    assert!(
+        text.stdout.contains("network service: not served"),
+        "{text:#?}"
+    );
+    let json = fx.smctl(&["--json", "info"]).await.json();
+    assert_eq!(json["sm_protocol"], "9.0", "{json}");
+    assert_eq!(json["nodes"], "1", "{json}");
+    fx.stop().await;
+
+    let (running, _dir, socket) = daemon_91().await;
     let json = run(tokio::process::Command::new(SMCTL)
         .arg("--admin")
         .arg(format!("unix:{}", socket.display()))
@@ -723,22 +730,7 @@ async fn networks_list_shows_the_network_providers_networks() {
     fx.stop().await;
 
     // A 9.1 daemon: its admin API shows its network provider.
-    let settings = Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        insecure: true,
-        sm_protocol: smcontroller_api::SmProtocol::V9_1,
-        network_state_file: None,
-        ..Settings::default()
-    };
-    let mut running = app::start(&settings, Recorder::new(), Arc::new(Blobs))
-        .await
-        .expect("a 9.1 daemon starts");
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("networks.sock");
-    running
-        .serve_admin(&AdminEndpoint::Unix(socket.clone()))
-        .await
-        .unwrap();
+    let (running, _dir, socket) = daemon_91().await;
     let networks = running.networks.clone().expect("a 9.1 daemon has networks");
     let smctl = |args: &'static [&'static str]| {
         let admin = format!("unix:{}", socket.display());
