@@ -344,6 +344,58 @@ impl Options {
     }
 }
 
+/// Under the `heap-profile` feature every allocation of every process of the bench goes through
+/// dhat's allocator; only a scenario process starts its profiler (see [`heap_profiler`]).
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+/// Under the `heap-profile` feature, the profiler of a scenario process, started by
+/// [`start_heap_profile`] and ended by [`end_heap_profile`].
+#[cfg(feature = "heap-profile")]
+static PROFILER: std::sync::Mutex<Option<dhat::Profiler>> = std::sync::Mutex::new(None);
+
+/// Under the `heap-profile` feature, starts the profiler of a scenario process.
+#[cfg(feature = "heap-profile")]
+fn start_heap_profile(scenario: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!("dhat-heap-{}.json", scenario.replace(':', "-")));
+    eprintln!("heap profile of {scenario} -> {}", file.display());
+    let profiler = dhat::Profiler::builder().file_name(file).build();
+    *PROFILER.lock().unwrap_or_else(|e| e.into_inner()) = Some(profiler);
+}
+
+#[cfg(not(feature = "heap-profile"))]
+fn start_heap_profile(_scenario: &str) {}
+
+/// Under the `heap-profile` feature, ends the profile: what is live now is its `t-end`, by
+/// allocation site. A scenario calls it while the server still runs (so what the server retains
+/// is in it), else it ends with the process.
+#[cfg(feature = "heap-profile")]
+fn end_heap_profile() {
+    let profiler = PROFILER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(profiler);
+}
+
+#[cfg(not(feature = "heap-profile"))]
+fn end_heap_profile() {}
+
+/// The bytes the program has allocated and not freed (dhat's count), under `heap-profile`.
+#[cfg(feature = "heap-profile")]
+fn live_heap() -> Option<u64> {
+    PROFILER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|_| dhat::HeapStats::get().curr_bytes as u64)
+}
+
+#[cfg(not(feature = "heap-profile"))]
+fn live_heap() -> Option<u64> {
+    None
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -359,12 +411,14 @@ fn main() -> ExitCode {
         Some("--scenario") => {
             watchdog("scenario process");
             let name = args.get(1).cloned().unwrap_or_default();
+            start_heap_profile(&name);
             Options::parse(&args[2.min(args.len())..])
                 .inspect(|options| {
                     let _ = SM_PROTOCOL.set(options.sm_protocol);
                 })
                 .and_then(|options| runtime().map(|rt| (rt, options)))
                 .and_then(|(rt, options)| rt.block_on(run_scenario(&name, &options)))
+                .inspect(|()| end_heap_profile())
         }
         // The soak under hostile peers (`controller/hostile.rs`).
         Some("--hostile-scenario") => {
@@ -1754,12 +1808,15 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
             let now = rss(None);
             samples.push((done * CHURN_NODES, now));
             println!(
-                "  after {:>6} cycles ({:5.1} s): VmRSS {:.1} MiB ({:+.1} %), {} threads",
+                "  after {:>6} cycles ({:5.1} s): VmRSS {:.1} MiB ({:+.1} %), {} threads{}",
                 done * CHURN_NODES,
                 started.elapsed().as_secs_f64(),
                 mib(now),
                 (now as f64 / baseline as f64 - 1.0) * 100.0,
-                threads(None)
+                threads(None),
+                live_heap()
+                    .map(|b| format!(", live heap {:.1} MiB", mib(b)))
+                    .unwrap_or_default()
             );
         }
     }
@@ -1825,6 +1882,8 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
             None,
         );
     }
+    // What the server still holds with no node connected.
+    end_heap_profile();
     sm.quit().await;
     harness.stop().await;
     Ok(())

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Receivers, Settings,
-    lifecycle::{Backlog, Commands, Link, Registry, SendError, WAITING},
+    lifecycle::{Backlog, Commands, Link, Registry, SendError},
     message::{InboundEvent, LogQuery, Outbound},
     session::{self, Context},
     subscriptions::Subscriptions,
@@ -189,8 +189,8 @@ impl Controller {
             // Full: the oldest stream still waiting gives its place (it is not given back, so
             // the count stays).
             self.ctx.refusals.count(Budget::PendingStreams);
-            let freed = std::iter::from_fn(|| waiting.pop_front())
-                .filter_map(|link| link.upgrade())
+            let freed = std::iter::from_fn(|| waiting.pop_first())
+                .filter_map(|(_, link)| link.upgrade())
                 .any(|link| link.evict());
             if !freed {
                 return Err(AttachError::PendingStreams(max));
@@ -207,21 +207,25 @@ impl Controller {
             backlog,
             self.ctx.refusals.clone(),
         ));
-        // Entries of streams that left are dropped now and then, so the queue stays within
-        // twice the budget.
-        if waiting.len() >= max.saturating_mul(2).max(16) {
-            waiting.retain(|link| {
-                link.upgrade()
-                    .is_some_and(|l| l.waiting.load(Ordering::Acquire) == WAITING)
-            });
-        }
-        waiting.push_back(Arc::downgrade(&link));
+        // The entry goes when the stream registers or ends (`session::Pending`).
+        waiting.insert(id, Arc::downgrade(&link));
         drop(waiting);
         link.send_cloud(self.ctx.registry.cloud_connected());
         let commands = Commands::new(link.clone());
         self.ctx
             .spawn(session::run(self.ctx.clone(), link, inbound));
         Ok(commands)
+    }
+
+    /// How many streams the eviction order of unregistered streams holds: one per stream that
+    /// has neither registered nor ended, so 0 once every stream has, however many came and
+    /// went (N-LEAK-2).
+    pub fn waiting_streams(&self) -> usize {
+        self.ctx
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The registered nodes, sorted.

@@ -48,9 +48,10 @@ pub(crate) struct Context {
     pub(crate) refusals: Refusals,
     /// Streams attached that have not registered (or ended) yet.
     pub(crate) pending: AtomicUsize,
-    /// Those streams, oldest first (with entries of streams that left since, dropped lazily):
-    /// the oldest is evicted when a new stream finds the budget full.
-    pub(crate) waiting: std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Link>>>,
+    /// Those streams by session id, so oldest first: the oldest is evicted when a new stream
+    /// finds the budget full. A stream's entry goes when it registers or ends (a `Weak` left
+    /// behind would hold the stream's whole `Link` allocation: N-LEAK-2).
+    pub(crate) waiting: std::sync::Mutex<std::collections::BTreeMap<u64, std::sync::Weak<Link>>>,
     /// Rate limit of the warnings about streams refused before they registered: such streams
     /// have no node id to limit by, and anyone can open them.
     pub(crate) refused_early: WarnGate,
@@ -127,17 +128,22 @@ where
 
 /// Holds one of the pending-stream places (`max_pending_streams`) until the stream registers
 /// or ends. An evicted stream's place already went to a newer stream: it is not given back.
-struct Pending<'a>(Option<(&'a AtomicUsize, &'a Link)>);
+struct Pending<'a>(Option<(&'a Context, &'a Link)>);
 
 impl Pending<'_> {
     /// Gives the place back; `false` if the stream was evicted.
     fn release(&mut self) -> bool {
         match self.0.take() {
-            Some((pending, link)) => {
+            Some((ctx, link)) => {
                 let left = link.leave_waiting();
                 if left {
-                    pending.fetch_sub(1, Ordering::AcqRel);
+                    ctx.pending.fetch_sub(1, Ordering::AcqRel);
                 }
+                // An evicted stream's entry was taken by the eviction; this finds none.
+                ctx.waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&link.session);
                 left
             }
             None => true,
@@ -167,7 +173,7 @@ async fn read<S>(ctx: Arc<Context>, link: Arc<Link>, mut inbound: S)
 where
     S: Stream<Item = InboundEvent> + Send + Unpin + 'static,
 {
-    let mut pending = Pending(Some((&ctx.pending, &link)));
+    let mut pending = Pending(Some((&ctx, &link)));
     let info = match registration(&ctx, &link, &mut inbound).await {
         Ok(info) => info,
         Err(end) => {

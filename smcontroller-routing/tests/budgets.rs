@@ -62,6 +62,8 @@ async fn r_bad_2_at_the_pending_budget_the_oldest_unregistered_stream_gives_its_
         );
     }
     assert_eq!(controller.node_count(), 1);
+    // Only the streams still waiting have an entry in the eviction order.
+    assert_eq!(controller.waiting_streams(), controller.pending_streams());
 }
 
 #[tokio::test]
