@@ -66,6 +66,10 @@ impl Context {
     /// Spawns a task of the controller: tracked for shutdown, and cut when the grace runs out.
     /// Nothing per task is kept beyond the task itself.
     pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        // The task is boxed: moved into the `select!` below, an unboxed future would be held
+        // twice in the spawned one (the captured value and the select's copy), 6.8 KB for a
+        // reader of 3.4 KB, per node (N-PERF-3 memory).
+        let task = Box::pin(task);
         let cut = self.cut.clone();
         self.tracker.spawn(async move {
             tokio::select! {
