@@ -1003,7 +1003,7 @@ impl Harness {
             ..settings
         };
         let counts = Arc::new(Counting::default());
-        let listener = server::bind(settings.listen).await?;
+        let listener = server::bind_with_backlog(settings.listen, settings.listen_backlog)?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         let stopped = async move {
