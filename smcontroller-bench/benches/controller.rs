@@ -16,9 +16,9 @@
 //! cargo bench -p smcontroller-bench --bench controller -- churn --cycles 100000
 //! ```
 //!
-//! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `churn`, `floor`,
-//! `mtls-rtt`, `mtls-telemetry`, `handshakes`, `handshakes-pkcs11`, `renewal-storm`; none means
-//! all), `--json PATH` (the figures as
+//! Options (after `--`): scenario names (`sync-rtt`, `telemetry`, `scale`, `idle`, `churn`,
+//! `floor`, `mtls-rtt`, `mtls-telemetry`, `handshakes`, `handshakes-pkcs11`, `renewal-storm`;
+//! none means all), `--json PATH` (the figures as
 //! `{"sm_protocol","figures":[{"id","name","value","target","pass","unit","sm_protocol",..}..]}`,
 //! with the machine, the counts and whether the run was quick), `--sm-protocol 9.0|9.1` (the
 //! revision of `servicemanager.v5` the controller and the SMs speak, default 9.0; under 9.1 the
@@ -28,7 +28,8 @@
 //! whole run in about 3 minutes on 2 cores), `--cycles N` (churn connect/register/disconnect
 //! cycles, default 200,000 as N-LEAK-2 asks, about 60 s here), `--scale-nodes N` (default 10,000), `--rtt-calls N` (default 20,000),
 //! `--telemetry-per-node N` (default 20,000 messages per node), `--handshakes N` (default
-//! 10,000), `--storm-nodes N` (default 1,000).
+//! 10,000), `--storm-nodes N` (default 1,000), `--idle-seconds N` (how long `idle` measures,
+//! default 60, in quick runs too, which therefore take a minute longer).
 //!
 //! The bench prints figures; it asserts nothing about speed. It exits non-zero only when a
 //! scenario could not run (nodes failed to register, a process died, a deadline passed).
@@ -60,7 +61,7 @@
 //!   (`--pki DIR`) every node presents the same client certificate and each connection builds
 //!   a fresh rustls client (no session resumption). The scenario process drives it with
 //!   one-line commands on its stdin (`connect`, `burst`, `arm_cloud`, `await_cloud`,
-//!   `reconnect`, `reconnects`, `handshakes`, `close`, `quit`).
+//!   `reconnect`, `reconnects`, `keepalive`, `handshakes`, `close`, `quit`).
 //!
 //! Both processes run a multi-thread tokio runtime with 2 workers, on a 2-core machine: the SMs
 //! and the controller compete for the same cores, as they would not in production, so every
@@ -82,10 +83,17 @@
 //!   `set_cloud_connected(true)` and back to `false`: time until every SM has received its
 //!   `connection_status` (the SM process counts the nodes whose last status is the wanted one
 //!   and answers as soon as all are). Also a short sync-call sample at that scale.
+//! - `idle` (N-IDLE): 100 SMs connect and register, then send nothing at all (the SM process
+//!   turns its HTTP/2 keepalive pings off for them: `keepalive 0`, like an SM whose stream is
+//!   open and quiet); the controller process's CPU time over `--idle-seconds` (default 60 s) as
+//!   % of one core and ms of CPU per second (target: at most 1 % of a core), its context
+//!   switches per second (how often its threads wake), and its VmRSS before any SM connected
+//!   and with the 100 idle. What still runs is the server's own HTTP/2 keepalive: a PING to
+//!   each connection every `keepaliveInterval` (10 s), i.e. 10 PINGs a second for 100 nodes.
 //! - `churn` (N-LEAK-1, N-LEAK-2): rounds of 100 SMs that connect, register, and close their
 //!   streams (same node ids every round, as a rebooting SM would), until `--cycles` connects
 //!   (default 200,000, also with `--quick`; bounded to 300 s); VmRSS after 10 warm-up rounds
-//!   (N-LEAK-1's baseline), after 20,000 cycles (N-LEAK-2's reference), at ten checkpoints
+//!   (information), after 20,000 cycles (the baseline of N-LEAK-1 and N-LEAK-2), at ten checkpoints
 //!   (with the slope between the first and the last), and at the end. With the `heap-profile`
 //!   feature it also prints the live heap at each checkpoint and writes the dhat profile of
 //!   what is live at the end, before the server stops.
@@ -193,10 +201,11 @@ const CHURN_LEAK2_CYCLES: usize = 200_000;
 const CONNECT_CONCURRENCY: usize = 512;
 /// Scenarios in their default order. `floor` runs `rtt:relay:N` and `rtt:controller:N` for N in
 /// [`FLOOR_NODES`], each in a process of its own.
-const ALL_SCENARIOS: [&str; 10] = [
+const ALL_SCENARIOS: [&str; 11] = [
     "sync-rtt",
     "telemetry",
     "scale",
+    "idle",
     "churn",
     "floor",
     "mtls-rtt",
@@ -205,6 +214,8 @@ const ALL_SCENARIOS: [&str; 10] = [
     "handshakes-pkcs11",
     "renewal-storm",
 ];
+/// Quiet nodes of `idle`.
+const IDLE_NODES: usize = 100;
 /// Node counts of the floor comparison.
 const FLOOR_NODES: [usize; 3] = [1, 100, 1_000];
 /// SMs of the renewal storm.
@@ -230,6 +241,8 @@ struct Options {
     telemetry_per_node: u64,
     handshakes: usize,
     storm_nodes: usize,
+    /// How long `idle` measures, seconds.
+    idle_seconds: u64,
     /// Smaller counts, for a run under 2 minutes.
     quick: bool,
     /// Where the orchestrator writes the figures as JSON.
@@ -249,6 +262,7 @@ impl Options {
             telemetry_per_node: if quick { 3_000 } else { 20_000 },
             handshakes: if quick { 3_000 } else { 10_000 },
             storm_nodes: STORM_NODES,
+            idle_seconds: 60,
             quick,
             json: None,
             sm_protocol: SmProtocol::default(),
@@ -274,6 +288,7 @@ impl Options {
                 "--telemetry-per-node" => options.telemetry_per_node = value(arg)?,
                 "--handshakes" => options.handshakes = usize::try_from(value(arg)?)?,
                 "--storm-nodes" => options.storm_nodes = usize::try_from(value(arg)?)?,
+                "--idle-seconds" => options.idle_seconds = value(arg)?.max(1),
                 "--json" => options.json = Some(text(arg)?),
                 "--sm-protocol" => {
                     options.sm_protocol = text(arg)?.parse().map_err(|e: String| anyhow!(e))?;
@@ -284,7 +299,8 @@ impl Options {
                 other => bail!(
                     "unknown argument {other:?}; scenarios: {ALL_SCENARIOS:?}, options: \
                      --quick, --json PATH, --sm-protocol 9.0|9.1, --cycles N, --scale-nodes N, \
-                     --rtt-calls N, --telemetry-per-node N, --handshakes N, --storm-nodes N"
+                     --rtt-calls N, --telemetry-per-node N, --handshakes N, --storm-nodes N, \
+                     --idle-seconds N"
                 ),
             }
         }
@@ -308,6 +324,8 @@ impl Options {
             self.handshakes.to_string(),
             "--storm-nodes".into(),
             self.storm_nodes.to_string(),
+            "--idle-seconds".into(),
+            self.idle_seconds.to_string(),
             "--sm-protocol".into(),
             self.sm_protocol.to_string(),
         ];
@@ -347,6 +365,7 @@ impl Options {
             "telemetry_per_node": self.telemetry_per_node,
             "handshakes": self.handshakes,
             "storm_nodes": self.storm_nodes,
+            "idle_seconds": self.idle_seconds,
         })
     }
 }
@@ -837,6 +856,7 @@ async fn run_scenario(name: &str, options: &Options) -> anyhow::Result<()> {
         "telemetry" => telemetry(options, ServerKind::Insecure).await,
         "mtls-telemetry" => telemetry(options, ServerKind::Tls).await,
         "scale" => scale(options).await,
+        "idle" => idle(options).await,
         "churn" => churn(options).await,
         "handshakes" => tls::handshakes(options).await,
         "handshakes-pkcs11" => tls::handshakes_pkcs11(options).await,
@@ -1029,7 +1049,7 @@ impl Harness {
             ..settings
         };
         let counts = Arc::new(Counting::default());
-        let listener = server::bind(settings.listen).await?;
+        let listener = server::bind_with_backlog(settings.listen, settings.listen_backlog)?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         let stopped = async move {
@@ -1695,6 +1715,118 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
     left.map(drop)
 }
 
+/// Context switches of every thread of this process so far (voluntary and not): how often its
+/// threads woke up and slept again.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// `idle` (N-IDLE): the controller's cost with [`IDLE_NODES`] registered SMs that send nothing
+/// (no keepalive pings either): its CPU time over `--idle-seconds`, its VmRSS before any SM
+/// connected and with them idle, and how often its threads woke up.
+async fn idle(options: &Options) -> anyhow::Result<()> {
+    let nodes = IDLE_NODES;
+    let window = Duration::from_secs(options.idle_seconds);
+    let harness = Harness::start().await?;
+    let mut sm = harness.sm_process().await?;
+    sm.request("keepalive 0", Duration::from_secs(10)).await?;
+    let rss_start = rss(None);
+    println!(
+        "controller process before any SM connected: VmRSS {:.1} MiB, {} threads",
+        mib(rss_start),
+        threads(None)
+    );
+    let reply = connect_all(&harness, &mut sm, "idle", nodes).await?;
+    println!(
+        "{nodes} quiet SMs registered; SM process: {}",
+        reply.join(" ")
+    );
+    // The registrations' own work (replies, logs) is over before the window opens.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let switches = context_switches();
+    let cpu = CpuMeter::start(sm.pid);
+    tokio::time::sleep(window).await;
+    let (wall, controller, sm_cpu) = cpu.read();
+    let wakeups = context_switches().saturating_sub(switches) as f64 / wall.as_secs_f64();
+    let rss_idle = rss(None);
+    let ms_per_s = controller.as_secs_f64() * 1e3 / wall.as_secs_f64();
+    let pct = ms_per_s / 10.0;
+    let sm_pct = sm_cpu.as_secs_f64() * 100.0 / wall.as_secs_f64();
+    println!(
+        "{nodes} idle SMs for {:.1} s: controller process CPU {:.0} ms ({pct:.2} % of one core, \
+         {ms_per_s:.2} ms/s; /proc resolution 10 ms), {wakeups:.1} context switches/s; SM \
+         process CPU {:.0} ms ({sm_pct:.2} %); controller VmRSS {:.1} MiB ({:+.1} MiB since \
+         the start)",
+        wall.as_secs_f64(),
+        controller.as_secs_f64() * 1e3,
+        sm_cpu.as_secs_f64() * 1e3,
+        mib(rss_idle),
+        mib(rss_idle) - mib(rss_start)
+    );
+    ensure!(
+        harness.controller().node_count() == nodes,
+        "the registry holds {} nodes, not {nodes}",
+        harness.controller().node_count()
+    );
+    summary(
+        "N-IDLE",
+        &format!("controller CPU, {nodes} idle SMs"),
+        "<= 1 % of a core",
+        format!("{pct:.2} % ({ms_per_s:.2} ms/s)"),
+        Some(pct <= 1.0),
+    );
+    summary(
+        "N-IDLE",
+        "controller VmRSS at start",
+        "-",
+        format!("{:.1} MiB", mib(rss_start)),
+        None,
+    );
+    summary(
+        "N-IDLE",
+        &format!("controller VmRSS, {nodes} idle SMs"),
+        "-",
+        format!("{:.1} MiB", mib(rss_idle)),
+        None,
+    );
+    let seconds = wall.as_secs_f64();
+    Figure::new("N-IDLE", "cpu_pct_of_core", pct, "%")
+        .target(Cmp::AtMost, 1.0)
+        .with("nodes", nodes)
+        .with("seconds", seconds)
+        .emit();
+    Figure::new("N-IDLE", "cpu_ms_per_s", ms_per_s, "ms/s")
+        .with("nodes", nodes)
+        .with("seconds", seconds)
+        .emit();
+    Figure::new("N-IDLE", "context_switches_per_s", wakeups, "1/s")
+        .with("nodes", nodes)
+        .emit();
+    Figure::new("N-IDLE", "rss_start_mib", mib(rss_start), "MiB").emit();
+    Figure::new("N-IDLE", "rss_idle_mib", mib(rss_idle), "MiB")
+        .with("nodes", nodes)
+        .emit();
+    Figure::new("N-IDLE", "sm_process_cpu_pct_of_core", sm_pct, "%")
+        .with("nodes", nodes)
+        .emit();
+    sm.quit().await;
+    harness.stop().await;
+    Ok(())
+}
+
 /// One point of the floor comparison (N-PERF-3): `nodes` SMs on `kind` (the controller or the
 /// bare relay), sequential sync calls, and the process's VmRSS before and after they connected.
 /// Has the SM process connect `nodes` SMs named `prefix-N` and waits until the controller (or
@@ -2105,6 +2237,9 @@ struct Fleet {
     protocol: SmProtocol,
     /// Whether a node whose stream ends opens a new connection and registers again at once.
     reconnect: std::sync::atomic::AtomicBool,
+    /// Whether new connections ping the controller (HTTP/2 keepalive every 10 s, also while
+    /// idle); off for `idle`, whose SMs send nothing at all once registered.
+    keepalive: std::sync::atomic::AtomicBool,
     reconnects: AtomicU64,
     reconnect_errors: AtomicU64,
     instances: Vec<InstanceStatus>,
@@ -2163,10 +2298,13 @@ async fn open_stream(
 ) -> anyhow::Result<(mpsc::Sender<SmOutgoingMessages>, Commands)> {
     let mut endpoint = Endpoint::from_shared(fleet.url.clone())?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(20))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+        .connect_timeout(Duration::from_secs(20));
+    if fleet.keepalive.load(Ordering::Acquire) {
+        endpoint = endpoint
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
+    }
     if let Some((tls, _)) = &fleet.tls {
         endpoint = endpoint.tls_config(tls.clone())?;
     }
@@ -2279,6 +2417,7 @@ async fn sm_child(
         tls,
         protocol,
         reconnect: std::sync::atomic::AtomicBool::new(false),
+        keepalive: std::sync::atomic::AtomicBool::new(true),
         reconnects: AtomicU64::new(0),
         reconnect_errors: AtomicU64::new(0),
         instances: messages::initial_instances(3),
@@ -2435,6 +2574,12 @@ async fn sm_command(
             let on: u8 = arg(words, 1)?;
             fleet.reconnect.store(on == 1, Ordering::Release);
             format!("reconnect {on}")
+        }
+        // keepalive 0|1: whether connections opened from now on ping the controller.
+        "keepalive" => {
+            let on: u8 = arg(words, 1)?;
+            fleet.keepalive.store(on == 1, Ordering::Release);
+            format!("keepalive {on}")
         }
         "reconnects" => format!(
             "reconnects {} errors {}",

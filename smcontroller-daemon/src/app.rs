@@ -220,7 +220,7 @@ pub async fn start(
             )
         }
     };
-    let listener = server::bind(settings.listen).await?;
+    let listener = server::bind_with_backlog(settings.listen, settings.listen_backlog)?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: settings.listen,
         source,

@@ -236,6 +236,11 @@ pub struct Settings {
     /// Connections open at once (`maxConnections`); one beyond it is closed when accepted.
     #[serde(deserialize_with = "de::at_least::<1, _>")]
     pub max_connections: usize,
+    /// Connections the kernel may hold handshaken but not accepted yet (`listenBacklog`), the
+    /// SM port's listen backlog; Linux caps it at `net.core.somaxconn` (the value in effect is
+    /// logged at start).
+    #[serde(deserialize_with = "de::small_count")]
+    pub listen_backlog: u32,
     /// The admin API's Unix socket (`adminSocket`), for `smctl`: an absolute path, or `"off"`.
     /// Default: `/run/smcontroller/admin.sock` for root, else a path in the user's runtime
     /// directory (the one `smctl` looks at by default). Mode 0660.
@@ -303,6 +308,7 @@ impl Default for Settings {
             blob_lookups: server.blob_lookups,
             control_frames_per_second: server.control_frames_per_sec,
             max_connections: server.accept.max_connections,
+            listen_backlog: smcontroller_grpc::server::DEFAULT_LISTEN_BACKLOG,
             admin_socket: AdminSocket::Default,
             admin_listen: None,
             metrics_listen: None,
@@ -1085,6 +1091,7 @@ mod tests {
             "blobLookups": 2,
             "controlFramesPerSecond": 5,
             "maxConnections": 128,
+            "listenBacklog": 512,
             "adminSocket": "/run/admin.sock",
             "adminListen": "[::1]:9465",
             "metricsListen": "127.0.0.1:9464",
@@ -1128,6 +1135,7 @@ mod tests {
                 blob_lookups: 2,
                 control_frames_per_second: 5,
                 max_connections: 128,
+                listen_backlog: 512,
                 admin_socket: AdminSocket::Path("/run/admin.sock".into()),
                 admin_listen: Some(addr("[::1]:9465")),
                 metrics_listen: Some(addr("127.0.0.1:9464")),
@@ -1144,6 +1152,7 @@ mod tests {
         let s = Settings::default();
         assert_eq!(s.max_message_size, 4 << 20);
         assert_eq!((s.max_nodes, s.max_connections), (4096, 4096));
+        assert_eq!(s.listen_backlog, 4096);
         assert_eq!(s.max_id_length, 256);
         for key in [
             "maxNodes",
@@ -1153,6 +1162,7 @@ mod tests {
             "maxStreamsPerConnection",
             "controlFramesPerSecond",
             "maxConnections",
+            "listenBacklog",
         ] {
             let json = format!(r#"{{"insecure": true, "{key}": 0}}"#);
             let e = load_str(ORIGIN, &json, &cli()).unwrap_err().to_string();

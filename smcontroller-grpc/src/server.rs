@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use smcontroller_api::ItemInfoProvider;
 use smcontroller_certs::{AcceptSettings, PlainIncoming};
 use smcontroller_routing::{CommandLimit, Controller, Outbound};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -249,11 +249,76 @@ pub fn transport(settings: &ServerSettings) -> Server {
         .max_concurrent_streams(Some(settings.max_streams_per_connection.max(1)))
 }
 
-/// Binds `addr` (port 0 picks a free port); the bound address is `listener.local_addr()`.
+/// The listen backlog the SM port asks for unless told otherwise (`listenBacklog`): how many
+/// connections the kernel may hold handshaken but not accepted yet. Linux caps it at
+/// `net.core.somaxconn` (4,096 by default since Linux 5.4, 128 before).
+///
+/// Tokio's `TcpListener::bind` asks for 128, as the standard library does. When thousands of
+/// SMs connect at once (a controller restart), the accept queue fills faster than the server
+/// takes connections off it: the kernel then drops the clients' final ACK of the handshake
+/// (`TcpExtListenOverflows`), the client believes it is connected and sends its HTTP/2
+/// preface, and when the kernel gives up on the half-open connection the client's next segment
+/// is answered with a reset (`ConnectionReset` in the SM's `RegisterSM`).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (port 0 picks a free port) with the default listen backlog
+/// ([`DEFAULT_LISTEN_BACKLOG`]); the bound address is `listener.local_addr()`.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })
+    bind_with_backlog(addr, DEFAULT_LISTEN_BACKLOG)
+}
+
+/// Binds `addr` with a listen backlog of `backlog` connections (see [`DEFAULT_LISTEN_BACKLOG`]),
+/// `SO_REUSEADDR` set as tokio's `TcpListener::bind` sets it. The kernel caps the backlog at
+/// `net.core.somaxconn`: the value in effect is logged (read from
+/// `/proc/sys/net/core/somaxconn`), as a warning when it is below `backlog`. Must be called
+/// within a Tokio runtime.
+pub fn bind_with_backlog(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServeError> {
+    let error = |source| ServeError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    let listener = socket.listen(backlog.max(1)).map_err(error)?;
+    match somaxconn() {
+        Some(max) if max < backlog => warn!(
+            requested = backlog,
+            effective = max,
+            "listen backlog capped by net.core.somaxconn; raise it (sysctl) so that SMs \
+             connecting at once are not reset"
+        ),
+        Some(max) => info!(
+            requested = backlog,
+            effective = backlog,
+            somaxconn = max,
+            "listen backlog"
+        ),
+        None => info!(
+            requested = backlog,
+            "listen backlog (net.core.somaxconn unknown)"
+        ),
+    }
+    Ok(listener)
+}
+
+/// The backlog a listen socket gets at most: `net.core.somaxconn` of this network namespace;
+/// `None` where it cannot be read (not Linux).
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The listen backlog in effect for a listener bound with `requested`: the smaller of it and
+/// `net.core.somaxconn` (where that can be read).
+pub fn effective_backlog(requested: u32) -> u32 {
+    let requested = requested.max(1);
+    somaxconn().map_or(requested, |max| requested.min(max))
 }
 
 /// Serves plain HTTP/2 (insecure mode, R-TLS-2) on `listener` until `shutdown` resolves.

@@ -66,7 +66,7 @@ enum Task {
         #[arg(long)]
         hostile: bool,
         /// More arguments for the bench executable as they are: scenario names
-        /// (sync-rtt, telemetry, scale, churn, floor, mtls-rtt, mtls-telemetry, handshakes,
+        /// (sync-rtt, telemetry, scale, idle, churn, floor, mtls-rtt, mtls-telemetry, handshakes,
         /// renewal-storm), --sm-protocol 9.1 (the Aos 9.1 wire revision; its figures go to
         /// target/bench/results-9.1.json), --cycles N, --scale-nodes N, ...
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
