@@ -82,6 +82,7 @@ async fn connections_arriving_at_once_all_wait_in_the_accept_queue() {
             Instant::now() < deadline,
             "{queued} of {CONNECTIONS} connections in the accept queue after {WAIT:?}"
         );
+        // The queue is kernel state with nothing to wait on: polled, under the deadline above.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
