@@ -233,6 +233,10 @@ pub struct Settings {
     /// (`controlFramesPerSecond`); more (a flood) closes it.
     #[serde(deserialize_with = "de::small_count")]
     pub control_frames_per_second: u32,
+    /// Messages one connection may have refused (empty, undecodable, ids over the limit, decode
+    /// bombs) before it is closed (`maxRefusedMessages`); 0 is no limit.
+    #[serde(deserialize_with = "de::count_or_off")]
+    pub max_refused_messages: u32,
     /// Connections open at once (`maxConnections`); one beyond it is closed when accepted.
     #[serde(deserialize_with = "de::at_least::<1, _>")]
     pub max_connections: usize,
@@ -307,6 +311,7 @@ impl Default for Settings {
             max_id_length: server.max_id_len,
             blob_lookups: server.blob_lookups,
             control_frames_per_second: server.control_frames_per_sec,
+            max_refused_messages: server.max_refused_messages,
             max_connections: server.accept.max_connections,
             listen_backlog: smcontroller_grpc::server::DEFAULT_LISTEN_BACKLOG,
             admin_socket: AdminSocket::Default,
@@ -790,6 +795,14 @@ mod de {
         })
     }
 
+    /// A count from 0 (no limit) to 2^32 - 1.
+    pub(super) fn count_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        read(d, |v| {
+            let n = whole_number::<0>(v)?;
+            u32::try_from(n).map_err(|_| format!("is larger than {}", u32::MAX))
+        })
+    }
+
     /// An HTTP/2 window size: 65,535 to 2^31 - 1 bytes.
     pub(super) fn flow_window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         const MAX: u32 = (1 << 31) - 1;
@@ -1090,6 +1103,7 @@ mod tests {
             "maxIdLength": 128,
             "blobLookups": 2,
             "controlFramesPerSecond": 5,
+            "maxRefusedMessages": 0,
             "maxConnections": 128,
             "listenBacklog": 512,
             "adminSocket": "/run/admin.sock",
@@ -1134,6 +1148,7 @@ mod tests {
                 max_id_length: 128,
                 blob_lookups: 2,
                 control_frames_per_second: 5,
+                max_refused_messages: 0,
                 max_connections: 128,
                 listen_backlog: 512,
                 admin_socket: AdminSocket::Path("/run/admin.sock".into()),

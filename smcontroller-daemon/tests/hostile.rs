@@ -941,3 +941,159 @@ async fn r_bad_3_rapid_reset_leaves_nothing_behind() {
     drop(raw);
     h.stop().await;
 }
+
+/// N-BAD-1: a registered SM that keeps sending refused messages (empty ones here) is refused
+/// each time, the stream going on, until its connection has used the budget: then its stream
+/// ends with RESOURCE_EXHAUSTED naming the budget, the refusal is counted once, the node is gone
+/// and the well-behaved SMs never noticed.
+#[tokio::test]
+async fn n_bad_1_a_connection_that_keeps_sending_refused_messages_is_closed() {
+    const BUDGET: u32 = 4;
+    let h = Hostile::start(
+        Settings::default(),
+        ServerSettings {
+            max_refused_messages: BUDGET,
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    let noisy = NodeId::new("noisy");
+    let (tx, mut rx) = open_stream(&h.url()).await.unwrap();
+    tx.send(messages::sm_info("noisy")).await.unwrap();
+    eventually("noisy registered", DEADLINE, || {
+        h.controller.node_status(&noisy).is_some()
+    })
+    .await;
+    for _ in 1..BUDGET {
+        tx.send(pb::SmOutgoingMessages::default()).await.unwrap();
+    }
+    // One under the budget: every refusal logged and skipped, the stream goes on (an alert
+    // sent after them reaches the receiver, so every message before it was read).
+    tx.send(messages::alert(
+        0,
+        &messages::instance_ident(0),
+        false,
+        true,
+    ))
+    .await
+    .unwrap();
+    h.log
+        .wait_until("noisy's alert after the refusals", |events| {
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Alert(node, _) if node == "noisy"))
+        })
+        .await;
+    assert!(h.controller.node_status(&noisy).is_some());
+    assert_eq!(counted(&h, Budget::RefusedMessages), 0);
+
+    tx.send(pb::SmOutgoingMessages::default()).await.unwrap();
+    let status = end_status(&mut rx).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("refused_messages"),
+        "the status names the budget: {:?}",
+        status.message()
+    );
+    assert_eq!(counted(&h, Budget::RefusedMessages), 1);
+    eventually("noisy gone", DEADLINE, || {
+        h.controller.node_status(&noisy).is_none()
+    })
+    .await;
+    h.healthy("after the refused messages").await;
+    h.stop().await;
+}
+
+/// N-BAD-1: the budget is the connection's, not one stream's: streams opened one after the
+/// other on one connection, each refused once (an overlong node id), use it up together; then
+/// the connection is closed, and a new connection starts with a whole budget.
+#[tokio::test]
+async fn n_bad_1_refusals_on_separate_streams_of_one_connection_add_up() {
+    const BUDGET: u32 = 3;
+    let h = Hostile::start(
+        Settings::default(),
+        ServerSettings {
+            max_refused_messages: BUDGET,
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(h.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let overlong = messages::sm_info(&"n".repeat(1024));
+    let mut last = None;
+    for i in 0..BUDGET {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(overlong.clone()).await.unwrap();
+        let mut client = SmServiceClient::new(channel.clone());
+        let mut response = within(
+            "RegisterSM on the shared connection",
+            client.register_sm(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        let status = end_status(&mut response).await;
+        if i + 1 < BUDGET {
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "stream {i}: {status:?}"
+            );
+        }
+        last = Some((status, tx));
+    }
+    // The last refusal used the budget up: that stream ends with RESOURCE_EXHAUSTED instead of
+    // its own INVALID_ARGUMENT when the budget wins the race, and either way the connection is
+    // closed: a new stream on it fails.
+    let (status, _tx) = last.unwrap();
+    assert!(
+        matches!(
+            status.code(),
+            Code::InvalidArgument | Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+    assert_eq!(counted(&h, Budget::RefusedMessages), 1);
+    within("the connection closed", async {
+        loop {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(messages::sm_info("late")).await.unwrap();
+            let mut client = SmServiceClient::new(channel.clone());
+            match client
+                .register_sm(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            {
+                // Refused by a closed connection (or reset: it was closed unread).
+                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => {
+                    break;
+                }
+                Err(status) => panic!("{status:?}"),
+                Ok(response) => {
+                    // Accepted before the close reached the client: it ends with the close.
+                    let mut response = response.into_inner();
+                    let status = end_status(&mut response).await;
+                    assert_ne!(status.code(), Code::Ok, "{status:?}");
+                    if status.code() == Code::Unavailable
+                        || status.code() == Code::ResourceExhausted
+                        || status.code() == Code::Unknown
+                    {
+                        continue;
+                    }
+                    panic!("{status:?}");
+                }
+            }
+        }
+    })
+    .await;
+    // A new connection: a whole budget again, and the first refusal is only a refusal.
+    let (tx, mut rx) = open_stream(&h.url()).await.unwrap();
+    tx.send(overlong).await.unwrap();
+    assert_eq!(end_status(&mut rx).await.code(), Code::InvalidArgument);
+    assert_eq!(counted(&h, Budget::RefusedMessages), 1);
+    h.healthy("after a connection used its refusals").await;
+    h.stop().await;
+}

@@ -10,6 +10,11 @@
 //!   PING and SETTINGS and offers no limit of its own; a peer that floods them makes the
 //!   server work for nothing. When the bucket is empty the connection ends.
 //!
+//! - **Refused messages** (N-BAD-1). The connection's [`Strikes`] count the messages its streams
+//!   had refused (see [`GuardSettings::max_refused_messages`]); once they are used up the
+//!   wrapper stops reading (the peer's flood stays in its own socket buffers, so it costs
+//!   nothing more) and closes the connection [`STRUCK_OUT_CLOSE`] later, after its streams have
+//!   ended with their status.
 //! - **Eviction.** Until its preface is in, the connection is one of the acceptor's not
 //!   established ones ([`Establishing`]); when the connection cap or the file descriptors run
 //!   out, the oldest of those is evicted to make room for a new one, and this wrapper ends it.
@@ -20,9 +25,15 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
+
+use futures::task::AtomicWaker;
 
 use smcontroller_certs::Establishing;
 use smcontroller_limits::{Budget, Refusals};
@@ -43,6 +54,13 @@ const ACK: u8 = 0x1;
 /// How long a burst of control frames may be, in seconds' worth of the rate.
 const BURST_SECS: u32 = 10;
 
+/// How long a struck-out stream waits before it ends with its status (the peer's reconnect
+/// loop, if it waits for the end, turns at most once per this), see [`Strikes`].
+pub const STRUCK_OUT_GRACE: Duration = Duration::from_secs(1);
+/// How long after its strikes ran out a connection is closed: after [`STRUCK_OUT_GRACE`], with
+/// time for the streams' statuses to be written.
+pub const STRUCK_OUT_CLOSE: Duration = Duration::from_millis(1500);
+
 /// What a [`Guarded`] connection is held to.
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
@@ -50,8 +68,86 @@ pub struct GuardSettings {
     pub preface_deadline: Instant,
     /// PING and SETTINGS frames per second, on average.
     pub control_frames_per_sec: u32,
+    /// Messages the connection's streams may have refused before it is closed; 0 is no limit.
+    pub max_refused_messages: u32,
     /// Where the refusals are counted.
     pub refusals: Refusals,
+}
+
+/// The refused messages of one connection, shared by its streams (they reach it through
+/// [`GuardedInfo`]) and its [`Guarded`] wrapper.
+///
+/// Each refusal is a strike; the strike that uses up the budget makes the connection *struck
+/// out*: its streams end with `RESOURCE_EXHAUSTED` after [`STRUCK_OUT_GRACE`], the wrapper stops
+/// reading at once and closes the connection after [`STRUCK_OUT_CLOSE`].
+#[derive(Clone)]
+pub struct Strikes(Arc<StrikeState>);
+
+struct StrikeState {
+    count: AtomicU32,
+    max: u32,
+    /// The connection's reading task, woken when the budget runs out.
+    reader: AtomicWaker,
+}
+
+impl std::fmt::Debug for Strikes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Strikes")
+            .field("count", &self.count())
+            .field("max", &self.0.max)
+            .finish()
+    }
+}
+
+impl Strikes {
+    /// A connection's strikes with a budget of `max` (0: no limit).
+    pub fn new(max: u32) -> Self {
+        Self(Arc::new(StrikeState {
+            count: AtomicU32::new(0),
+            max,
+            reader: AtomicWaker::new(),
+        }))
+    }
+
+    /// Counts one refused message; `true` for the one that uses up the budget (once per
+    /// connection).
+    pub fn strike(&self) -> bool {
+        let count = self
+            .0
+            .count
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let out = self.0.max > 0 && count == self.0.max;
+        if out {
+            self.0.reader.wake();
+        }
+        out
+    }
+
+    /// Whether the budget is used up.
+    pub fn is_out(&self) -> bool {
+        self.0.max > 0 && self.count() >= self.0.max
+    }
+
+    /// Refusals so far.
+    pub fn count(&self) -> u32 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+
+    /// The budget (0: no limit).
+    pub fn max(&self) -> u32 {
+        self.0.max
+    }
+}
+
+/// What every request of a guarded connection carries in its extensions: the connection's own
+/// info (the peer's address, its certificate) and its [`Strikes`].
+#[derive(Debug, Clone)]
+pub struct GuardedInfo<C> {
+    /// The info of the connection inside.
+    pub conn: C,
+    /// The connection's refused messages.
+    pub strikes: Strikes,
 }
 
 /// A connection under the guard.
@@ -75,6 +171,9 @@ pub struct Guarded<IO> {
     refilled: Instant,
     rate: f64,
     refusals: Refusals,
+    strikes: Strikes,
+    /// Once struck out: when the connection is closed.
+    closing: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO> std::fmt::Debug for Guarded<IO> {
@@ -118,6 +217,31 @@ impl<IO> Guarded<IO> {
             refilled: Instant::now(),
             rate,
             refusals: settings.refusals,
+            strikes: Strikes::new(settings.max_refused_messages),
+            closing: None,
+        }
+    }
+
+    /// The connection's refused messages.
+    pub fn strikes(&self) -> &Strikes {
+        &self.strikes
+    }
+
+    /// Reading once the strikes are out: nothing more is read; the connection ends at
+    /// [`STRUCK_OUT_CLOSE`].
+    fn poll_struck_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let closing = self
+            .closing
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(STRUCK_OUT_CLOSE)));
+        match closing.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!(
+                    "{} messages refused (budget refused_messages); connection closed",
+                    self.strikes.count()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -206,6 +330,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.strikes.is_out() {
+            return this.poll_struck_out(cx);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -218,6 +345,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
+                if this.strikes.max() > 0 {
+                    this.strikes.0.reader.register(cx.waker());
+                    if this.strikes.is_out() {
+                        return this.poll_struck_out(cx);
+                    }
+                }
                 if let Some((_, evicted)) = this.establishing.as_mut()
                     && evicted.as_mut().poll(cx).is_ready()
                 {
@@ -272,10 +405,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
 }
 
 impl<IO: Connected> Connected for Guarded<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    type ConnectInfo = GuardedInfo<IO::ConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        GuardedInfo {
+            conn: self.io.connect_info(),
+            strikes: self.strikes.clone(),
+        }
     }
 }
 
@@ -318,6 +454,7 @@ mod tests {
             GuardSettings {
                 preface_deadline: Instant::now() + timeout,
                 control_frames_per_sec: rate,
+                max_refused_messages: 3,
                 refusals: Refusals::new(),
             },
         )
@@ -395,6 +532,68 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
         assert!(error.to_string().contains("flood"), "{error}");
         assert_eq!(guarded.refusals.get(Budget::ControlFrames), 1);
+    }
+
+    /// A guarded connection past its preface, with a budget of 3 refused messages.
+    async fn established() -> (Guarded<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (ours, mut peer) = duplex(1 << 16);
+        let mut guarded = guard(ours, 20, Duration::from_secs(10));
+        let mut hello = MAGIC.to_vec();
+        hello.extend(frame(SETTINGS, 0, &[]));
+        peer.write_all(&hello).await.unwrap();
+        let mut buf = vec![0_u8; hello.len()];
+        guarded.read_exact(&mut buf).await.unwrap();
+        (guarded, peer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn n_bad_1_the_strike_that_uses_the_budget_wakes_a_waiting_read() {
+        let (mut guarded, _peer) = established().await;
+        let strikes = guarded.strikes().clone();
+        // The read waits for bytes that never come; strikes from elsewhere (a stream's task)
+        // wake it once the budget is out, and the connection ends after the grace.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0_u8; 64];
+            let result = guarded.read(&mut buf).await;
+            (result, Instant::now())
+        });
+        tokio::task::yield_now().await;
+        assert!(!strikes.strike());
+        assert!(!strikes.strike());
+        let struck = Instant::now();
+        assert!(strikes.strike(), "the third strike uses the budget up");
+        assert!(!strikes.strike(), "only once");
+        let (result, at) = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("the read was woken")
+            .unwrap();
+        let error = result.expect_err("the connection ends");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(error.to_string().contains("refused_messages"), "{error}");
+        assert_eq!(at - struck, STRUCK_OUT_CLOSE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn n_bad_1_a_struck_out_connection_reads_nothing_more() {
+        let (mut guarded, mut peer) = established().await;
+        for _ in 0..3 {
+            guarded.strikes().strike();
+        }
+        peer.write_all(&frame(0x0, 0, &[1; 100])).await.unwrap();
+        let mut buf = [0_u8; 256];
+        let error = guarded.read(&mut buf).await.expect_err("nothing is read");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(guarded.frames, 1, "the data frame was not read");
+    }
+
+    #[test]
+    fn a_budget_of_zero_is_no_limit() {
+        let strikes = Strikes::new(0);
+        for _ in 0..1000 {
+            assert!(!strikes.strike());
+        }
+        assert!(!strikes.is_out());
+        assert_eq!(strikes.count(), 1000);
     }
 
     #[tokio::test]

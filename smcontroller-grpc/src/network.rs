@@ -18,6 +18,8 @@ use std::{pin::Pin, sync::Arc};
 use futures::{Stream, StreamExt};
 use smcontroller_api::{Error, InstanceIdent, NetworkProvider, NodeId};
 use smcontroller_certs::{IdentityField, TlsConnInfo};
+
+use crate::guard::GuardedInfo;
 use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use smcontroller_routing::{SubscribeError, Subscriptions};
 use tonic::{Request, Response, Status};
@@ -110,8 +112,8 @@ impl NetworkService {
         if let Some(binding) = self.identity_binding {
             let identity = request
                 .extensions()
-                .get::<TlsConnInfo>()
-                .and_then(|c| c.peer_identity());
+                .get::<GuardedInfo<TlsConnInfo>>()
+                .and_then(|c| c.conn.peer_identity());
             let allowed = identity.is_some_and(|identity| identity.matches(node_id, binding));
             if !allowed {
                 return Err(self.refuse(Status::permission_denied(format!(

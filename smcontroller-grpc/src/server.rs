@@ -61,6 +61,12 @@ pub struct ServerSettings {
     /// that sends more (a flood, R-BAD-3) is closed. Bursts of up to ten seconds' worth pass.
     /// Default 20.
     pub control_frames_per_sec: u32,
+    /// Messages one connection's streams may have refused (empty or undecodable messages, ids
+    /// over the limit, decode bombs) before the connection is closed (N-BAD-1): its streams end
+    /// with `RESOURCE_EXHAUSTED` a second later and it is closed, so a peer that floods refused
+    /// messages stops costing the other nodes. 0 is no limit. Default 8
+    /// ([`DEFAULT_MAX_REFUSED_MESSAGES`]).
+    pub max_refused_messages: u32,
     /// Accepting connections (R-BAD-3): the time a new connection has for its TLS handshake
     /// and its HTTP/2 preface together (default 10 s; it is closed when that runs out), the
     /// cap on open connections (default 4,096; one beyond it is closed as soon as it is
@@ -80,10 +86,16 @@ impl Default for ServerSettings {
             max_id_len: crate::ids::DEFAULT_MAX_ID_LEN,
             blob_lookups: crate::service::DEFAULT_BLOB_LOOKUPS,
             control_frames_per_sec: 20,
+            max_refused_messages: DEFAULT_MAX_REFUSED_MESSAGES,
             accept: AcceptSettings::default(),
         }
     }
 }
+
+/// Refused messages one connection may send before it is closed, by default: a real SM sends
+/// none (an SM of another revision or a buggy one may send a few, and is told why in each
+/// refusal's log line).
+pub const DEFAULT_MAX_REFUSED_MESSAGES: u32 = 8;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -358,11 +370,13 @@ pub async fn serve_insecure_with(
     // `TCP_NODELAY` (without it, Nagle held small frames back until the peer's delayed ACK).
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
+    let max_refused = settings.max_refused_messages;
     let incoming =
         PlainIncoming::new(listener, settings.accept, refusals.clone()).map(move |mut conn| {
             let guard = GuardSettings {
                 preface_deadline: conn.accepted_at() + timeout,
                 control_frames_per_sec: rate,
+                max_refused_messages: max_refused,
                 refusals: refusals.clone(),
             };
             let establishing = conn.establishing();

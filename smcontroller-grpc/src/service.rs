@@ -2,8 +2,10 @@
 //! `GetBlobsInfos` resolves digests through the [`ItemInfoProvider`].
 
 use std::{
+    net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context as TaskContext, Poll, ready},
 };
 
 use futures::{Stream, StreamExt, TryStreamExt, stream};
@@ -14,12 +16,14 @@ use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use smcontroller_routing::{
     AttachError, Commands, Controller, EndCode, EndStatus, InboundEvent, Outbound, Outgoing,
 };
-use tonic::{Request, Response, Status, Streaming};
+use tokio::time::Sleep;
+use tonic::{Request, Response, Status, Streaming, transport::server::TcpConnectInfo};
 use tracing::warn;
 
 use crate::{
     codec::DECODED_SIZE_REFUSAL,
     convert::ConvertError,
+    guard::{GuardedInfo, STRUCK_OUT_GRACE, Strikes},
     ids,
     proto::{
         servicemanager::v5::{
@@ -45,6 +49,8 @@ pub struct SmService {
     blob_lookups: usize,
     /// Rate limit of the warnings about streams refused by the identity binding.
     denied_log: Arc<WarnGate>,
+    /// Rate limit of the warnings about connections closed for their refused messages.
+    struck_out_log: Arc<WarnGate>,
 }
 
 /// How many digests of one `GetBlobsInfos` are looked up at once, by default.
@@ -68,6 +74,7 @@ impl SmService {
             max_id_len: ids::DEFAULT_MAX_ID_LEN,
             blob_lookups: DEFAULT_BLOB_LOOKUPS,
             denied_log: Arc::new(WarnGate::default()),
+            struck_out_log: Arc::new(WarnGate::default()),
         }
     }
 
@@ -145,34 +152,25 @@ impl SmService {
         // A transport failure (undecodable or over-size frame, reset) is kept so the response
         // ends with its status (R-BAD-1); the router only needs to know the stream failed.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
-        let seen = failure.clone();
-        let binding = self.identity_binding.map(|field| {
-            let conn = request.extensions().get::<TlsConnInfo>();
-            Binding {
-                field,
-                identity: conn.and_then(|c| c.peer_identity().cloned()),
-                peer: conn.map(|c| c.peer_addr().to_string()),
-                log: self.denied_log.clone(),
-            }
+        let tls = tls_info(&request);
+        let binding = self.identity_binding.map(|field| Binding {
+            field,
+            identity: tls.and_then(|c| c.peer_identity().cloned()),
+            peer: tls.map(|c| c.peer_addr().to_string()),
+            log: self.denied_log.clone(),
         });
-        let refusals = self.controller.refusals();
-        let max_id_len = self.max_id_len;
-        let inbound = request.into_inner().map(move |item| match item {
-            Ok(message) => match binding.as_ref().and_then(|b| b.refuse(&message)) {
-                Some(denied) => denied,
-                None => inbound_event(message, max_id_len, &refusals),
-            },
-            Err(status) => {
-                let status = over_size_is_resource_exhausted(status);
-                count_refusal(&status, &refusals);
-                let event =
-                    InboundEvent::Failed(format!("{:?}: {}", status.code(), status.message()));
-                *seen
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
-                event
-            }
-        });
+        let inbound = Inbound {
+            strikes: strikes(&request).cloned(),
+            peer: peer_addr(&request),
+            messages: request.into_inner(),
+            binding,
+            max_id_len: self.max_id_len,
+            refusals: self.controller.refusals(),
+            struck_out_log: self.struck_out_log.clone(),
+            failure: failure.clone(),
+            ending: None,
+            ended: false,
+        };
         let outgoing = self.controller.attach(inbound).map_err(|e| match e {
             AttachError::ShuttingDown => Status::unavailable(e.to_string()),
             AttachError::PendingStreams(_) => Status::resource_exhausted(e.to_string()),
@@ -185,10 +183,16 @@ impl SmService {
         &self,
         request: Request<BlobsInfosRequest>,
     ) -> Result<Response<BlobsInfos>, Status> {
+        let strikes = strikes(&request).cloned();
         let digests = request.into_inner().digests;
         for (i, digest) in digests.iter().enumerate() {
             if digest.len() > self.max_id_len {
                 self.controller.refusals().count(Budget::IdLength);
+                if let Some(strikes) = &strikes
+                    && strikes.strike()
+                {
+                    self.controller.refusals().count(Budget::RefusedMessages);
+                }
                 return Err(Status::invalid_argument(format!(
                     "digests[{i}] is {} bytes, over the limit of {} bytes for ids",
                     digest.len(),
@@ -312,6 +316,140 @@ fn over_size_is_resource_exhausted(status: Status) -> Status {
     } else {
         status
     }
+}
+
+/// The `RegisterSM` request stream as the router reads it: each message checked against the
+/// identity binding and the id limit and converted; each refusal a strike of the connection
+/// (N-BAD-1). When the strikes are out (this stream's or another's of the same connection),
+/// the stream waits [`STRUCK_OUT_GRACE`], reading nothing, then ends with `RESOURCE_EXHAUSTED`.
+struct Inbound {
+    messages: Streaming<SmOutgoingMessages>,
+    binding: Option<Binding>,
+    max_id_len: usize,
+    refusals: Refusals,
+    strikes: Option<Strikes>,
+    peer: Option<SocketAddr>,
+    struck_out_log: Arc<WarnGate>,
+    /// The status the response ends with, when the stream fails.
+    failure: Arc<Mutex<Option<Status>>>,
+    /// Struck out: when the stream ends.
+    ending: Option<Pin<Box<Sleep>>>,
+    ended: bool,
+}
+
+impl Inbound {
+    /// Counts a refusal against the connection; logs (through the gate) the one that uses the
+    /// budget up.
+    fn strike(&mut self) {
+        let Some(strikes) = &self.strikes else {
+            return;
+        };
+        if strikes.strike() {
+            self.refusals.count(Budget::RefusedMessages);
+            if let Some(gate) = self.struck_out_log.admit() {
+                warn!(peer = ?self.peer, refused = strikes.count(), budget = %Budget::RefusedMessages,
+                    suppressed = gate.suppressed,
+                    "connection closed: too many refused messages");
+            }
+        }
+    }
+
+    fn fail(&self, status: Status) -> InboundEvent {
+        let event = InboundEvent::Failed(format!("{:?}: {}", status.code(), status.message()));
+        *self
+            .failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+        event
+    }
+}
+
+impl Stream for Inbound {
+    type Item = InboundEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<InboundEvent>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.ending.is_none() && this.strikes.as_ref().is_some_and(Strikes::is_out) {
+            this.ending = Some(Box::pin(tokio::time::sleep(STRUCK_OUT_GRACE)));
+        }
+        if let Some(ending) = this.ending.as_mut() {
+            ready!(ending.as_mut().poll(cx));
+            this.ended = true;
+            let strikes = this.strikes.as_ref().map_or(0, Strikes::count);
+            let status = Status::resource_exhausted(format!(
+                "{strikes} messages refused on this connection, over the budget of {} \
+                 (refused_messages); the connection is closed",
+                this.strikes.as_ref().map_or(0, Strikes::max)
+            ));
+            return Poll::Ready(Some(this.fail(status)));
+        }
+        let event = match ready!(this.messages.poll_next_unpin(cx)) {
+            None => {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            Some(Ok(message)) => match this.binding.as_ref().and_then(|b| b.refuse(&message)) {
+                Some(denied) => denied,
+                None => inbound_event(message, this.max_id_len, &this.refusals),
+            },
+            Some(Err(status)) => {
+                let status = over_size_is_resource_exhausted(status);
+                count_refusal(&status, &this.refusals);
+                if matches!(
+                    status.code(),
+                    tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+                ) {
+                    this.strike();
+                }
+                this.ended = true;
+                return Poll::Ready(Some(this.fail(status)));
+            }
+        };
+        if matches!(
+            event,
+            InboundEvent::Rejected { .. } | InboundEvent::Denied(_)
+        ) {
+            this.strike();
+        }
+        Poll::Ready(Some(event))
+    }
+}
+
+/// The TLS info of a request's connection, if it came over mTLS.
+fn tls_info<T>(request: &Request<T>) -> Option<&TlsConnInfo> {
+    request
+        .extensions()
+        .get::<GuardedInfo<TlsConnInfo>>()
+        .map(|info| &info.conn)
+}
+
+/// The refused messages of a request's connection.
+fn strikes<T>(request: &Request<T>) -> Option<&Strikes> {
+    let extensions = request.extensions();
+    extensions
+        .get::<GuardedInfo<TlsConnInfo>>()
+        .map(|info| &info.strikes)
+        .or_else(|| {
+            extensions
+                .get::<GuardedInfo<TcpConnectInfo>>()
+                .map(|info| &info.strikes)
+        })
+}
+
+/// The peer's address of a request's connection.
+fn peer_addr<T>(request: &Request<T>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<GuardedInfo<TlsConnInfo>>()
+        .map(|info| info.conn.peer_addr())
+        .or_else(|| {
+            extensions
+                .get::<GuardedInfo<TcpConnectInfo>>()
+                .and_then(|info| info.conn.remote_addr)
+        })
 }
 
 /// Converts one received message for the router (R-TEL-4: a bad one is rejected, not fatal;

@@ -163,6 +163,7 @@ pub async fn serve_tls(
 
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
+    let max_refused = settings.max_refused_messages;
     let incoming = TlsIncoming::counted(listener, credentials, settings.accept, refusals.clone())
         .map(move |mut conn| {
             let epoch = conn.info().generation();
@@ -171,6 +172,7 @@ pub async fn serve_tls(
             let guard = GuardSettings {
                 preface_deadline: conn.info().accepted_at() + timeout,
                 control_frames_per_sec: rate,
+                max_refused_messages: max_refused,
                 refusals: refusals.clone(),
             };
             let conn = Guarded::establishing(SmConn(conn), guard, establishing);

@@ -58,11 +58,15 @@ pub enum Budget {
     DecodedSize,
     /// A message over the message size limit: its stream ends with `RESOURCE_EXHAUSTED`.
     MessageSize,
+    /// Messages refused on one connection (gRPC server `max_refused_messages`, N-BAD-1): an
+    /// empty or undecodable message, an id over the limit, a decode bomb. When a connection has
+    /// used its budget, its streams end with `RESOURCE_EXHAUSTED` and it is closed.
+    RefusedMessages,
 }
 
 impl Budget {
     /// Every budget, in declaration order.
-    pub const ALL: [Budget; 12] = [
+    pub const ALL: [Budget; 13] = [
         Budget::Nodes,
         Budget::PendingStreams,
         Budget::InboundQueue,
@@ -75,6 +79,7 @@ impl Budget {
         Budget::IdLength,
         Budget::DecodedSize,
         Budget::MessageSize,
+        Budget::RefusedMessages,
     ];
 
     /// The budget's name in logs, statuses and metrics labels.
@@ -92,6 +97,7 @@ impl Budget {
             Budget::IdLength => "id_length",
             Budget::DecodedSize => "decoded_size",
             Budget::MessageSize => "message_size",
+            Budget::RefusedMessages => "refused_messages",
         }
     }
 
