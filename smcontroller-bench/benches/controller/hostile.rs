@@ -20,11 +20,14 @@
 //! fast as they can write HEADERS), `pending-flood` (100 connections x 15 RegisterSM streams
 //! that never send `sm_info`: past the pending cap), `big-ids` (streams whose `sm_info` has a
 //! distinct 1 MiB node id, 4 at a time), `empty-flood` (4 registered SMs sending empty messages
-//! and empty alerts as fast as flow control allows), `ping-flood` (10 connections sending PING
+//! and empty alerts as fast as flow control allows, registering again on a new connection when
+//! theirs is closed), `ping-flood` (10 connections sending PING
 //! frames as fast as they can, reconnecting when closed), `outbound-stall` (4 SMs that register
 //! and never read, and a caller in the controller's process sending them 60 KB commands
 //! without pause), `decoded-bomb` (2 streams at a time sending a message of 4 MiB of empty
-//! repeated elements).
+//! repeated elements). The attackers that are refused (`big-ids`, `empty-flood`,
+//! `decoded-bomb`) open a new connection when theirs is closed (N-BAD-1's budget of refused
+//! messages), as a determined attacker would.
 //!
 //! The bounds the run is held to are [`RSS_BOUND`] and [`LOG_RATE_BOUND`], plus: the five SMs
 //! registered at every sample, and a new SM registering during and after every attack.
@@ -656,6 +659,50 @@ async fn one_stream(
     Ok(())
 }
 
+/// One connection of `empty-flood`: registers `noisy-W`, then sends empty messages and empty
+/// alerts as fast as flow control allows until the stream or the connection ends.
+async fn empty_flood(addr: SocketAddr, w: usize, live: &impl Fn() -> bool) -> anyhow::Result<()> {
+    let client = h2_client(addr).await?;
+    let mut client = client.ready().await?;
+    let (response, mut send) = client.send_request(request(), false)?;
+    let info = grpc_frame(&messages::sm_info(&format!("noisy-{w}")).encode_to_vec());
+    let empty = grpc_frame(&SmOutgoingMessages::default().encode_to_vec());
+    let alert = grpc_frame(
+        &SmOutgoingMessages {
+            sm_outgoing_message: Some(SmOutgoingMessage::Alert(Alert::default())),
+        }
+        .encode_to_vec(),
+    );
+    let batch = Bytes::from([empty, alert].concat().repeat(1_000));
+    send.send_data(Bytes::from(info), false)?;
+    // The stream's end (its status) stops the flood as well as the connection's.
+    let ended = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let ended = ended.clone();
+        async move {
+            if let Ok(response) = response.await {
+                let mut body = response.into_body();
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+            }
+            ended.store(true, Ordering::Relaxed);
+        }
+    });
+    for _ in 0..100_000 {
+        if !live() || ended.load(Ordering::Relaxed) {
+            break;
+        }
+        send.reserve_capacity(batch.len());
+        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+        send.send_data(batch.clone(), false)?;
+    }
+    Ok(())
+}
+
 /// `--hostile-attacker NAME ADDR`: prints `ready ...` once the attack is under way, attacks
 /// until stdin closes (or [`ATTACKER_LIMIT`]), every loop bounded in count and time.
 pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
@@ -757,9 +804,6 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
             for w in 0..workers {
                 let counter = counter.clone();
                 tokio::spawn(async move {
-                    let Ok(client) = h2_client(addr).await else {
-                        return;
-                    };
                     let payload = if bomb {
                         // node_instances_status with ~2M empty instances, just under 4 MiB.
                         let n = (4 * 1024 * 1024 - 16) / 2;
@@ -777,6 +821,8 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                     } else {
                         None
                     };
+                    // A connection closed under us (its refusals used up) is opened again.
+                    let mut client = None;
                     for k in 0..10_000 {
                         if !live() {
                             return;
@@ -796,7 +842,19 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
                                 ))]
                             }
                         };
-                        let _ = one_stream(&client, &bodies).await;
+                        let connection = match client.take() {
+                            Some(connection) => connection,
+                            None => match h2_client(addr).await {
+                                Ok(connection) => connection,
+                                Err(_) => {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        if one_stream(&connection, &bodies).await.is_ok() {
+                            client = Some(connection);
+                        }
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
                 });
@@ -806,39 +864,14 @@ pub(crate) async fn attacker(name: &str, addr: &str) -> anyhow::Result<()> {
         "empty-flood" => {
             for w in 0..4 {
                 tokio::spawn(async move {
-                    let Ok(client) = h2_client(addr).await else {
-                        return;
-                    };
-                    let Ok(mut client) = client.ready().await else {
-                        return;
-                    };
-                    let Ok((_response, mut send)) = client.send_request(request(), false) else {
-                        return;
-                    };
-                    let info =
-                        grpc_frame(&messages::sm_info(&format!("noisy-{w}")).encode_to_vec());
-                    let empty = grpc_frame(&SmOutgoingMessages::default().encode_to_vec());
-                    let alert = grpc_frame(
-                        &SmOutgoingMessages {
-                            sm_outgoing_message: Some(SmOutgoingMessage::Alert(Alert::default())),
-                        }
-                        .encode_to_vec(),
-                    );
-                    let batch = Bytes::from([empty, alert].concat().repeat(1_000));
-                    if send.send_data(Bytes::from(info), false).is_err() {
-                        return;
-                    }
-                    for _ in 0..100_000 {
+                    // Registers, floods until the stream or the connection is closed under
+                    // it, and starts again on a new connection.
+                    for _ in 0..10_000 {
                         if !live() {
                             return;
                         }
-                        send.reserve_capacity(batch.len());
-                        match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                            Some(Ok(_)) => {}
-                            _ => return,
-                        }
-                        if send.send_data(batch.clone(), false).is_err() {
-                            return;
+                        if empty_flood(addr, w, &live).await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     }
                 });
