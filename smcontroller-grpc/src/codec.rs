@@ -93,7 +93,7 @@ impl<U: Message + Default> Decoder for GuardedDecoder<U> {
             let (protocol, name) = full_name::<U>();
             if chunk.len() == wire
                 && let Some(schema) = schema(protocol)
-                && let Some(nested) = schema.count_nested(&name, chunk)
+                && let Some(nested) = schema.count_nested(&name, chunk, nested_limit(wire))
             {
                 check_inflation(wire, nested)?;
             }
@@ -140,11 +140,15 @@ fn full_name<U>() -> (SmProtocol, String) {
     (protocol, format!(".servicemanager.v5.{proto}"))
 }
 
-/// Which fields of each message type are messages themselves: all the scan needs.
+/// Which fields of each message type are messages themselves: all the scan needs, as tables
+/// indexed by type so that the walk looks nothing up by name.
 #[derive(Debug, Default)]
 struct Schema {
-    /// Message full name (`.package.Name`) to its message-typed fields: number to type name.
-    messages: HashMap<String, HashMap<u32, String>>,
+    /// Message full name (`.package.Name`) to its index in `types`.
+    index: HashMap<String, usize>,
+    /// Each message type's message-typed fields: number to the field type's index, or `None`
+    /// for a type the set does not describe (counted, not walked).
+    types: Vec<Vec<(u32, Option<usize>)>>,
 }
 
 /// How deep the scan follows nested messages (prost's own recursion limit is 100).
@@ -160,48 +164,77 @@ fn schema(protocol: SmProtocol) -> Option<&'static Schema> {
     };
     cell.get_or_init(|| {
         let set = FileDescriptorSet::decode(crate::proto::file_descriptor_set(protocol)).ok()?;
-        let mut schema = Schema::default();
+        let mut named = Vec::new();
         for file in &set.file {
             let package = file.package();
             for message in &file.message_type {
-                schema.add(&format!(".{package}"), message);
+                collect(&format!(".{package}"), message, &mut named);
             }
         }
-        Some(schema)
+        let index: HashMap<String, usize> = named
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.clone(), i))
+            .collect();
+        let types = named
+            .into_iter()
+            .map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .map(|(number, type_name)| (number, index.get(&type_name).copied()))
+                    .collect()
+            })
+            .collect();
+        Some(Schema { index, types })
     })
     .as_ref()
 }
 
+/// Every message type under `scope` (nested ones too), with its message-typed fields by name.
+fn collect(
+    scope: &str,
+    message: &prost_types::DescriptorProto,
+    out: &mut Vec<(String, Vec<(u32, String)>)>,
+) {
+    let name = format!("{scope}.{}", message.name());
+    let fields = message
+        .field
+        .iter()
+        .filter(|f| f.r#type() == Type::Message)
+        .filter_map(|f| Some((u32::try_from(f.number()).ok()?, f.type_name().to_owned())))
+        .collect();
+    for nested in &message.nested_type {
+        collect(&name, nested, out);
+    }
+    out.push((name, fields));
+}
+
 impl Schema {
-    fn add(&mut self, scope: &str, message: &prost_types::DescriptorProto) {
-        let name = format!("{scope}.{}", message.name());
-        let fields = message
-            .field
-            .iter()
-            .filter(|f| f.r#type() == Type::Message)
-            .filter_map(|f| Some((u32::try_from(f.number()).ok()?, f.type_name().to_owned())))
-            .collect();
-        for nested in &message.nested_type {
-            self.add(&name, nested);
-        }
-        self.messages.insert(name, fields);
-    }
-
-    /// How many messages `bytes` (a `type_name` on the wire) holds, at every depth; `None` if
-    /// the type is unknown or the bytes do not parse (prost then says what is wrong).
-    fn count_nested(&self, type_name: &str, bytes: &[u8]) -> Option<usize> {
+    /// How many messages `bytes` (a `type_name` on the wire) holds, at every depth, counting
+    /// no further than just past `limit`; `None` if the type is unknown or the bytes do not
+    /// parse (prost then says what is wrong).
+    fn count_nested(&self, type_name: &str, bytes: &[u8], limit: usize) -> Option<usize> {
+        let &root = self.index.get(type_name)?;
         let mut count = 0;
-        self.walk(type_name, bytes, 0, &mut count).then_some(count)
+        self.walk(root, bytes, 0, &mut count, limit)
+            .then_some(count)
     }
 
-    fn walk(&self, type_name: &str, mut bytes: &[u8], depth: usize, count: &mut usize) -> bool {
+    /// Walks `bytes` of type `ty`; `false` if they do not parse. Stops (parsed so far) once
+    /// `count` is over `limit`.
+    fn walk(
+        &self,
+        ty: usize,
+        mut bytes: &[u8],
+        depth: usize,
+        count: &mut usize,
+        limit: usize,
+    ) -> bool {
         if depth > MAX_DEPTH {
             return false;
         }
-        let Some(fields) = self.messages.get(type_name) else {
-            return false;
-        };
-        while bytes.has_remaining() {
+        let fields = &self.types[ty];
+        while bytes.has_remaining() && *count <= limit {
             let Ok((number, wire_type)) = decode_key(&mut bytes) else {
                 return false;
             };
@@ -235,9 +268,12 @@ impl Schema {
                     }
                     let (inner, rest) = bytes.split_at(len);
                     bytes = rest;
-                    if let Some(child) = fields.get(&number) {
+                    if let Some(&(_, child)) = fields.iter().find(|(n, _)| *n == number) {
                         *count += 1;
-                        if !self.walk(child, inner, depth + 1, count) {
+                        if let Some(child) = child
+                            && !inner.is_empty()
+                            && !self.walk(child, inner, depth + 1, count, limit)
+                        {
                             return false;
                         }
                     }
@@ -247,6 +283,12 @@ impl Schema {
         }
         true
     }
+}
+
+/// How many nested messages a message of `wire` bytes may hold before its estimate is over the
+/// bound (see [`check_inflation`]).
+fn nested_limit(wire: usize) -> usize {
+    wire.saturating_mul(INFLATION - 1) / MESSAGE_COST
 }
 
 #[cfg(test)]
@@ -293,13 +335,13 @@ mod tests {
         let bytes = instances(1000, false).encode_to_vec();
         // The oneof member, and each instance.
         assert_eq!(
-            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes, usize::MAX),
             Some(1001)
         );
         // And each instance's ident.
         let bytes = instances(1000, true).encode_to_vec();
         assert_eq!(
-            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes, usize::MAX),
             Some(2001)
         );
     }
@@ -309,15 +351,28 @@ mod tests {
         let schema = schema(SmProtocol::V9_0).unwrap();
         let bomb = instances(100_000, false).encode_to_vec();
         let nested = schema
-            .count_nested(".servicemanager.v5.SMOutgoingMessages", &bomb)
+            .count_nested(
+                ".servicemanager.v5.SMOutgoingMessages",
+                &bomb,
+                nested_limit(bomb.len()),
+            )
             .unwrap();
+        assert_eq!(
+            nested,
+            nested_limit(bomb.len()) + 1,
+            "the scan stops as soon as the bound is passed"
+        );
         let refused = check_inflation(bomb.len(), nested).expect_err("a decode bomb");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().starts_with(DECODED_SIZE_REFUSAL));
 
         let real = instances(10_000, true).encode_to_vec();
         let nested = schema
-            .count_nested(".servicemanager.v5.SMOutgoingMessages", &real)
+            .count_nested(
+                ".servicemanager.v5.SMOutgoingMessages",
+                &real,
+                nested_limit(real.len()),
+            )
             .unwrap();
         check_inflation(real.len(), nested).expect("real instance statuses pass");
     }
@@ -328,7 +383,7 @@ mod tests {
         let mut bytes = instances(10, true).encode_to_vec();
         bytes.truncate(bytes.len() - 3);
         assert_eq!(
-            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes),
+            schema.count_nested(".servicemanager.v5.SMOutgoingMessages", &bytes, usize::MAX),
             None
         );
     }
@@ -351,7 +406,7 @@ mod tests {
             full_name::<pb91::InstanceNetworkUpdateNotification>(),
         ] {
             let schema = schema(protocol).unwrap();
-            assert!(schema.messages.contains_key(&name), "{protocol}: {name}");
+            assert!(schema.index.contains_key(&name), "{protocol}: {name}");
         }
         assert_eq!(full_name::<pb91::SmIncomingMessages>().0, SmProtocol::V9_1);
         assert_eq!(full_name::<SmOutgoingMessages>().0, SmProtocol::V9_0);
@@ -360,11 +415,19 @@ mod tests {
     #[test]
     fn r_rev_1_each_schema_has_its_revision_of_instance_info() {
         let message_fields = |protocol| {
-            let mut fields: Vec<_> =
-                schema(protocol).unwrap().messages[".servicemanager.v5.InstanceInfo"]
+            let schema = schema(protocol).unwrap();
+            let name = |ty: Option<usize>| {
+                schema
+                    .index
                     .iter()
-                    .map(|(n, t)| (*n, t.clone()))
-                    .collect();
+                    .find(|(_, i)| Some(**i) == ty)
+                    .map(|(name, _)| name.clone())
+                    .unwrap_or_default()
+            };
+            let mut fields: Vec<_> = schema.types[schema.index[".servicemanager.v5.InstanceInfo"]]
+                .iter()
+                .map(|(n, t)| (*n, name(*t)))
+                .collect();
             fields.sort();
             fields
         };
