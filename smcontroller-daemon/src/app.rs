@@ -73,6 +73,7 @@ pub fn server_settings(settings: &Settings) -> ServerSettings {
         max_id_len: settings.max_id_length,
         blob_lookups: settings.blob_lookups,
         control_frames_per_sec: settings.control_frames_per_second,
+        new_streams_per_sec: settings.new_streams_per_second,
         max_refused_messages: settings.max_refused_messages,
         accept: AcceptSettings::default()
             .with_handshake_timeout(settings.handshake_timeout)

@@ -233,6 +233,10 @@ pub struct Settings {
     /// (`controlFramesPerSecond`); more (a flood) closes it.
     #[serde(deserialize_with = "de::small_count")]
     pub control_frames_per_second: u32,
+    /// Streams a connection may open per second on average (`newStreamsPerSecond`); more (a
+    /// flood of new streams) closes it.
+    #[serde(deserialize_with = "de::small_count")]
+    pub new_streams_per_second: u32,
     /// Messages one connection may have refused (empty, undecodable, ids over the limit, decode
     /// bombs) before it is closed (`maxRefusedMessages`); 0 is no limit.
     #[serde(deserialize_with = "de::count_or_off")]
@@ -311,6 +315,7 @@ impl Default for Settings {
             max_id_length: server.max_id_len,
             blob_lookups: server.blob_lookups,
             control_frames_per_second: server.control_frames_per_sec,
+            new_streams_per_second: server.new_streams_per_sec,
             max_refused_messages: server.max_refused_messages,
             max_connections: server.accept.max_connections,
             listen_backlog: smcontroller_grpc::server::DEFAULT_LISTEN_BACKLOG,
@@ -1103,6 +1108,7 @@ mod tests {
             "maxIdLength": 128,
             "blobLookups": 2,
             "controlFramesPerSecond": 5,
+            "newStreamsPerSecond": 50,
             "maxRefusedMessages": 0,
             "maxConnections": 128,
             "listenBacklog": 512,
@@ -1148,6 +1154,7 @@ mod tests {
                 max_id_length: 128,
                 blob_lookups: 2,
                 control_frames_per_second: 5,
+                new_streams_per_second: 50,
                 max_refused_messages: 0,
                 max_connections: 128,
                 listen_backlog: 512,
@@ -1176,6 +1183,7 @@ mod tests {
             "blobLookups",
             "maxStreamsPerConnection",
             "controlFramesPerSecond",
+            "newStreamsPerSecond",
             "maxConnections",
             "listenBacklog",
         ] {

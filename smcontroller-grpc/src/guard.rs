@@ -6,9 +6,14 @@
 //!   the accept, so the TLS handshake and the preface share it). Keepalive only starts after
 //!   the preface; without this, a socket that sends nothing would be held for ever.
 //! - **Control frame flood.** PING and SETTINGS frames (not their acknowledgements) draw from a
-//!   token bucket of `rate` per second with a burst of ten seconds' worth. hyper answers each
-//!   PING and SETTINGS and offers no limit of its own; a peer that floods them makes the
-//!   server work for nothing. When the bucket is empty the connection ends.
+//!   token bucket of `control_frames_per_sec` per second, the HEADERS frames that open a stream
+//!   from one of `new_streams_per_sec`, each with a burst of ten seconds' worth. hyper answers
+//!   each PING and SETTINGS and offers no limit of its own, and refuses streams beyond the
+//!   concurrency limit one by one; a peer that floods them makes the server work for nothing (a
+//!   real SM opens one `RegisterSM`, a `GetBlobsInfos` now and then and, under 9.1, a
+//!   `NetworkService` call per instance it starts). When a bucket is empty the connection ends,
+//!   like a struck-out one (below): it is not read any more and is closed [`STRUCK_OUT_CLOSE`]
+//!   later, so a peer that reconnects as soon as it is closed floods at most once per that.
 //!
 //! - **Refused messages** (N-BAD-1). The connection's [`Strikes`] count the messages its streams
 //!   had refused (see [`GuardSettings::max_refused_messages`]); once they are used up the
@@ -47,6 +52,7 @@ use tonic::transport::server::Connected;
 /// The HTTP/2 client connection preface magic (RFC 9113, section 3.4).
 const MAGIC: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
@@ -68,6 +74,8 @@ pub struct GuardSettings {
     pub preface_deadline: Instant,
     /// PING and SETTINGS frames per second, on average.
     pub control_frames_per_sec: u32,
+    /// Streams the peer may open per second, on average.
+    pub new_streams_per_sec: u32,
     /// Messages the connection's streams may have refused before it is closed; 0 is no limit.
     pub max_refused_messages: u32,
     /// Where the refusals are counted.
@@ -167,13 +175,25 @@ pub struct Guarded<IO> {
     skip: usize,
     /// Frames complete so far (the first one completes the preface).
     frames: u64,
-    tokens: f64,
-    refilled: Instant,
-    rate: f64,
+    control_frames: Bucket,
+    new_streams: Bucket,
     refusals: Refusals,
     strikes: Strikes,
-    /// Once struck out: when the connection is closed.
+    /// The highest stream id the peer has opened.
+    last_stream: u32,
+    /// Why the connection is ending, once it is (a flood, the strikes out).
+    ending: Option<Ending>,
+    /// Once ending: when the connection is closed.
     closing: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a guarded connection is ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    /// Control frames or new streams (what) over the rate (per second).
+    Flood(&'static str, f64),
+    /// The budget of refused messages is used up.
+    StruckOut,
 }
 
 impl<IO> std::fmt::Debug for Guarded<IO> {
@@ -198,7 +218,6 @@ impl<IO> Guarded<IO> {
         settings: GuardSettings,
         establishing: Option<Establishing>,
     ) -> Self {
-        let rate = f64::from(settings.control_frames_per_sec.max(1));
         Self {
             io,
             deadline: Some(Box::pin(tokio::time::sleep_until(
@@ -213,11 +232,12 @@ impl<IO> Guarded<IO> {
             header_len: 0,
             skip: 0,
             frames: 0,
-            tokens: rate * f64::from(BURST_SECS),
-            refilled: Instant::now(),
-            rate,
+            control_frames: Bucket::new(settings.control_frames_per_sec),
+            new_streams: Bucket::new(settings.new_streams_per_sec),
             refusals: settings.refusals,
             strikes: Strikes::new(settings.max_refused_messages),
+            last_stream: 0,
+            ending: None,
             closing: None,
         }
     }
@@ -227,20 +247,34 @@ impl<IO> Guarded<IO> {
         &self.strikes
     }
 
-    /// Reading once the strikes are out: nothing more is read; the connection ends at
+    /// Whether the connection is ending: flooded or struck out.
+    fn is_ending(&mut self) -> bool {
+        if self.ending.is_none() && self.strikes.is_out() {
+            self.ending = Some(Ending::StruckOut);
+        }
+        self.ending.is_some()
+    }
+
+    /// Reading once the connection is ending: nothing more is read; it is closed at
     /// [`STRUCK_OUT_CLOSE`].
-    fn poll_struck_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_ending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let closing = self
             .closing
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(STRUCK_OUT_CLOSE)));
         match closing.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!(
-                    "{} messages refused (budget refused_messages); connection closed",
-                    self.strikes.count()
+            Poll::Ready(()) => Poll::Ready(Err(match self.ending {
+                Some(Ending::Flood(what, rate)) => io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("{what} flood: more than {rate} per second; connection closed"),
                 ),
-            ))),
+                _ => io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!(
+                        "{} messages refused (budget refused_messages); connection closed",
+                        self.strikes.count()
+                    ),
+                ),
+            })),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -285,8 +319,20 @@ impl<IO> Guarded<IO> {
                 | usize::from(self.header[1]) << 8
                 | usize::from(self.header[2]);
             let (kind, flags) = (self.header[3], self.header[4]);
+            let stream = u32::from_be_bytes([
+                self.header[5],
+                self.header[6],
+                self.header[7],
+                self.header[8],
+            ]) & 0x7fff_ffff;
+            let opens = kind == HEADERS && stream > self.last_stream;
+            if opens {
+                self.last_stream = stream;
+            }
             if (kind == PING || kind == SETTINGS) && flags & ACK == 0 {
-                self.take_token()?;
+                self.take_token(false);
+            } else if opens {
+                self.take_token(true);
             }
             self.skip = length;
             if length == 0 {
@@ -303,23 +349,53 @@ impl<IO> Guarded<IO> {
         self.establishing = None;
     }
 
-    fn take_token(&mut self) -> io::Result<()> {
+    /// Draws a token for a control frame or a new stream; the bucket empty, the connection is
+    /// ending.
+    fn take_token(&mut self, new_stream: bool) {
+        if self.ending.is_some() {
+            return;
+        }
+        let (bucket, what) = if new_stream {
+            (&mut self.new_streams, "new stream")
+        } else {
+            (&mut self.control_frames, "PING/SETTINGS")
+        };
+        if !bucket.take() {
+            self.refusals.count(Budget::ControlFrames);
+            self.ending = Some(Ending::Flood(what, bucket.rate));
+        }
+    }
+}
+
+/// A token bucket of `rate` per second with a burst of [`BURST_SECS`] seconds' worth.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    rate: f64,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            tokens: rate * f64::from(BURST_SECS),
+            refilled: Instant::now(),
+            rate,
+        }
+    }
+
+    /// Takes a token; `false` when there is none.
+    fn take(&mut self) -> bool {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * f64::from(BURST_SECS));
         if self.tokens < 1.0 {
-            self.refusals.count(Budget::ControlFrames);
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!(
-                    "PING/SETTINGS flood: more than {} per second; connection closed",
-                    self.rate
-                ),
-            ));
+            return false;
         }
         self.tokens -= 1.0;
-        Ok(())
+        true
     }
 }
 
@@ -330,8 +406,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.strikes.is_out() {
-            return this.poll_struck_out(cx);
+        if this.is_ending() {
+            return this.poll_ending(cx);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
@@ -347,8 +423,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             Poll::Pending => {
                 if this.strikes.max() > 0 {
                     this.strikes.0.reader.register(cx.waker());
-                    if this.strikes.is_out() {
-                        return this.poll_struck_out(cx);
+                    if this.is_ending() {
+                        return this.poll_ending(cx);
                     }
                 }
                 if let Some((_, evicted)) = this.establishing.as_mut()
@@ -454,6 +530,7 @@ mod tests {
             GuardSettings {
                 preface_deadline: Instant::now() + timeout,
                 control_frames_per_sec: rate,
+                new_streams_per_sec: rate,
                 max_refused_messages: 3,
                 refusals: Refusals::new(),
             },
@@ -505,7 +582,7 @@ mod tests {
         assert!(read.is_err(), "the read waits: {read:?}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn r_bad_3_a_ping_flood_ends_the_connection_but_acks_and_data_do_not_count() {
         let (ours, mut peer) = duplex(1 << 20);
         let mut guarded = guard(ours, 5, Duration::from_secs(10));
@@ -594,6 +671,41 @@ mod tests {
         }
         assert!(!strikes.is_out());
         assert_eq!(strikes.count(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn n_bad_1_a_flood_of_new_streams_ends_the_connection_but_frames_of_open_ones_do_not() {
+        let (ours, mut peer) = duplex(1 << 20);
+        let mut guarded = guard(ours, 5, Duration::from_secs(10));
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(frame(SETTINGS, 0, &[]));
+        // One stream opened, then many HEADERS on it (as trailers would be): one token.
+        let on = |kind: u8, stream: u8, payload: &[u8]| {
+            let mut f = frame(kind, 0, payload);
+            f[8] = stream;
+            f
+        };
+        for _ in 0..500 {
+            bytes.extend(on(HEADERS, 1, &[0; 10]));
+        }
+        peer.write_all(&bytes).await.unwrap();
+        let mut buf = vec![0_u8; bytes.len()];
+        guarded
+            .read_exact(&mut buf)
+            .await
+            .expect("one stream's frames pass");
+        assert_eq!(guarded.refusals.get(Budget::ControlFrames), 0);
+
+        // New streams, one after the other: the burst (50) passes, then the connection ends.
+        let mut flood = Vec::new();
+        for stream in (3..=201_u8).step_by(2) {
+            flood.extend(on(HEADERS, stream, &[0; 10]));
+        }
+        peer.write_all(&flood).await.unwrap();
+        let error = drain(&mut guarded).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(error.to_string().contains("new stream flood"), "{error}");
+        assert_eq!(guarded.refusals.get(Budget::ControlFrames), 1);
     }
 
     #[tokio::test]

@@ -58,9 +58,15 @@ pub struct ServerSettings {
     /// Digests of one `GetBlobsInfos` looked up at once (R-BAD-2). Default 8.
     pub blob_lookups: usize,
     /// PING and SETTINGS frames a connection may send per second, on average; a connection
-    /// that sends more (a flood, R-BAD-3) is closed. Bursts of up to ten seconds' worth pass.
-    /// Default 20.
+    /// that sends more (a flood, R-BAD-3) is no longer read and is closed 1.5 s later. Bursts
+    /// of up to ten seconds' worth pass. Default 20.
     pub control_frames_per_sec: u32,
+    /// Streams a connection may open per second, on average, bursts of ten seconds' worth
+    /// passing (R-BAD-3, N-BAD-1); more (a flood of new streams, which HTTP/2 would refuse one
+    /// by one beyond `max_streams_per_connection`) ends the connection as a control frame
+    /// flood does. A real SM opens one `RegisterSM`, and a unary call per blob look-up or, under
+    /// 9.1, per instance network. Default 1,000.
+    pub new_streams_per_sec: u32,
     /// Messages one connection's streams may have refused (empty or undecodable messages, ids
     /// over the limit, decode bombs) before the connection is closed (N-BAD-1): its streams end
     /// with `RESOURCE_EXHAUSTED` a second later and it is closed, so a peer that floods refused
@@ -86,6 +92,7 @@ impl Default for ServerSettings {
             max_id_len: crate::ids::DEFAULT_MAX_ID_LEN,
             blob_lookups: crate::service::DEFAULT_BLOB_LOOKUPS,
             control_frames_per_sec: 20,
+            new_streams_per_sec: 1000,
             max_refused_messages: DEFAULT_MAX_REFUSED_MESSAGES,
             accept: AcceptSettings::default(),
         }
@@ -370,12 +377,14 @@ pub async fn serve_insecure_with(
     // `TCP_NODELAY` (without it, Nagle held small frames back until the peer's delayed ACK).
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
+    let new_streams = settings.new_streams_per_sec;
     let max_refused = settings.max_refused_messages;
     let incoming =
         PlainIncoming::new(listener, settings.accept, refusals.clone()).map(move |mut conn| {
             let guard = GuardSettings {
                 preface_deadline: conn.accepted_at() + timeout,
                 control_frames_per_sec: rate,
+                new_streams_per_sec: new_streams,
                 max_refused_messages: max_refused,
                 refusals: refusals.clone(),
             };

@@ -163,6 +163,7 @@ pub async fn serve_tls(
 
     let timeout = settings.accept.handshake_timeout;
     let rate = settings.control_frames_per_sec;
+    let new_streams = settings.new_streams_per_sec;
     let max_refused = settings.max_refused_messages;
     let incoming = TlsIncoming::counted(listener, credentials, settings.accept, refusals.clone())
         .map(move |mut conn| {
@@ -172,6 +173,7 @@ pub async fn serve_tls(
             let guard = GuardSettings {
                 preface_deadline: conn.info().accepted_at() + timeout,
                 control_frames_per_sec: rate,
+                new_streams_per_sec: new_streams,
                 max_refused_messages: max_refused,
                 refusals: refusals.clone(),
             };

@@ -45,8 +45,8 @@ pub enum Budget {
     Connections,
     /// A connection that did not finish its TLS handshake and HTTP/2 preface in time.
     Handshake,
-    /// HTTP/2 PING and SETTINGS frames a connection may send per second: a flood ends the
-    /// connection.
+    /// HTTP/2 PING and SETTINGS frames, or new streams, a connection may send per second
+    /// (`control_frames_per_sec`, `new_streams_per_sec`): a flood ends the connection.
     ControlFrames,
     /// Streams per HTTP/2 connection (advertised in SETTINGS; the peer's extra streams are
     /// refused by HTTP/2 itself).
