@@ -7,7 +7,7 @@
 //!   the preface; without this, a socket that sends nothing would be held for ever.
 //! - **Control frame flood.** PING and SETTINGS frames (not their acknowledgements) draw from a
 //!   token bucket of `control_frames_per_sec` per second, the HEADERS frames that open a stream
-//!   from one of `new_streams_per_sec`, each with a burst of ten seconds' worth. hyper answers
+//!   from one of `new_streams_per_sec`, with bursts of ten and two seconds' worth. hyper answers
 //!   each PING and SETTINGS and offers no limit of its own, and refuses streams beyond the
 //!   concurrency limit one by one; a peer that floods them makes the server work for nothing (a
 //!   real SM opens one `RegisterSM`, a `GetBlobsInfos` now and then and, under 9.1, a
@@ -59,6 +59,9 @@ const ACK: u8 = 0x1;
 
 /// How long a burst of control frames may be, in seconds' worth of the rate.
 const BURST_SECS: u32 = 10;
+/// How long a burst of new streams may be, in seconds' worth of the rate: shorter, as each
+/// stream HTTP/2 refuses costs the server more than a PING.
+const STREAM_BURST_SECS: u32 = 2;
 
 /// How long a struck-out stream waits before it ends with its status (the peer's reconnect
 /// loop, if it waits for the end, turns at most once per this), see [`Strikes`].
@@ -232,8 +235,8 @@ impl<IO> Guarded<IO> {
             header_len: 0,
             skip: 0,
             frames: 0,
-            control_frames: Bucket::new(settings.control_frames_per_sec),
-            new_streams: Bucket::new(settings.new_streams_per_sec),
+            control_frames: Bucket::new(settings.control_frames_per_sec, BURST_SECS),
+            new_streams: Bucket::new(settings.new_streams_per_sec, STREAM_BURST_SECS),
             refusals: settings.refusals,
             strikes: Strikes::new(settings.max_refused_messages),
             last_stream: 0,
@@ -367,21 +370,25 @@ impl<IO> Guarded<IO> {
     }
 }
 
-/// A token bucket of `rate` per second with a burst of [`BURST_SECS`] seconds' worth.
+/// A token bucket of `rate` per second with a burst of `burst` tokens.
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
     refilled: Instant,
     rate: f64,
+    burst: f64,
 }
 
 impl Bucket {
-    fn new(rate: u32) -> Self {
+    /// `rate` tokens per second, a burst of `burst_secs` seconds' worth.
+    fn new(rate: u32, burst_secs: u32) -> Self {
         let rate = f64::from(rate.max(1));
+        let burst = rate * f64::from(burst_secs);
         Self {
-            tokens: rate * f64::from(BURST_SECS),
+            tokens: burst,
             refilled: Instant::now(),
             rate,
+            burst,
         }
     }
 
@@ -390,7 +397,7 @@ impl Bucket {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * f64::from(BURST_SECS));
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens < 1.0 {
             return false;
         }
@@ -696,7 +703,7 @@ mod tests {
             .expect("one stream's frames pass");
         assert_eq!(guarded.refusals.get(Budget::ControlFrames), 0);
 
-        // New streams, one after the other: the burst (50) passes, then the connection ends.
+        // New streams, one after the other: the burst (10) passes, then the connection ends.
         let mut flood = Vec::new();
         for stream in (3..=201_u8).step_by(2) {
             flood.extend(on(HEADERS, stream, &[0; 10]));

@@ -61,7 +61,7 @@ pub struct ServerSettings {
     /// that sends more (a flood, R-BAD-3) is no longer read and is closed 1.5 s later. Bursts
     /// of up to ten seconds' worth pass. Default 20.
     pub control_frames_per_sec: u32,
-    /// Streams a connection may open per second, on average, bursts of ten seconds' worth
+    /// Streams a connection may open per second, on average, bursts of two seconds' worth
     /// passing (R-BAD-3, N-BAD-1); more (a flood of new streams, which HTTP/2 would refuse one
     /// by one beyond `max_streams_per_connection`) ends the connection as a control frame
     /// flood does. A real SM opens one `RegisterSM`, and a unary call per blob look-up or, under

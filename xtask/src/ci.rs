@@ -215,9 +215,10 @@ fn ensure_cargo_hack(root: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Makes sure SoftHSM2, the token of the PKCS#11 tests, is installed: with `apt-get` when it
-/// is missing and this runs as root, else an error saying how to install it.
-fn ensure_softhsm() -> anyhow::Result<()> {
+/// Makes sure SoftHSM2, the token of the PKCS#11 tests (and of the bench's
+/// `handshakes-pkcs11` scenario), is installed: with `apt-get` when it is missing and this runs
+/// as root, else an error saying how to install it.
+pub(crate) fn ensure_softhsm() -> anyhow::Result<()> {
     if let Ok(module) = softhsm::module_path() {
         println!("note: SoftHSM2 for the PKCS#11 tests: {}", module.display());
         return Ok(());
