@@ -942,6 +942,15 @@ async fn r_bad_3_rapid_reset_leaves_nothing_behind() {
     h.stop().await;
 }
 
+/// The five SMs behind a controller whose connections may have `budget` messages refused.
+async fn with_refusal_budget(budget: u32) -> Hostile {
+    let server = ServerSettings {
+        max_refused_messages: budget,
+        ..ServerSettings::default()
+    };
+    Hostile::start(Settings::default(), server).await
+}
+
 /// N-BAD-1: a registered SM that keeps sending refused messages (empty ones here) is refused
 /// each time, the stream going on, until its connection has used the budget: then its stream
 /// ends with RESOURCE_EXHAUSTED naming the budget, the refusal is counted once, the node is gone
@@ -949,14 +958,7 @@ async fn r_bad_3_rapid_reset_leaves_nothing_behind() {
 #[tokio::test]
 async fn n_bad_1_a_connection_that_keeps_sending_refused_messages_is_closed() {
     const BUDGET: u32 = 4;
-    let h = Hostile::start(
-        Settings::default(),
-        ServerSettings {
-            max_refused_messages: BUDGET,
-            ..ServerSettings::default()
-        },
-    )
-    .await;
+    let h = with_refusal_budget(BUDGET).await;
     let noisy = NodeId::new("noisy");
     let (tx, mut rx) = open_stream(&h.url()).await.unwrap();
     tx.send(messages::sm_info("noisy")).await.unwrap();
@@ -1010,14 +1012,7 @@ async fn n_bad_1_a_connection_that_keeps_sending_refused_messages_is_closed() {
 #[tokio::test]
 async fn n_bad_1_refusals_on_separate_streams_of_one_connection_add_up() {
     const BUDGET: u32 = 3;
-    let h = Hostile::start(
-        Settings::default(),
-        ServerSettings {
-            max_refused_messages: BUDGET,
-            ..ServerSettings::default()
-        },
-    )
-    .await;
+    let h = with_refusal_budget(BUDGET).await;
     let channel = tonic::transport::Endpoint::from_shared(h.url())
         .unwrap()
         .connect()
