@@ -1092,3 +1092,43 @@ async fn n_bad_1_refusals_on_separate_streams_of_one_connection_add_up() {
     h.healthy("after a connection used its refusals").await;
     h.stop().await;
 }
+
+/// N-BAD-1: unary calls count too: `GetBlobsInfos` with an overlong digest is refused each time
+/// and counts against its connection's budget, which closes the connection when used up.
+#[tokio::test]
+async fn n_bad_1_refused_get_blobs_infos_calls_count_against_the_connection() {
+    const BUDGET: u32 = 2;
+    let h = with_refusal_budget(BUDGET).await;
+    let channel = tonic::transport::Endpoint::from_shared(h.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SmServiceClient::new(channel);
+    let overlong = BlobsInfosRequest {
+        digests: vec![format!("sha256:{}", "0".repeat(1024))],
+    };
+    for _ in 0..BUDGET {
+        let status = within(
+            "a refused GetBlobsInfos",
+            client.get_blobs_infos(overlong.clone()),
+        )
+        .await
+        .expect_err("an overlong digest is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    assert_eq!(counted(&h, Budget::RefusedMessages), 1);
+    within("the connection closed", async {
+        loop {
+            match client.get_blobs_infos(overlong.clone()).await {
+                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => break,
+                // Sent before the close reached the client.
+                Err(status) if status.code() == Code::InvalidArgument => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    h.healthy("after the refused blob look-ups").await;
+    h.stop().await;
+}

@@ -184,15 +184,13 @@ impl SmService {
         request: Request<BlobsInfosRequest>,
     ) -> Result<Response<BlobsInfos>, Status> {
         let strikes = strikes(&request).cloned();
+        let peer = peer_addr(&request);
         let digests = request.into_inner().digests;
         for (i, digest) in digests.iter().enumerate() {
             if digest.len() > self.max_id_len {
-                self.controller.refusals().count(Budget::IdLength);
-                if let Some(strikes) = &strikes
-                    && strikes.strike()
-                {
-                    self.controller.refusals().count(Budget::RefusedMessages);
-                }
+                let refusals = self.controller.refusals();
+                refusals.count(Budget::IdLength);
+                strike(strikes.as_ref(), &refusals, &self.struck_out_log, peer);
                 return Err(Status::invalid_argument(format!(
                     "digests[{i}] is {} bytes, over the limit of {} bytes for ids",
                     digest.len(),
@@ -338,20 +336,14 @@ struct Inbound {
 }
 
 impl Inbound {
-    /// Counts a refusal against the connection; logs (through the gate) the one that uses the
-    /// budget up.
-    fn strike(&mut self) {
-        let Some(strikes) = &self.strikes else {
-            return;
-        };
-        if strikes.strike() {
-            self.refusals.count(Budget::RefusedMessages);
-            if let Some(gate) = self.struck_out_log.admit() {
-                warn!(peer = ?self.peer, refused = strikes.count(), budget = %Budget::RefusedMessages,
-                    suppressed = gate.suppressed,
-                    "connection closed: too many refused messages");
-            }
-        }
+    /// Counts a refusal against the connection.
+    fn strike(&self) {
+        strike(
+            self.strikes.as_ref(),
+            &self.refusals,
+            &self.struck_out_log,
+            self.peer,
+        );
     }
 
     fn fail(&self, status: Status) -> InboundEvent {
@@ -415,6 +407,27 @@ impl Stream for Inbound {
             this.strike();
         }
         Poll::Ready(Some(event))
+    }
+}
+
+/// Counts a refused message against its connection's `strikes` (N-BAD-1); the one that uses the
+/// budget up is counted as `refused_messages` and logged through `log`.
+fn strike(
+    strikes: Option<&Strikes>,
+    refusals: &Refusals,
+    log: &WarnGate,
+    peer: Option<SocketAddr>,
+) {
+    let Some(strikes) = strikes else {
+        return;
+    };
+    if strikes.strike() {
+        refusals.count(Budget::RefusedMessages);
+        if let Some(gate) = log.admit() {
+            warn!(?peer, refused = strikes.count(), budget = %Budget::RefusedMessages,
+                suppressed = gate.suppressed,
+                "connection closed: too many refused messages");
+        }
     }
 }
 
