@@ -951,6 +951,15 @@ async fn with_refusal_budget(budget: u32) -> Hostile {
     Hostile::start(Settings::default(), server).await
 }
 
+/// A client channel: one HTTP/2 connection that every call through it shares.
+async fn one_connection(h: &Hostile) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(h.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// N-BAD-1: a registered SM that keeps sending refused messages (empty ones here) is refused
 /// each time, the stream going on, until its connection has used the budget: then its stream
 /// ends with RESOURCE_EXHAUSTED naming the budget, the refusal is counted once, the node is gone
@@ -1013,11 +1022,7 @@ async fn n_bad_1_a_connection_that_keeps_sending_refused_messages_is_closed() {
 async fn n_bad_1_refusals_on_separate_streams_of_one_connection_add_up() {
     const BUDGET: u32 = 3;
     let h = with_refusal_budget(BUDGET).await;
-    let channel = tonic::transport::Endpoint::from_shared(h.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = one_connection(&h).await;
     let overlong = messages::sm_info(&"n".repeat(1024));
     let mut last = None;
     for i in 0..BUDGET {
@@ -1099,11 +1104,7 @@ async fn n_bad_1_refusals_on_separate_streams_of_one_connection_add_up() {
 async fn n_bad_1_refused_get_blobs_infos_calls_count_against_the_connection() {
     const BUDGET: u32 = 2;
     let h = with_refusal_budget(BUDGET).await;
-    let channel = tonic::transport::Endpoint::from_shared(h.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = one_connection(&h).await;
     let mut client = SmServiceClient::new(channel);
     let overlong = BlobsInfosRequest {
         digests: vec![format!("sha256:{}", "0".repeat(1024))],
