@@ -46,6 +46,11 @@ struct Unit {
 
 impl Unit {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Unit::start`] with `change` made to the settings.
+    async fn start_with(change: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         TestPki::new()
             .unwrap()
@@ -58,6 +63,7 @@ impl Unit {
             ..Settings::default()
         };
         settings.use_dev_pki(dir.path()).unwrap();
+        change(&mut settings);
         let running = app::start(&settings, Recorder::new(), Arc::new(NoBlobStore))
             .await
             .expect("the 9.1 controller starts");
@@ -540,5 +546,55 @@ async fn r_net_3_a_newer_subscription_replaces_the_older_and_a_missed_push_comes
         [FirewallRule::from(expected)],
         "the full rule set of the instance"
     );
+    unit.running.stop().await.unwrap();
+}
+
+/// N-BAD-1 under 9.1: refused `NetworkService` calls count against their connection's budget of
+/// refused messages like refused stream messages do; when it is used up the connection is
+/// closed, and a new connection of the same node is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_bad_1_refused_network_service_calls_close_their_connection() {
+    let unit = Unit::start_with(|settings| settings.max_refused_messages = 2).await;
+    let mut network = NetworkServiceClient::new(unit.channel("node-1").await);
+    let empty_node = pb91::GetNodeNetworkParamsRequest {
+        network_id: "owner-1".into(),
+        node_id: String::new(),
+    };
+    for _ in 0..2 {
+        let status = within(
+            "a refused call",
+            network.get_node_network_params(empty_node.clone()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let refusals = unit.running.controller.refusals();
+    assert_eq!(
+        refusals.get(smcontroller_limits::Budget::RefusedMessages),
+        1
+    );
+    within("the connection closed", async {
+        loop {
+            match network.get_node_network_params(empty_node.clone()).await {
+                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => break,
+                // Sent before the close reached the client.
+                Err(status) if status.code() == Code::InvalidArgument => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    // A new connection has a whole budget: a domain answer, not a refusal.
+    let mut network = NetworkServiceClient::new(unit.channel("node-1").await);
+    let answer = within(
+        "a call on a new connection",
+        network.get_node_network_params(pb91::GetNodeNetworkParamsRequest {
+            network_id: "owner-1".into(),
+            node_id: "node-1".into(),
+        }),
+    )
+    .await;
+    assert!(answer.is_ok(), "{answer:?}");
     unit.running.stop().await.unwrap();
 }

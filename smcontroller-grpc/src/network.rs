@@ -142,6 +142,25 @@ impl NetworkService {
             .map_err(|e| self.refuse(Status::invalid_argument(format!("{field}: {e}"))))
     }
 
+    /// Runs `handler` on `request`; a call it refuses (any error but `UNAVAILABLE`: provider
+    /// failures are answers with an `error`, not statuses) counts against the connection's
+    /// budget of refused messages (N-BAD-1).
+    async fn counting<T, R>(
+        &self,
+        request: Request<T>,
+        handler: impl AsyncFnOnce(Request<T>) -> Result<R, Status>,
+    ) -> Result<R, Status> {
+        let strikes = crate::service::strikes(&request).cloned();
+        let peer = crate::service::peer_addr(&request);
+        let result = handler(request).await;
+        if let Err(status) = &result
+            && status.code() != tonic::Code::Unavailable
+        {
+            crate::service::strike(strikes.as_ref(), &self.refusals, &self.refused_log, peer);
+        }
+        result
+    }
+
     /// Logs a refused call, at a bounded rate, and gives its status back.
     fn refuse(&self, status: Status) -> Status {
         if let Some(gate) = self.refused_log.admit() {
@@ -207,112 +226,130 @@ impl NetworkServiceApi for NetworkService {
         &self,
         request: Request<pb::GetNodeNetworkParamsRequest>,
     ) -> Result<Response<pb::GetNodeNetworkParamsResponse>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let network_id = &request.get_ref().network_id;
-        self.id("network_id", network_id)?;
-        let result = self
-            .provider
-            .get_node_network_params(network_id, &node)
-            .await;
-        let error = error_of(&result);
-        let params = result.unwrap_or_default();
-        Ok(Response::new(pb::GetNodeNetworkParamsResponse {
-            subnet: params.subnet,
-            ip: params.ip,
-            vlan_id: params.vlan_id,
-            error,
-        }))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let network_id = &request.get_ref().network_id;
+            self.id("network_id", network_id)?;
+            let result = self
+                .provider
+                .get_node_network_params(network_id, &node)
+                .await;
+            let error = error_of(&result);
+            let params = result.unwrap_or_default();
+            Ok(Response::new(pb::GetNodeNetworkParamsResponse {
+                subnet: params.subnet,
+                ip: params.ip,
+                vlan_id: params.vlan_id,
+                error,
+            }))
+        })
+        .await
     }
 
     async fn allocate_instance_network(
         &self,
         request: Request<pb::AllocateInstanceNetworkRequest>,
     ) -> Result<Response<pb::AllocateInstanceNetworkResponse>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let request = request.into_inner();
-        self.id("network_id", &request.network_id)?;
-        let instance = self.instance("instance", request.instance)?;
-        let params = request.service_data.unwrap_or_default().into();
-        let result = self
-            .provider
-            .allocate_instance_network(&instance, &request.network_id, &node, &params)
-            .await;
-        let error = error_of(&result);
-        let network = result.unwrap_or_default();
-        Ok(Response::new(pb::AllocateInstanceNetworkResponse {
-            subnet: network.subnet,
-            ip: network.ip,
-            dns_servers: network.dns_servers,
-            error,
-            firewall_rules: network.rules.into_iter().map(Into::into).collect(),
-        }))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let request = request.into_inner();
+            self.id("network_id", &request.network_id)?;
+            let instance = self.instance("instance", request.instance)?;
+            let params = request.service_data.unwrap_or_default().into();
+            let result = self
+                .provider
+                .allocate_instance_network(&instance, &request.network_id, &node, &params)
+                .await;
+            let error = error_of(&result);
+            let network = result.unwrap_or_default();
+            Ok(Response::new(pb::AllocateInstanceNetworkResponse {
+                subnet: network.subnet,
+                ip: network.ip,
+                dns_servers: network.dns_servers,
+                error,
+                firewall_rules: network.rules.into_iter().map(Into::into).collect(),
+            }))
+        })
+        .await
     }
 
     async fn release_instance_network(
         &self,
         request: Request<pb::ReleaseInstanceNetworkRequest>,
     ) -> Result<Response<pb::ReleaseInstanceNetworkResponse>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let instance = self.instance("instance", request.into_inner().instance)?;
-        let result = self
-            .provider
-            .release_instance_network(&instance, &node)
-            .await;
-        Ok(Response::new(pb::ReleaseInstanceNetworkResponse {
-            error: error_of(&result),
-        }))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let instance = self.instance("instance", request.into_inner().instance)?;
+            let result = self
+                .provider
+                .release_instance_network(&instance, &node)
+                .await;
+            Ok(Response::new(pb::ReleaseInstanceNetworkResponse {
+                error: error_of(&result),
+            }))
+        })
+        .await
     }
 
     async fn release_node_network(
         &self,
         request: Request<pb::ReleaseNodeNetworkRequest>,
     ) -> Result<Response<pb::ReleaseNodeNetworkResponse>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let network_id = &request.get_ref().network_id;
-        self.id("network_id", network_id)?;
-        let result = self.provider.release_node_network(network_id, &node).await;
-        Ok(Response::new(pb::ReleaseNodeNetworkResponse {
-            error: error_of(&result),
-        }))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let network_id = &request.get_ref().network_id;
+            self.id("network_id", network_id)?;
+            let result = self.provider.release_node_network(network_id, &node).await;
+            Ok(Response::new(pb::ReleaseNodeNetworkResponse {
+                error: error_of(&result),
+            }))
+        })
+        .await
     }
 
     async fn subscribe_instance_network_updates(
         &self,
         request: Request<pb::SubscribeInstanceNetworkUpdatesRequest>,
     ) -> Result<Response<Self::SubscribeInstanceNetworkUpdatesStream>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let subscription = self.subscriptions.subscribe(&node).map_err(|e| match e {
-            SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
-            SubscribeError::TooManyNodes(_) => {
-                self.refusals.count(Budget::Nodes);
-                self.refuse(Status::resource_exhausted(e.to_string()))
-            }
-        })?;
-        let updates = subscription.map(|update| Ok(update.into()));
-        Ok(Response::new(Box::pin(updates)))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let subscription = self.subscriptions.subscribe(&node).map_err(|e| match e {
+                SubscribeError::ShuttingDown => Status::unavailable(e.to_string()),
+                SubscribeError::TooManyNodes(_) => {
+                    self.refusals.count(Budget::Nodes);
+                    self.refuse(Status::resource_exhausted(e.to_string()))
+                }
+            })?;
+            let updates: UpdateStream = Box::pin(subscription.map(|update| Ok(update.into())));
+            Ok(Response::new(updates))
+        })
+        .await
     }
 
     async fn sync_network_state(
         &self,
         request: Request<pb::SyncNetworkStateRequest>,
     ) -> Result<Response<pb::SyncNetworkStateResponse>, Status> {
-        let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
-        let mut instances = Vec::with_capacity(request.get_ref().instances.len());
-        for (i, state) in request.into_inner().instances.into_iter().enumerate() {
-            let field = format!("instances[{i}]");
-            self.id_len(&format!("{field}.network_id"), &state.network_id)?;
-            self.id_len(&format!("{field}.ip"), &state.ip)?;
-            let instance = self.instance(&format!("{field}.instance"), state.instance)?;
-            instances.push(smcontroller_api::InstanceNetworkState {
-                instance,
-                network_id: state.network_id,
-                ip: state.ip,
-                rules: state.firewall_rules.into_iter().map(Into::into).collect(),
-            });
-        }
-        let result = self.provider.sync_network_state(&node, &instances).await;
-        Ok(Response::new(pb::SyncNetworkStateResponse {
-            error: error_of(&result),
-        }))
+        self.counting(request, async |request| {
+            let node = self.node(&request, "node_id", &request.get_ref().node_id)?;
+            let mut instances = Vec::with_capacity(request.get_ref().instances.len());
+            for (i, state) in request.into_inner().instances.into_iter().enumerate() {
+                let field = format!("instances[{i}]");
+                self.id_len(&format!("{field}.network_id"), &state.network_id)?;
+                self.id_len(&format!("{field}.ip"), &state.ip)?;
+                let instance = self.instance(&format!("{field}.instance"), state.instance)?;
+                instances.push(smcontroller_api::InstanceNetworkState {
+                    instance,
+                    network_id: state.network_id,
+                    ip: state.ip,
+                    rules: state.firewall_rules.into_iter().map(Into::into).collect(),
+                });
+            }
+            let result = self.provider.sync_network_state(&node, &instances).await;
+            Ok(Response::new(pb::SyncNetworkStateResponse {
+                error: error_of(&result),
+            }))
+        })
+        .await
     }
 }

@@ -412,7 +412,7 @@ impl Stream for Inbound {
 
 /// Counts a refused message against its connection's `strikes` (N-BAD-1); the one that uses the
 /// budget up is counted as `refused_messages` and logged through `log`.
-fn strike(
+pub(crate) fn strike(
     strikes: Option<&Strikes>,
     refusals: &Refusals,
     log: &WarnGate,
@@ -440,7 +440,7 @@ fn tls_info<T>(request: &Request<T>) -> Option<&TlsConnInfo> {
 }
 
 /// The refused messages of a request's connection.
-fn strikes<T>(request: &Request<T>) -> Option<&Strikes> {
+pub(crate) fn strikes<T>(request: &Request<T>) -> Option<&Strikes> {
     let extensions = request.extensions();
     extensions
         .get::<GuardedInfo<TlsConnInfo>>()
@@ -453,7 +453,7 @@ fn strikes<T>(request: &Request<T>) -> Option<&Strikes> {
 }
 
 /// The peer's address of a request's connection.
-fn peer_addr<T>(request: &Request<T>) -> Option<SocketAddr> {
+pub(crate) fn peer_addr<T>(request: &Request<T>) -> Option<SocketAddr> {
     let extensions = request.extensions();
     extensions
         .get::<GuardedInfo<TlsConnInfo>>()
