@@ -256,16 +256,25 @@ async fn r_bad_2_an_sm_that_stops_reading_gets_calls_refused_at_once() {
     println!("{sent} commands of 60 KB taken before the first refusal");
     assert!(h.controller.refusals().get(Budget::OutboundBacklog) > before);
 
-    // From now on every call fails at once, and memory stays where it is.
+    // From now on the calls fail at once, and memory stays where it is. On a loaded machine
+    // the transport may not yet have taken what the SM's window admits when the first refusal
+    // comes (65,535 bytes: the start of two 60 KB commands); a command it takes afterwards
+    // frees a place, so at most two of these calls can still be queued.
     let rss_full = rss();
     let started = Instant::now();
+    let mut late = 0;
     for _ in 0..1_000 {
         let result = h.controller.update_networks(&node, &payload).await;
-        assert!(
-            matches!(result, Err(Error::ResourceExhausted(_))),
-            "a call past the budget: {result:?}"
-        );
+        match result {
+            Ok(()) => late += 1,
+            Err(Error::ResourceExhausted(_)) => {}
+            Err(other) => panic!("a call past the budget: {other:?}"),
+        }
     }
+    assert!(
+        late <= 2,
+        "{late} calls past the budget were queued for a node that reads nothing"
+    );
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(5),

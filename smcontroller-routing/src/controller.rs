@@ -206,6 +206,7 @@ impl Controller {
             self.settings.reply_expiry(),
             backlog,
             self.ctx.refusals.clone(),
+            &self.ctx.shutdown,
         ));
         // The entry goes when the stream registers or ends (`session::Pending`).
         waiting.insert(id, Arc::downgrade(&link));

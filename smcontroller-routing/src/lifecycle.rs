@@ -88,8 +88,11 @@ pub(crate) struct Link {
     /// Everything a send must see at once: a command and its reply entry go in one step, so
     /// the entries are in the order the commands are written (R-SYNC-3).
     state: Mutex<LinkState>,
-    /// Cancelled when the stream must end from our side: a newer stream replaced it, or the
-    /// server restarts (see [`Link::ending`]).
+    /// Cancelled when the stream must end from our side: a newer stream replaced it, the
+    /// server restarts (see [`Link::ending`]), or the controller stops. A child of the
+    /// controller's shutdown token, so the reader waits on this one token per message rather
+    /// than two: each token polled takes two locks, and the shutdown token's are shared by
+    /// every stream.
     pub(crate) replaced: CancellationToken,
     /// Set when the end is a server restart rather than a replacement.
     restart: AtomicBool,
@@ -146,6 +149,7 @@ impl Link {
         reply_expiry: Duration,
         backlog: Backlog,
         refusals: Refusals,
+        shutdown: &CancellationToken,
     ) -> Self {
         Self {
             session,
@@ -161,7 +165,7 @@ impl Link {
                 cloud_sent: None,
                 waiters: Waiters::new(reply_expiry),
             }),
-            replaced: CancellationToken::new(),
+            replaced: shutdown.child_token(),
             restart: AtomicBool::new(false),
             stalled_out: AtomicBool::new(false),
             waiting: std::sync::atomic::AtomicU8::new(WAITING),
@@ -421,13 +425,11 @@ impl Commands {
         loop {
             // Registered before the check: a wake between the check and the wait is kept.
             let queued = self.link.writer.notified();
-            if let Some(item) = self.take() {
-                return Some(item);
+            match self.take_or_end() {
+                Ok(item) => return Some(item),
+                Err(true) => return None,
+                Err(false) => queued.await,
             }
-            if self.link.state().close_taken {
-                return None;
-            }
-            queued.await;
         }
     }
 
@@ -437,8 +439,16 @@ impl Commands {
     }
 
     fn take(&self) -> Option<Outgoing> {
+        self.take_or_end().ok()
+    }
+
+    /// The next item, or, if none is queued, whether `Close` was already taken (under one lock
+    /// of the state: this runs for every command written).
+    fn take_or_end(&self) -> Result<Outgoing, bool> {
         let mut state = self.link.state();
-        let Queued { item, size, .. } = state.out.pop_front()?;
+        let Some(Queued { item, size, .. }) = state.out.pop_front() else {
+            return Err(state.close_taken);
+        };
         match item {
             Outgoing::Close(_) => state.close_taken = true,
             Outgoing::Command(_) => {
@@ -449,7 +459,7 @@ impl Commands {
         if state.out.is_empty() && state.out.capacity() > KEEP {
             state.out.shrink_to(KEEP);
         }
-        Some(item)
+        Ok(item)
     }
 }
 

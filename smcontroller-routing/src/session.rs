@@ -257,11 +257,17 @@ where
         .in_current_span(),
     );
 
-    // Made once per stream, not per message: every stream shares the shutdown token, so a fresh
-    // `cancelled()` per message would contend on its lock.
-    let shutdown = ctx.shutdown.cancelled();
+    // Made once per stream, not per message. `replaced` is a child of the shutdown token, so it
+    // also fires when the controller stops; `stopped` tells which end it was.
     let replaced = link.replaced.cancelled();
-    tokio::pin!(shutdown, replaced);
+    tokio::pin!(replaced);
+    let stopped = || {
+        if ctx.shutdown.is_cancelled() {
+            DisconnectReason::Shutdown
+        } else {
+            link.ending()
+        }
+    };
     let reason = loop {
         // Each message counts against the task's cooperative budget: a stream whose messages
         // are all buffered (a flood of small or rejected ones) would otherwise hold its worker
@@ -270,8 +276,7 @@ where
         tokio::task::consume_budget().await;
         let event = tokio::select! {
             biased;
-            () = &mut shutdown => break DisconnectReason::Shutdown,
-            () = &mut replaced => break link.ending(),
+            () = &mut replaced => break stopped(),
             event = inbound.next() => event,
         };
         let (message, wire_size) = match event {
@@ -345,8 +350,7 @@ where
         }
         let queued = tokio::select! {
             biased;
-            () = &mut shutdown => break DisconnectReason::Shutdown,
-            () = &mut replaced => break link.ending(),
+            () = &mut replaced => break stopped(),
             queued = queue.send(telemetry, wire_size) => queued,
         };
         link.stalled.store(false, Ordering::Relaxed);
@@ -421,13 +425,16 @@ where
 {
     let timeout = ctx.registration_timeout;
     let first = tokio::select! {
-        () = ctx.shutdown.cancelled() => {
-            return Err(Some(EndStatus {
-                code: EndCode::Unavailable,
-                message: "the SM controller is stopping".into(),
-            }));
+        // A child of the shutdown token: it fires when the controller stops, too.
+        () = link.replaced.cancelled() => {
+            if ctx.shutdown.is_cancelled() {
+                return Err(Some(EndStatus {
+                    code: EndCode::Unavailable,
+                    message: "the SM controller is stopping".into(),
+                }));
+            }
+            return Err(Some(evicted()));
         }
-        () = link.replaced.cancelled() => return Err(Some(evicted())),
         first = tokio::time::timeout(timeout, inbound.next()) => first,
     };
     let invalid = |message: String| {

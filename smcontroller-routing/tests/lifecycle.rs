@@ -350,3 +350,43 @@ async fn r_cloud_1_a_registration_during_a_status_change_ends_with_the_last_stat
         controller.shutdown().await;
     }
 }
+
+/// A stream's one stop signal is a child of the controller's shutdown (so the reader polls one
+/// token per message): at a shutdown, a stream still waiting for `sm_info` is told the
+/// controller is stopping, not that it was evicted, and a registered node's stream ends as a
+/// shutdown (Unavailable; *disconnected* says so), not as a replacement.
+#[tokio::test]
+async fn r_reg_4_a_shutdown_is_told_as_a_shutdown_to_waiting_and_registered_streams() {
+    let (controller, recorder) = controller(Settings::default());
+    let mut waiting = Sm::attach(&controller);
+    let mut node = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    recorder
+        .wait_for("the node's connect", WAIT, |e| e.len() >= 2)
+        .await;
+    tokio::time::timeout(WAIT, controller.shutdown())
+        .await
+        .expect("the controller stops");
+
+    let end = waiting.end_status(WAIT).await.expect("a status");
+    assert_eq!(
+        end.code,
+        smcontroller_routing::EndCode::Unavailable,
+        "{end:?}"
+    );
+    assert!(end.message.contains("stopping"), "{end:?}");
+    let end = node.end_status(WAIT).await.expect("a status");
+    assert_eq!(
+        end.code,
+        smcontroller_routing::EndCode::Unavailable,
+        "{end:?}"
+    );
+    assert!(!end.message.contains("replaced"), "{end:?}");
+    assert_eq!(
+        recorder.of("a").last(),
+        Some(&Ev::Disconnected(
+            "a".into(),
+            smcontroller_api::DisconnectReason::Shutdown.to_string()
+        ))
+    );
+}
