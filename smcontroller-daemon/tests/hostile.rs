@@ -1119,16 +1119,14 @@ async fn n_bad_1_refused_get_blobs_infos_calls_count_against_the_connection() {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
     assert_eq!(counted(&h, Budget::RefusedMessages), 1);
-    within("the connection closed", async {
-        loop {
-            match client.get_blobs_infos(overlong.clone()).await {
-                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => break,
-                // Sent before the close reached the client.
-                Err(status) if status.code() == Code::InvalidArgument => {}
-                other => panic!("{other:?}"),
-            }
-        }
-    })
+    within(
+        "the connection closed",
+        support::until_closed(|| {
+            let mut client = client.clone();
+            let request = overlong.clone();
+            async move { client.get_blobs_infos(request).await }
+        }),
+    )
     .await;
     h.healthy("after the refused blob look-ups").await;
     h.stop().await;

@@ -7,6 +7,8 @@
 //! the network id; on stop `ReleaseInstanceNetwork`, and `ReleaseNodeNetwork` once the
 //! network's last instance is gone.
 
+mod support;
+
 use std::{path::Path, sync::Arc, time::Duration};
 
 use smcontroller_api::{
@@ -574,16 +576,14 @@ async fn n_bad_1_refused_network_service_calls_close_their_connection() {
         refusals.get(smcontroller_limits::Budget::RefusedMessages),
         1
     );
-    within("the connection closed", async {
-        loop {
-            match network.get_node_network_params(empty_node.clone()).await {
-                Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => break,
-                // Sent before the close reached the client.
-                Err(status) if status.code() == Code::InvalidArgument => {}
-                other => panic!("{other:?}"),
-            }
-        }
-    })
+    within(
+        "the connection closed",
+        support::until_closed(|| {
+            let mut network = network.clone();
+            let request = empty_node.clone();
+            async move { network.get_node_network_params(request).await }
+        }),
+    )
     .await;
     // A new connection has a whole budget: a domain answer, not a refusal.
     let mut network = NetworkServiceClient::new(unit.channel("node-1").await);

@@ -69,9 +69,8 @@ pub struct ServerSettings {
     pub new_streams_per_sec: u32,
     /// Messages one connection's streams may have refused (empty or undecodable messages, ids
     /// over the limit, decode bombs, refused unary calls) before the connection is closed
-    /// (N-BAD-1): its streams end
-    /// with `RESOURCE_EXHAUSTED` a second later and it is closed, so a peer that floods refused
-    /// messages stops costing the other nodes. 0 is no limit. Default 8
+    /// (N-BAD-1): its streams end with `RESOURCE_EXHAUSTED` a second later and it is closed, so
+    /// a peer that floods refused messages stops costing the other nodes. 0 is no limit. Default 8
     /// ([`DEFAULT_MAX_REFUSED_MESSAGES`]).
     pub max_refused_messages: u32,
     /// Accepting connections (R-BAD-3): the time a new connection has for its TLS handshake

@@ -504,3 +504,27 @@ pub fn cloud_status(connected: bool) -> SmIncomingMessage {
         cloud_status: status as i32,
     })
 }
+
+/// Repeats `call` on a connection the server is closing (N-BAD-1) until one fails as a closed
+/// connection does (UNAVAILABLE or UNKNOWN). Calls sent before the close reached the client
+/// may still be refused (INVALID_ARGUMENT); any other outcome fails the test.
+pub async fn until_closed<T, F>(mut call: impl FnMut() -> F)
+where
+    T: std::fmt::Debug,
+    F: Future<Output = Result<T, Status>>,
+{
+    loop {
+        match call().await {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown
+                ) =>
+            {
+                return;
+            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
