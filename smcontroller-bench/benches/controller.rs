@@ -1239,6 +1239,21 @@ fn proc_status_field(pid: Option<u32>, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of this process's threads so far, nanoseconds: the sum of the on-CPU times in
+/// `/proc/self/task/*/schedstat` (exact, where `getrusage` counts in clock ticks here). A
+/// thread that has exited is no longer counted; the runtimes' workers live as long as the
+/// scenario.
+fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Resident memory in bytes (`VmRSS`).
 fn rss(pid: Option<u32>) -> u64 {
     proc_status_field(pid, "VmRSS:") * 1024
@@ -1937,6 +1952,12 @@ async fn floor_latency(options: &Options, nodes: usize) -> anyhow::Result<()> {
         ensure!(errors == 0, "{errors} warm-up calls to the {name} failed");
     }
     let mut ns: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    // This process's CPU time in each server's batches: the servers and the caller, not the
+    // SM processes. At one node the latency ratio amplifies a difference in CPU per call (an
+    // SM thread parks more often before a slower server's next command, see BENCHMARKS.md),
+    // and from one run to the next it moves by more than the effect of a cut; the CPU per call
+    // is the steadier figure of what a change to the path saves.
+    let mut cpu_ns = [0u64; 2];
     let batches = options.rtt_calls.div_ceil(FLOOR_BATCH);
     for batch in 0..batches {
         // Each batch starts where the last one stopped, so every node is called.
@@ -1946,19 +1967,30 @@ async fn floor_latency(options: &Options, nodes: usize) -> anyhow::Result<()> {
         for turn in 0..2 {
             let which = (batch + turn) % 2;
             let (harness, name) = servers[which];
+            let cpu_before = process_cpu_ns();
             let (lat, errors, _) = sync_calls(&harness.target, &rotated, FLOOR_BATCH, 1).await?;
+            cpu_ns[which] += process_cpu_ns().saturating_sub(cpu_before);
             ensure!(errors == 0, "{errors} sync calls to the {name} failed");
             ns[which].extend(lat.sorted_ns);
         }
     }
-    for ((_, name), ns) in servers.into_iter().zip(ns) {
+    let calls = batches * FLOOR_BATCH;
+    for (((_, name), ns), cpu_ns) in servers.into_iter().zip(ns).zip(cpu_ns) {
         let lat = Latencies::new(ns);
+        let cpu_us = cpu_ns as f64 / 1e3 / calls as f64;
         println!(
-            "{name}, {nodes} nodes, {} sequential calls in batches of {FLOOR_BATCH} alternating \
-             with the other server: {}",
-            batches * FLOOR_BATCH,
+            "{name}, {nodes} nodes, {calls} sequential calls in batches of {FLOOR_BATCH} \
+             alternating with the other server: {}; {cpu_us:.1} µs CPU per call in this process",
             lat.describe()
         );
+        Figure::new(
+            "N-PERF-3",
+            &format!("{name}_cpu_per_call_{nodes}_nodes"),
+            cpu_us,
+            "µs",
+        )
+        .with("calls", calls)
+        .emit();
         for (q, p) in [("p50", 0.5), ("p99", 0.99)] {
             Figure::new(
                 "N-PERF-3",
