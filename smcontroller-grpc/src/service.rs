@@ -510,11 +510,7 @@ fn command_stream<M: From<Outbound> + Send + 'static>(
         async move {
             let mut outgoing = state?;
             match outgoing.recv().await {
-                Some(Outgoing::Command(command)) => {
-                    metrics::counter!("smcontroller_messages_out_total", "kind" => command.name())
-                        .increment(1);
-                    Some((Ok(command.into()), Some(outgoing)))
-                }
+                Some(Outgoing::Command(command)) => Some((Ok(command.into()), Some(outgoing))),
                 Some(Outgoing::Close(Some(end))) => Some((Err(end_status(end)), None)),
                 Some(Outgoing::Close(None)) | None => {
                     let failed = failure

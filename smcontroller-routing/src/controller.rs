@@ -24,6 +24,7 @@ use crate::{
     Receivers, Settings,
     lifecycle::{Backlog, Commands, Link, Registry, SendError},
     message::{InboundEvent, LogQuery, Outbound},
+    meters,
     session::{self, Context},
     subscriptions::Subscriptions,
     waiters::{Reply, ReplyKind},
@@ -50,6 +51,15 @@ pub struct CommandLimit {
     pub max_bytes: usize,
     /// The size of a command as the transport would encode it.
     pub size_of: fn(&Outbound) -> usize,
+}
+
+/// The transport's [`CommandLimit`], with the sizes of the commands that have no body measured
+/// once (the sync status reads are the most frequent commands).
+#[derive(Debug)]
+struct Measure {
+    limit: CommandLimit,
+    get_node_config_status: usize,
+    get_average_monitoring: usize,
 }
 
 /// What the controller can tell of one registered node's stream.
@@ -86,7 +96,7 @@ pub struct Controller {
     ctx: Arc<Context>,
     settings: Arc<Settings>,
     next_session: Arc<AtomicU64>,
-    command_limit: Arc<OnceLock<CommandLimit>>,
+    command_limit: Arc<OnceLock<Measure>>,
     subscriptions: Subscriptions,
     network: Option<Arc<dyn NetworkProvider>>,
 }
@@ -274,7 +284,11 @@ impl Controller {
     /// commands in each node's backlog. Only the first call takes effect; a transport makes
     /// it when it starts serving.
     pub fn limit_commands(&self, limit: CommandLimit) {
-        let _ = self.command_limit.set(limit);
+        let _ = self.command_limit.set(Measure {
+            get_node_config_status: (limit.size_of)(&Outbound::GetNodeConfigStatus),
+            get_average_monitoring: (limit.size_of)(&Outbound::GetAverageMonitoring),
+            limit,
+        });
     }
 
     /// What the controller can tell of a registered node's stream; `None` if not registered.
@@ -374,10 +388,15 @@ impl Controller {
     /// The size of `command` on the wire (0 with no transport limit), or `InvalidArgument` if
     /// it is too large to send.
     fn measure(&self, node: &NodeId, command: &Outbound) -> Result<usize> {
-        let Some(limit) = self.command_limit.get() else {
+        let Some(measure) = self.command_limit.get() else {
             return Ok(0);
         };
-        let size = (limit.size_of)(command);
+        let limit = &measure.limit;
+        let size = match command {
+            Outbound::GetNodeConfigStatus => measure.get_node_config_status,
+            Outbound::GetAverageMonitoring => measure.get_average_monitoring,
+            _ => (limit.size_of)(command),
+        };
         if size > limit.max_bytes {
             self.ctx.refusals.count(Budget::CommandSize);
             return Err(Error::InvalidArgument(format!(
@@ -415,6 +434,7 @@ impl Controller {
     /// Sends `command` and waits for the reply of `kind` (R-SYNC-1, R-SYNC-3).
     async fn call(&self, node: &NodeId, command: Outbound, kind: ReplyKind) -> Result<Reply> {
         let request = command.name();
+        let kind_index = command.kind_index();
         let disconnected = || Error::Disconnected {
             node: node.clone(),
             request,
@@ -449,8 +469,7 @@ impl Controller {
             }),
         };
         if reply.is_ok() {
-            metrics::histogram!("smcontroller_sync_round_trip_seconds", "command" => request)
-                .record(started.elapsed().as_secs_f64());
+            meters::round_trip(kind_index, request, started.elapsed().as_secs_f64());
         }
         reply
     }

@@ -14,6 +14,7 @@
 mod controller;
 mod lifecycle;
 pub mod message;
+mod meters;
 mod queue;
 mod receivers;
 mod session;

@@ -23,7 +23,7 @@ use std::{
         Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use smcontroller_api::NodeId;
@@ -109,8 +109,10 @@ pub(crate) struct Link {
     refusals: Refusals,
     /// When the stream registered.
     pub(crate) registered_at: OnceLock<SystemTime>,
-    /// When the last message was read, in milliseconds since the Unix epoch (0: none yet).
-    last_message_ms: AtomicU64,
+    /// When the link was made: the zero of `last_message_ns`.
+    made: Instant,
+    /// When the last message was read, in nanoseconds since `made`, plus one (0: none yet).
+    last_message_ns: AtomicU64,
     /// The inbound queue's depth, once the stream has registered.
     pub(crate) inbound_depth: OnceLock<DepthProbe>,
 }
@@ -174,7 +176,8 @@ impl Link {
             backlog,
             refusals,
             registered_at: OnceLock::new(),
-            last_message_ms: AtomicU64::new(0),
+            made: Instant::now(),
+            last_message_ns: AtomicU64::new(0),
             inbound_depth: OnceLock::new(),
         }
     }
@@ -200,20 +203,25 @@ impl Link {
         evicted
     }
 
-    /// Notes that a message was read now.
-    pub(crate) fn touch(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.last_message_ms.store(now, Ordering::Relaxed);
+    /// Notes that a message was read at `now`: on the monotonic clock the reader reads once
+    /// per message anyway (for the reply matching), turned into wall-clock time only when
+    /// asked for.
+    pub(crate) fn touch(&self, now: Instant) {
+        let nanos = u64::try_from(now.saturating_duration_since(self.made).as_nanos())
+            .unwrap_or(u64::MAX - 1);
+        self.last_message_ns.store(nanos + 1, Ordering::Relaxed);
     }
 
-    /// When the last message was read.
+    /// When the last message was read, by the wall clock as it reads now.
     pub(crate) fn last_message_at(&self) -> Option<SystemTime> {
-        match self.last_message_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
-        }
+        let nanos = match self.last_message_ns.load(Ordering::Relaxed) {
+            0 => return None,
+            nanos => nanos,
+        };
+        let at = self.made + Duration::from_nanos(nanos - 1);
+        let ago = Instant::now().saturating_duration_since(at);
+        let wall = SystemTime::now();
+        Some(wall.checked_sub(ago).unwrap_or(wall))
     }
 
     /// Commands waiting to be written, and their bytes.
@@ -314,9 +322,9 @@ impl Link {
         Ok((id, rx))
     }
 
-    /// Hands a reply read from the stream to the command it answers.
-    pub(crate) fn deliver(&self, reply: Reply) -> Delivery {
-        self.state().waiters.deliver(reply, Instant::now())
+    /// Hands a reply read from the stream at `now` to the command it answers.
+    pub(crate) fn deliver(&self, reply: Reply, now: Instant) -> Delivery {
+        self.state().waiters.deliver(reply, now)
     }
 
     /// Queues `connection_status` unless the SM was already told this state. A node whose
@@ -449,11 +457,12 @@ impl Commands {
         let Some(Queued { item, size, .. }) = state.out.pop_front() else {
             return Err(state.close_taken);
         };
-        match item {
+        match &item {
             Outgoing::Close(_) => state.close_taken = true,
-            Outgoing::Command(_) => {
+            Outgoing::Command(command) => {
                 state.out_commands -= 1;
                 state.out_bytes -= size;
+                crate::meters::message_out(command);
             }
         }
         if state.out.is_empty() && state.out.capacity() > KEEP {
@@ -706,4 +715,59 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 pub(crate) fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> Link {
+        Link::new(
+            0,
+            Duration::from_secs(10),
+            Backlog {
+                commands: 8,
+                bytes: 1 << 20,
+            },
+            Refusals::new(),
+            &CancellationToken::new(),
+        )
+    }
+
+    #[test]
+    fn the_last_message_time_is_none_until_a_message_is_read() {
+        assert_eq!(link().last_message_at(), None);
+    }
+
+    #[tokio::test]
+    async fn the_last_message_time_is_the_wall_clock_time_it_was_read() {
+        let link = link();
+        let before = SystemTime::now();
+        link.touch(Instant::now());
+        let after = SystemTime::now();
+        let at = link.last_message_at().expect("a message was read");
+        // The conversion from the monotonic clock may round by a few microseconds.
+        let slack = Duration::from_millis(5);
+        assert!(
+            at + slack >= before && at <= after + slack,
+            "{at:?} not in {before:?}..{after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_message_time_stays_put_as_the_clock_moves_on() {
+        let link = link();
+        link.touch(Instant::now());
+        let first = link.last_message_at().unwrap();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // Read 30 s later (on the paused clock), it is 30 s in the past; the wall clock has
+        // hardly moved meanwhile.
+        let last = link.last_message_at().unwrap();
+        let ago = SystemTime::now().duration_since(last).expect("in the past");
+        assert!(
+            ago >= Duration::from_secs(30) && ago < Duration::from_secs(31),
+            "{ago:?}"
+        );
+        assert!(first > last);
+    }
 }

@@ -43,6 +43,25 @@ pub enum Outbound {
 }
 
 impl Outbound {
+    /// How many kinds of command there are: [`kind_index`](Self::kind_index) is below it.
+    pub const KINDS: usize = 10;
+
+    /// The command's kind as a number below [`KINDS`](Self::KINDS), for tables indexed by kind.
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Self::GetNodeConfigStatus => 0,
+            Self::CheckNodeConfig(_) => 1,
+            Self::SetNodeConfig(_) => 2,
+            Self::UpdateInstances { .. } => 3,
+            Self::UpdateNetworks(_) => 4,
+            Self::SystemLog(_) => 5,
+            Self::InstanceLog(_) => 6,
+            Self::CrashLog(_) => 7,
+            Self::GetAverageMonitoring => 8,
+            Self::ConnectionStatus(_) => 9,
+        }
+    }
+
     /// The wire name of the command (its oneof field), for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {

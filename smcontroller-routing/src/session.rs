@@ -23,9 +23,12 @@ use std::{
 };
 
 use futures::{FutureExt, Stream, StreamExt};
-use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo};
+use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo, SmMessageKind};
 use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
-use tokio::sync::{oneshot, watch};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -33,6 +36,7 @@ use crate::{
     Receivers,
     lifecycle::{Link, Registry, SessionEnd},
     message::{EndCode, EndStatus, Inbound, InboundEvent},
+    meters,
     queue::{self, TrySendError},
     waiters::{Delivery, Reply},
 };
@@ -193,7 +197,7 @@ where
     };
     let node = info.node_id.clone();
     tracing::Span::current().record("node_id", tracing::field::display(&node));
-    metrics::counter!("smcontroller_messages_in_total", "kind" => "sm_info").increment(1);
+    meters::message_in(SmMessageKind::SmInfo);
 
     if !pending.release() {
         // Evicted just as its sm_info came: it already gave its place away.
@@ -223,7 +227,7 @@ where
         }
     };
     let _ = link.registered_at.set(SystemTime::now());
-    link.touch();
+    link.touch(Instant::now());
     metrics::counter!("smcontroller_registrations_total").increment(1);
     if registration.replaced {
         info!("a new stream replaces the node's older one");
@@ -292,8 +296,10 @@ where
             }
             Some(InboundEvent::Message { message, wire_size }) => (message, wire_size),
         };
-        link.touch();
-        metrics::counter!("smcontroller_messages_in_total", "kind" => message.name()).increment(1);
+        // One clock read per message, for its time and the reply matching's expiry.
+        let now = Instant::now();
+        link.touch(now);
+        meters::message_in(message.kind());
         if let Inbound::SmInfo(info) = &message
             && info.node_id != node
         {
@@ -304,7 +310,7 @@ where
         }
         let telemetry = match Read::from(message) {
             Read::Reply(reply) => {
-                match link.deliver(reply) {
+                match link.deliver(reply, now) {
                     Delivery::Answered => {}
                     Delivery::Absorbed(after) => {
                         metrics::counter!("smcontroller_replies_dropped_total").increment(1);
