@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::SystemTime,
 };
 
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use crate::{
     meters,
     session::{self, Context},
     subscriptions::Subscriptions,
-    waiters::{Reply, ReplyKind},
+    waiters::{Reply, ReplyKind, TimedOut},
 };
 
 /// Why [`Controller::attach`] did not take a stream.
@@ -213,6 +213,7 @@ impl Controller {
         };
         let link = Arc::new(Link::new(
             id,
+            self.settings.response_timeout,
             self.settings.reply_expiry(),
             backlog,
             self.ctx.refusals.clone(),
@@ -440,38 +441,35 @@ impl Controller {
             request,
         };
         // The reply's place is taken with the command, so no reply can outrun it, and a caller
-        // that gives up leaves the place to absorb its own late reply.
+        // that gives up leaves the place to absorb its own late reply. The deadline is kept
+        // with it: the stream's reader tells the caller when it has passed (R-SYNC-1).
         let size = self.measure(node, &command)?;
-        let link = self.link(node)?;
-        let (waiter, mut rx) = link
+        let (answer, sent) = self
+            .link(node)?
             .send_sync(command, size, kind)
             .map_err(|e| Self::send_error(node, request, e))?;
-        let after = self.settings.response_timeout;
-        let started = Instant::now();
-        let reply = match tokio::time::timeout(after, &mut rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(disconnected()),
-            // The reply may have landed just as the deadline passed.
-            Err(_) => rx.try_recv().map_err(|_| {
+        match answer.await {
+            Ok(Ok(reply)) => {
+                meters::round_trip(kind_index, request, sent.elapsed().as_secs_f64());
+                Ok(reply)
+            }
+            Ok(Err(TimedOut { withdrawn })) => {
                 metrics::counter!("smcontroller_sync_timeouts_total", "command" => request)
                     .increment(1);
-                if link.withdraw(waiter) {
+                if withdrawn {
                     debug!(
                         request,
                         "the node did not read the command in time; not sent"
                     );
                 }
-                Error::Timeout {
+                Err(Error::Timeout {
                     node: node.clone(),
                     request,
-                    after,
-                }
-            }),
-        };
-        if reply.is_ok() {
-            meters::round_trip(kind_index, request, started.elapsed().as_secs_f64());
+                    after: self.settings.response_timeout,
+                })
+            }
+            Err(_) => Err(disconnected()),
         }
-        reply
     }
 
     /// Sends a node config command and waits for its `node_config_status`, whole (R-SYNC-1).

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures::task::AtomicWaker;
 use smcontroller_api::NodeId;
 use smcontroller_limits::{Budget, Refusals};
 use tokio::{
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     message::{EndCode, EndStatus, Outbound, Outgoing},
-    waiters::{Delivery, Reply, ReplyKind, Waiters},
+    waiters::{Answer, Delivery, Reply, ReplyKind, Waiters},
 };
 
 /// [`Link::waiting`]: the stream holds a place among the unregistered streams.
@@ -115,6 +116,12 @@ pub(crate) struct Link {
     last_message_ns: AtomicU64,
     /// The inbound queue's depth, once the stream has registered.
     pub(crate) inbound_depth: OnceLock<DepthProbe>,
+    /// Whether the reader's call timer is wanted: set by the sync call that finds it unset,
+    /// cleared (under the state lock) by the reader when no caller is left waiting. See
+    /// [`Link::time_out_calls`].
+    calls_timed: AtomicBool,
+    /// The reader, woken when the call timer is wanted again.
+    pub(crate) call_timer: AtomicWaker,
 }
 
 /// One item for the transport: with its size, and for a sync command its reply entry.
@@ -148,6 +155,7 @@ struct LinkState {
 impl Link {
     pub(crate) fn new(
         session: u64,
+        response_timeout: Duration,
         reply_expiry: Duration,
         backlog: Backlog,
         refusals: Refusals,
@@ -165,7 +173,7 @@ impl Link {
                 close_taken: false,
                 writer_gone: false,
                 cloud_sent: None,
-                waiters: Waiters::new(reply_expiry),
+                waiters: Waiters::new(reply_expiry, response_timeout),
             }),
             replaced: shutdown.child_token(),
             restart: AtomicBool::new(false),
@@ -179,6 +187,8 @@ impl Link {
             made: Instant::now(),
             last_message_ns: AtomicU64::new(0),
             inbound_depth: OnceLock::new(),
+            calls_timed: AtomicBool::new(false),
+            call_timer: AtomicWaker::new(),
         }
     }
 
@@ -258,20 +268,42 @@ impl Link {
         Ok(())
     }
 
-    /// Takes back the sync command of reply entry `waiter` if the transport has not taken it
-    /// yet (its caller gave up): an SM that reads again does not get a burst of commands nobody
-    /// waits for. Returns whether it was taken back.
-    pub(crate) fn withdraw(&self, waiter: u64) -> bool {
-        let mut state = self.state();
-        let Some(pos) = state.out.iter().position(|q| q.waiter == Some(waiter)) else {
-            return false;
-        };
-        if let Some(queued) = state.out.remove(pos) {
-            state.out_commands -= 1;
-            state.out_bytes -= queued.size;
+    /// Tells the sync callers whose deadline has passed at `now` that they timed out, and
+    /// returns the earliest deadline of those still waiting: the reader runs this on its one
+    /// timer per stream. The command of a caller that timed out is taken back if the transport
+    /// has not taken it yet: an SM that reads again does not get a burst of commands nobody
+    /// waits for.
+    ///
+    /// With no caller left waiting the timer is no longer wanted (`None`); the next sync call
+    /// wakes the reader to set it again. While it is set, a new call needs no word: its
+    /// deadline is after the one the timer is set to.
+    pub(crate) fn time_out_calls(&self, now: Instant) -> Option<Instant> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let (out, out_commands, out_bytes) = (
+            &mut state.out,
+            &mut state.out_commands,
+            &mut state.out_bytes,
+        );
+        let next = state.waiters.time_out(now, |waiter| {
+            let Some(pos) = out.iter().position(|q| q.waiter == Some(waiter)) else {
+                return false;
+            };
+            if let Some(queued) = out.remove(pos) {
+                *out_commands -= 1;
+                *out_bytes -= queued.size;
+            }
+            true
+        });
+        if next.is_none() {
+            self.calls_timed.store(false, Ordering::Release);
         }
-        state.waiters.withdraw(waiter);
-        true
+        next
+    }
+
+    /// Whether a sync call wants the reader's call timer set.
+    pub(crate) fn calls_timed(&self) -> bool {
+        self.calls_timed.load(Ordering::Acquire)
     }
 
     /// Whether one more command of `size` bytes fits the backlog; counts the refusal if not.
@@ -299,19 +331,22 @@ impl Link {
         Ok(self.push(&mut state, Outgoing::Command(command), size)?)
     }
 
-    /// Queues a sync command and the entry its reply will be matched to, in one step.
+    /// Queues a sync command and the entry its reply will be matched to, in one step. Returns
+    /// where the answer will come (the reply, or word of the timeout), and when the command
+    /// was queued.
     pub(crate) fn send_sync(
         &self,
         command: Outbound,
         size: usize,
         kind: ReplyKind,
-    ) -> Result<(u64, oneshot::Receiver<Reply>), SendError> {
+    ) -> Result<(oneshot::Receiver<Answer>, Instant), SendError> {
         let mut state = self.state();
         if state.closed {
             return Err(SendError::Closed);
         }
         self.room(&state, size)?;
-        let (id, rx) = state.waiters.push(kind, Instant::now()).ok_or(Closed)?;
+        let now = Instant::now();
+        let (id, rx) = state.waiters.push(kind, now).ok_or(Closed)?;
         if self
             .push_for(&mut state, Outgoing::Command(command), size, Some(id))
             .is_err()
@@ -319,7 +354,11 @@ impl Link {
             state.waiters.pop_unsent();
             return Err(SendError::Closed);
         }
-        Ok((id, rx))
+        // Under the state lock, so that it cannot pass the reader finding no caller waiting.
+        if !self.calls_timed.swap(true, Ordering::AcqRel) {
+            self.call_timer.wake();
+        }
+        Ok((rx, now))
     }
 
     /// Hands a reply read from the stream at `now` to the command it answers.
@@ -724,6 +763,7 @@ mod tests {
     fn link() -> Link {
         Link::new(
             0,
+            Duration::from_secs(5),
             Duration::from_secs(10),
             Backlog {
                 commands: 8,

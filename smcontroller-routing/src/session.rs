@@ -15,10 +15,12 @@ use std::{
     any::Any,
     future::Future,
     panic::AssertUnwindSafe,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    task::Poll,
     time::{Duration, SystemTime},
 };
 
@@ -27,7 +29,7 @@ use smcontroller_api::{DisconnectReason, InstanceEnvVarsStatus, NodeId, SmInfo, 
 use smcontroller_limits::{Budget, Refusals, WarnGate, clip};
 use tokio::{
     sync::{oneshot, watch},
-    time::Instant,
+    time::{Instant, Sleep},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -272,6 +274,7 @@ where
             link.ending()
         }
     };
+    let mut timer = CallTimer::default();
     let reason = loop {
         // Each message counts against the task's cooperative budget: a stream whose messages
         // are all buffered (a flood of small or rejected ones) would otherwise hold its worker
@@ -281,6 +284,12 @@ where
         let event = tokio::select! {
             biased;
             () = &mut replaced => break stopped(),
+            // Before the stream: a stream that always has a message ready must not hold off
+            // its callers' timeouts.
+            () = timer.due(&link) => {
+                timer.run(&link);
+                continue;
+            }
             event = inbound.next() => event,
         };
         let (message, wire_size) = match event {
@@ -354,10 +363,18 @@ where
                 "receivers are behind: inbound queue full, stream paused"
             );
         }
-        let queued = tokio::select! {
-            biased;
-            () = &mut replaced => break stopped(),
-            queued = queue.send(telemetry, wire_size) => queued,
+        let send = queue.send(telemetry, wire_size);
+        tokio::pin!(send);
+        let queued = loop {
+            tokio::select! {
+                biased;
+                () = &mut replaced => break None,
+                () = timer.due(&link) => timer.run(&link),
+                queued = &mut send => break Some(queued),
+            }
+        };
+        let Some(queued) = queued else {
+            break stopped();
         };
         link.stalled.store(false, Ordering::Relaxed);
         if queued.is_err() {
@@ -374,6 +391,41 @@ where
     link.close(status);
     drop(inbound);
     let _ = reason_tx.send(reason);
+}
+
+/// The reader's one timer for its stream's sync calls (R-SYNC-1): set to the earliest deadline
+/// of the callers waiting, and only while one is. A call arms no timer of its own; it wakes
+/// the reader only when the timer is not set (see [`Link::time_out_calls`]).
+#[derive(Default)]
+struct CallTimer {
+    /// Boxed, and only while set: an idle node holds none (N-PERF-3 memory).
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl CallTimer {
+    /// Resolves when [`run`](Self::run) is due: the timer has fired, or, unset, a call wants it.
+    fn due<'a>(&'a mut self, link: &'a Link) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Some(sleep) = &mut self.sleep {
+                return sleep.as_mut().poll(cx);
+            }
+            link.call_timer.register(cx.waker());
+            if link.calls_timed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Times out the callers whose deadline has passed, and sets the timer to the next one.
+    fn run(&mut self, link: &Link) {
+        match (link.time_out_calls(Instant::now()), &mut self.sleep) {
+            (None, sleep) => *sleep = None,
+            (Some(next), Some(sleep)) => sleep.as_mut().reset(next),
+            (Some(next), sleep) => *sleep = Some(Box::pin(tokio::time::sleep_until(next))),
+        }
+    }
 }
 
 /// The status of a stream evicted from the unregistered ones (R-BAD-2).

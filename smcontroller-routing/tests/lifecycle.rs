@@ -390,3 +390,125 @@ async fn r_reg_4_a_shutdown_is_told_as_a_shutdown_to_waiting_and_registered_stre
         ))
     );
 }
+
+/// Each call times out at its own deadline, counted from when it was sent, on the stream's one
+/// call timer: a later call does not move an earlier one's, and a call made after the timer
+/// was left unset (no caller waiting for longer than the timeout) sets it again (R-SYNC-1).
+#[tokio::test(start_paused = true)]
+async fn r_sync_1_calls_time_out_at_their_own_deadlines_on_the_one_timer_of_the_stream() {
+    let timeout = Settings::default().response_timeout;
+    let (controller, _recorder) = controller(Settings::default());
+    let mut sm = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    let call = |after: Duration| {
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let sent = tokio::time::Instant::now();
+            let result = controller.get_average_monitoring(&node("a")).await;
+            (result, sent.elapsed())
+        })
+    };
+    let first = call(Duration::ZERO);
+    let second = call(Duration::from_secs(2));
+    for _ in 0..2 {
+        assert_eq!(sm.command(WAIT).await, Outbound::GetAverageMonitoring);
+    }
+    for call in [first, second] {
+        let (result, took) = tokio::time::timeout(WAIT, call)
+            .await
+            .expect("the call ends")
+            .unwrap();
+        assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+        assert_eq!(took, timeout, "timed out after {took:?}, not {timeout:?}");
+    }
+
+    // Idle for longer than the timeout: the timer is unset. A new call sets it again.
+    tokio::time::sleep(timeout * 3).await;
+    let third = call(Duration::ZERO);
+    assert_eq!(sm.command(WAIT).await, Outbound::GetAverageMonitoring);
+    let (result, took) = tokio::time::timeout(WAIT, third)
+        .await
+        .expect("the call made after the timer was unset ends too")
+        .unwrap();
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert_eq!(took, timeout);
+}
+
+/// A stream paused because its receivers are behind (R-TEL-2) still times its calls out on
+/// time: the reader waiting for room in the queue keeps the call timer running.
+#[tokio::test(start_paused = true)]
+async fn r_sync_1_a_call_times_out_on_time_while_its_stream_is_paused_for_the_receivers() {
+    let settings = Settings {
+        queue_bound: 2,
+        ..Settings::default()
+    };
+    let timeout = settings.response_timeout;
+    let (controller, recorder) = controller(settings);
+    let mut sm = Sm::register(&controller, "a", "s1");
+    registered(&controller, "a").await;
+    // The first sample blocks its receiver, the next two fill the queue, the fourth waits.
+    sm.monitoring(1000, SLOW);
+    for i in 1..4 {
+        sm.monitoring(1000 + i, 0);
+    }
+    tokio::time::timeout(WAIT, async {
+        while !controller
+            .node_status(&node("a"))
+            .is_some_and(|s| s.stalled)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the stream pauses");
+    let a = node("a");
+    let sent = tokio::time::Instant::now();
+    let call = tokio::time::timeout(WAIT, controller.get_average_monitoring(&a));
+    let (result, command) = tokio::join!(call, sm.command(WAIT));
+    let result = result.expect("the call ends while the stream is paused");
+    assert_eq!(command, Outbound::GetAverageMonitoring);
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert_eq!(sent.elapsed(), timeout);
+    assert!(
+        controller.node_status(&node("a")).unwrap().stalled,
+        "still paused: the timeout did not wait for the receivers"
+    );
+    recorder.release();
+}
+
+/// A stream that always has a message ready (here, replies nobody waits for, which are
+/// dropped without queueing) does not hold off its callers' timeouts: the reader looks at its
+/// call timer before the stream. Real clock: a paused one would not move while the reader is
+/// never idle.
+#[tokio::test]
+async fn r_sync_1_a_stream_that_never_pauses_does_not_hold_off_the_timeouts() {
+    use futures::StreamExt;
+    use smcontroller_routing::InboundEvent;
+
+    let timeout = Duration::from_millis(200);
+    let (controller, _recorder) = controller(Settings {
+        response_timeout: timeout,
+        ..Settings::default()
+    });
+    let registration = InboundEvent::Message {
+        message: Inbound::SmInfo(support::sm_info("a", "s1")),
+        wire_size: 64,
+    };
+    // Bounded: at about a microsecond each, far more than the reader gets through in WAIT.
+    let flood = futures::stream::iter(0..50_000_000u64).map(|i| InboundEvent::Message {
+        message: config_status(&i.to_string(), false),
+        wire_size: 64,
+    });
+    let _commands = controller
+        .attach(futures::stream::iter([registration]).chain(flood))
+        .expect("controller is running");
+    registered(&controller, "a").await;
+    let sent = std::time::Instant::now();
+    let result = tokio::time::timeout(WAIT, controller.get_average_monitoring(&node("a")))
+        .await
+        .expect("the call times out, although the stream is never idle");
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(sent.elapsed() >= timeout);
+    controller.shutdown().await;
+}
