@@ -250,16 +250,13 @@ async fn r_bad_2_the_inbound_queue_is_bounded_in_bytes_and_pauses_the_stream() {
     for i in 0..10 {
         sm.send_sized(Inbound::InstantMonitoring(monitoring(1000 + i, 0)), 3000);
     }
-    tokio::time::timeout(WAIT, async {
-        while !controller
-            .node_status(&node("n1"))
-            .is_some_and(|s| s.stalled)
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the stream paused on the byte budget, far below the message bound");
+    support::until_stalled(
+        &controller,
+        "n1",
+        WAIT,
+        "the stream paused on the byte budget, far below the message bound",
+    )
+    .await;
     let status = controller.node_status(&node("n1")).unwrap();
     assert!(status.queued_bytes <= 10_000, "{status:?}");
     assert_eq!(status.queued_messages, 3, "{status:?}");

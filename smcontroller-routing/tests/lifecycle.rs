@@ -452,16 +452,7 @@ async fn r_sync_1_a_call_times_out_on_time_while_its_stream_is_paused_for_the_re
     for i in 1..4 {
         sm.monitoring(1000 + i, 0);
     }
-    tokio::time::timeout(WAIT, async {
-        while !controller
-            .node_status(&node("a"))
-            .is_some_and(|s| s.stalled)
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the stream pauses");
+    support::until_stalled(&controller, "a", WAIT, "the stream pauses").await;
     let a = node("a");
     let sent = tokio::time::Instant::now();
     let call = tokio::time::timeout(WAIT, controller.get_average_monitoring(&a));

@@ -302,6 +302,19 @@ impl Sm {
     }
 }
 
+/// Waits up to `deadline` until `node`'s stream is paused for its receivers (R-TEL-2); panics
+/// with `what` if it is not.
+pub async fn until_stalled(controller: &Controller, node: &str, deadline: Duration, what: &str) {
+    let id = NodeId::new(node);
+    tokio::time::timeout(deadline, async {
+        while !controller.node_status(&id).is_some_and(|s| s.stalled) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
 pub fn sm_info(node: &str, tag: &str) -> SmInfo {
     SmInfo {
         node_id: NodeId::new(node),
