@@ -34,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{BlobUrlTemplate, EXIT_BAD_CONFIG, Settings},
+    memory::MemoryReturn,
     receivers::Recorder,
 };
 
@@ -183,6 +184,8 @@ pub struct Running {
     tls: Option<TlsState>,
     admin: Vec<AdminServer>,
     gauges: Option<JoinHandle<()>>,
+    /// Gives freed memory back to the OS once streams have ended (`memoryReturnDelay`).
+    memory: Option<MemoryReturn>,
 }
 
 /// Binds `settings.listen` and serves: over mTLS unless `settings.insecure` (see the module
@@ -254,6 +257,9 @@ pub async fn start(
             shutdown,
         )),
     };
+    let memory = settings
+        .memory_return_delay
+        .map(|quiet| MemoryReturn::spawn(controller.clone(), quiet));
     Ok(Running {
         addr,
         controller,
@@ -265,6 +271,7 @@ pub async fn start(
         tls,
         admin: Vec::new(),
         gauges: None,
+        memory,
     })
 }
 
@@ -327,6 +334,12 @@ impl Running {
         info!(endpoint = %bound, "admin API listening");
         self.admin.push(server);
         Ok(bound)
+    }
+
+    /// How often freed memory was given back to the OS after streams ended
+    /// (`smcontroller_memory_returns_total`); 0 when `memoryReturnDelay` is off.
+    pub fn memory_returns(&self) -> u64 {
+        self.memory.as_ref().map_or(0, MemoryReturn::returns)
     }
 
     /// Where the admin API serves.

@@ -249,6 +249,11 @@ pub struct Settings {
     /// logged at start).
     #[serde(deserialize_with = "de::small_count")]
     pub listen_backlog: u32,
+    /// How long streams must have stood still (none attached, none ended), after some have
+    /// ended, before the heap they freed is given back to the OS (`memoryReturnDelay`,
+    /// N-LEAK-2; see [`memory`](crate::memory)). `None` (`"off"`): never.
+    #[serde(deserialize_with = "de::duration_or_off")]
+    pub memory_return_delay: Option<Duration>,
     /// The admin API's Unix socket (`adminSocket`), for `smctl`: an absolute path, or `"off"`.
     /// Default: `/run/smcontroller/admin.sock` for root, else a path in the user's runtime
     /// directory (the one `smctl` looks at by default). Mode 0660.
@@ -319,6 +324,7 @@ impl Default for Settings {
             max_refused_messages: server.max_refused_messages,
             max_connections: server.accept.max_connections,
             listen_backlog: smcontroller_grpc::server::DEFAULT_LISTEN_BACKLOG,
+            memory_return_delay: Some(crate::memory::DEFAULT_MEMORY_RETURN_DELAY),
             admin_socket: AdminSocket::Default,
             admin_listen: None,
             metrics_listen: None,
@@ -772,6 +778,24 @@ mod de {
         })
     }
 
+    /// A duration string greater than zero, or `"off"` (`None`).
+    pub(super) fn duration_or_off<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        read(d, |v| {
+            if v.as_str() == Some("off") {
+                return Ok(None);
+            }
+            let duration = v.as_str().and_then(parse_duration).ok_or_else(|| {
+                r#"is not a duration (expected e.g. "5s" or "PT5S") or "off""#.to_owned()
+            })?;
+            if duration.is_zero() {
+                return Err(r#"must be greater than zero (or "off")"#.to_owned());
+            }
+            Ok(Some(duration))
+        })
+    }
+
     pub(super) fn some_duration<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
@@ -1112,6 +1136,7 @@ mod tests {
             "maxRefusedMessages": 0,
             "maxConnections": 128,
             "listenBacklog": 512,
+            "memoryReturnDelay": "off",
             "adminSocket": "/run/admin.sock",
             "adminListen": "[::1]:9465",
             "metricsListen": "127.0.0.1:9464",
@@ -1158,6 +1183,7 @@ mod tests {
                 max_refused_messages: 0,
                 max_connections: 128,
                 listen_backlog: 512,
+                memory_return_delay: None,
                 admin_socket: AdminSocket::Path("/run/admin.sock".into()),
                 admin_listen: Some(addr("[::1]:9465")),
                 metrics_listen: Some(addr("127.0.0.1:9464")),
@@ -1214,6 +1240,7 @@ mod tests {
         assert_eq!(s.cert_reload_retry, Duration::from_secs(10));
         assert_eq!(s.handshake_timeout, Duration::from_secs(10));
         assert_eq!(s.identity_binding, None);
+        assert_eq!(s.memory_return_delay, Some(Duration::from_secs(2)));
         assert!(!s.insecure);
     }
 
@@ -1512,6 +1539,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn memory_return_delay_is_a_duration_or_off() {
+        let delay = |json: &str| load_str(ORIGIN, json, &insecure()).map(|s| s.memory_return_delay);
+        assert_eq!(
+            delay(r#"{"memoryReturnDelay": "500ms"}"#).unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(delay(r#"{"memoryReturnDelay": "off"}"#).unwrap(), None);
+        assert_eq!(
+            err(r#"{"memoryReturnDelay": "0s"}"#),
+            r#"config.json: memoryReturnDelay: "0s" must be greater than zero (or "off")"#
+        );
+        assert_eq!(
+            err(r#"{"memoryReturnDelay": 2}"#),
+            r#"config.json: memoryReturnDelay: 2 is not a duration (expected e.g. "5s" or "PT5S") or "off""#
+        );
     }
 
     #[test]

@@ -13,5 +13,6 @@
 
 pub mod app;
 pub mod config;
+pub mod memory;
 pub mod ready;
 pub mod receivers;

@@ -129,6 +129,7 @@ impl Controller {
                 shutdown,
                 cut: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                ended: AtomicU64::new(0),
             }),
             command_limit: Arc::new(OnceLock::new()),
             settings: Arc::new(settings),
@@ -242,6 +243,19 @@ impl Controller {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// How many streams were attached since the controller was made (refused ones not
+    /// counted). With [`streams_ended`](Self::streams_ended), what says that streams came and
+    /// went: the daemon returns freed memory once both have stood still for a while.
+    pub fn streams_attached(&self) -> u64 {
+        self.next_session.load(Ordering::Relaxed)
+    }
+
+    /// How many attached streams have ended (their reader has), since the controller was
+    /// made.
+    pub fn streams_ended(&self) -> u64 {
+        self.ctx.ended.load(Ordering::Relaxed)
     }
 
     /// The registered nodes, sorted.

@@ -18,7 +18,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::Poll,
     time::{Duration, SystemTime},
@@ -66,6 +66,9 @@ pub(crate) struct Context {
     /// Cancelled when the shutdown grace has run out: every task still running is cut.
     pub(crate) cut: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// Streams whose reader has ended, however it ended: with the session ids given out,
+    /// what tells the daemon that streams came and went (`Controller::streams_ended`).
+    pub(crate) ended: AtomicU64,
 }
 
 impl Context {
@@ -131,9 +134,20 @@ where
         session = link.session,
         node_id = tracing::field::Empty
     );
-    // However the reader ends (also when it is cut at shutdown), the transport is told.
+    // However the reader ends (also when it is cut at shutdown), the transport is told and
+    // the end is counted.
+    let _ended = CountEnd(ctx.clone());
     let _closer = CloseOnDrop(link.clone());
     read(ctx, link, inbound).instrument(span).await;
+}
+
+/// Counts a stream's end when its reader goes, also when the reader is cut.
+struct CountEnd(Arc<Context>);
+
+impl Drop for CountEnd {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Holds one of the pending-stream places (`max_pending_streams`) until the stream registers

@@ -310,6 +310,9 @@ async fn n_leak_1_streams_that_end_at_once_leave_nothing_behind() {
         )
     });
     assert_eq!(controller.pending_streams(), 0);
+    // What the daemon's memory return watches: every stream counted in, and out.
+    assert_eq!(controller.streams_attached(), 20_000);
+    assert_eq!(controller.streams_ended(), 20_000);
 }
 
 /// Item 6: a node registering while the cloud status flips is left with the last status set.
