@@ -145,6 +145,7 @@ use smcontroller_api::{
 use smcontroller_daemon::{
     app::{self, NoBlobStore},
     config::Settings,
+    memory::MemoryReturn,
 };
 use smcontroller_grpc::{
     connections::Connections,
@@ -1172,6 +1173,33 @@ impl Harness {
         }
     }
 
+    /// The daemon's memory return over this controller, with the daemon's default delay
+    /// (`memoryReturnDelay`, as `app::start` runs it).
+    fn memory_return(&self) -> MemoryReturn {
+        let quiet = Settings::default()
+            .memory_return_delay
+            .unwrap_or(smcontroller_daemon::memory::DEFAULT_MEMORY_RETURN_DELAY);
+        MemoryReturn::spawn(self.controller().clone(), quiet)
+    }
+
+    /// Waits until `memory` has returned what every stream ended so far freed (with a
+    /// deadline); the time it took.
+    async fn memory_returned(&self, memory: &MemoryReturn) -> anyhow::Result<Duration> {
+        let ended = self.controller().streams_ended();
+        let started = Instant::now();
+        while memory.covered() < ended {
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "no memory return after {ended} streams ended ({} returns, the last after {} \
+                 ended)",
+                memory.returns(),
+                memory.covered()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(started.elapsed())
+    }
+
     /// The SM process for this server (with the client PKI under mTLS), speaking its revision.
     async fn sm_process(&self) -> anyhow::Result<SmProcess> {
         SmProcess::spawn(
@@ -1630,6 +1658,7 @@ async fn telemetry(options: &Options, kind: ServerKind) -> anyhow::Result<()> {
 async fn scale(options: &Options) -> anyhow::Result<()> {
     let nodes = options.scale_nodes;
     let harness = Harness::start().await?;
+    let memory = harness.memory_return();
     let mut sm = harness.sm_process().await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss(None);
@@ -1722,16 +1751,42 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
             Duration::from_secs(60),
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_left = rss(None);
+    let disconnects = started.elapsed();
+    let returned = harness.memory_returned(&memory).await;
+    let rss_returned = rss(None);
     println!(
         "all {nodes} streams closed by the SMs, disconnects heard after {:.2} s; controller \
-         VmRSS {:.1} MiB (peak seen {:.1} MiB), {} threads, {} nodes in the registry",
-        started.elapsed().as_secs_f64(),
-        mib(rss(None)),
+         VmRSS {:.1} MiB then (peak seen {:.1} MiB), {:.1} MiB once the freed memory was \
+         returned ({}); {} threads, {} nodes in the registry",
+        disconnects.as_secs_f64(),
+        mib(rss_left),
         mib(rss_peak),
+        mib(rss_returned),
+        match &returned {
+            Ok(took) => format!("{:.1} s later", took.as_secs_f64()),
+            Err(e) => format!("{e:#}"),
+        },
         threads(None),
         harness.controller().node_count()
     );
+    summary(
+        "N-SCALE-1",
+        &format!("controller VmRSS once all {nodes} left, then returned (info)"),
+        "-",
+        format!(
+            "{:.1} MiB, then {:.1} MiB (at start {:.1} MiB)",
+            mib(rss_left),
+            mib(rss_returned),
+            mib(rss_before)
+        ),
+        None,
+    );
+    Figure::new("N-SCALE-1", "rss_after_all_left_mib", mib(rss_left), "MiB")
+        .with("nodes", nodes)
+        .with("returned_mib", mib(rss_returned))
+        .with("start_mib", mib(rss_before))
+        .emit();
 
     let worst_fanout = fanout.iter().max().copied().unwrap_or_default();
     summary(
@@ -2083,6 +2138,9 @@ async fn floor_point(options: &Options, kind: ServerKind, nodes: usize) -> anyho
 async fn churn(options: &Options) -> anyhow::Result<()> {
     let rounds = options.cycles.div_ceil(CHURN_NODES).max(1);
     let harness = Harness::start().await?;
+    // As the daemon runs it: the heap departed nodes freed goes back to the OS once streams
+    // stand still. N-LEAK-2's levels are taken after it, the raw levels are information.
+    let memory = harness.memory_return();
     let mut sm = harness.sm_process().await?;
 
     // Warm-up rounds, then the baseline.
@@ -2097,10 +2155,10 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
             );
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    harness.memory_returned(&memory).await?;
     let baseline = rss(None);
     println!(
-        "baseline after {CHURN_WARMUP_ROUNDS} warm-up rounds ({} cycles): controller VmRSS {:.1} \
+        "baseline after {CHURN_WARMUP_ROUNDS} warm-up rounds and the memory return ({} cycles): controller VmRSS {:.1} \
          MiB, {} threads",
         CHURN_WARMUP_ROUNDS * CHURN_NODES,
         mib(baseline),
@@ -2124,7 +2182,17 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         churn_round(&harness, &mut sm, expected).await?;
         done = r + 1;
         if done == reference_round {
-            reference = Some(rss(None));
+            let raw = rss(None);
+            let took = harness.memory_returned(&memory).await?;
+            let level = rss(None);
+            println!(
+                "  reference after {CHURN_REFERENCE_CYCLES} cycles: VmRSS {:.1} MiB, {:.1} MiB \
+                 once the freed memory was returned ({:.1} s after the last disconnect)",
+                mib(raw),
+                mib(level),
+                took.as_secs_f64()
+            );
+            reference = Some((raw, level));
         }
         if done % checkpoint == 0 {
             let now = rss(None);
@@ -2161,13 +2229,18 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         cycles as f64 / wall.as_secs_f64()
     );
     println!("  {}", cpu.describe());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let end_raw = rss(None);
+    let took = harness.memory_returned(&memory).await?;
     let end = rss(None);
     let early = (end as f64 / baseline as f64 - 1.0) * 100.0;
     println!(
-        "end (1 s after the last disconnect): controller VmRSS {:.1} MiB vs {:.1} MiB after the \
+        "end: controller VmRSS {:.1} MiB at the last disconnect, {:.1} MiB once the freed \
+         memory was returned ({:.1} s later; {} returns in the run) vs {:.1} MiB after the \
          warm-up: {early:+.1} %; {} threads; connected {} / disconnected {} heard",
+        mib(end_raw),
         mib(end),
+        took.as_secs_f64(),
+        memory.returns(),
         mib(baseline),
         threads(None),
         harness.counts.connected.load(Ordering::Relaxed),
@@ -2195,6 +2268,31 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         .with("baseline_mib", mib(baseline))
         .with("end_mib", mib(end))
         .emit();
+    // Without the return: the levels the allocator leaves, which vary from run to run with
+    // where its arenas settle (BENCHMARKS.md, "Returning freed memory").
+    if let Some((reference_raw, _)) = reference {
+        let diff = (end_raw as f64 / reference_raw as f64 - 1.0) * 100.0;
+        summary(
+            "N-LEAK-2",
+            &format!(
+                "VmRSS at the last disconnect, before the memory return, after {cycles} vs \
+                 {CHURN_REFERENCE_CYCLES} cycles (info)"
+            ),
+            "-",
+            format!(
+                "{diff:+.1} % ({:.1} -> {:.1} MiB)",
+                mib(reference_raw),
+                mib(end_raw)
+            ),
+            None,
+        );
+        Figure::new("N-LEAK-2", "rss_change_before_return_pct", diff, "%")
+            .with("cycles", cycles)
+            .with("reference_mib", mib(reference_raw))
+            .with("end_mib", mib(end_raw))
+            .emit();
+    }
+    let reference = reference.map(|(_, level)| level);
     // N-LEAK-1: memory returns to its warmed-up baseline (after the reference cycles) ±10 %.
     if let Some(reference) = reference {
         let diff = (end as f64 / reference as f64 - 1.0) * 100.0;

@@ -79,6 +79,8 @@ impl Trigger {
 pub struct MemoryReturn {
     task: JoinHandle<()>,
     returns: Arc<AtomicU64>,
+    /// The controller's `streams_ended` that the last purge followed.
+    covered: Arc<AtomicU64>,
 }
 
 impl MemoryReturn {
@@ -111,7 +113,8 @@ impl MemoryReturn {
         F: Fn() + Clone + Send + Sync + 'static,
     {
         let returns = Arc::new(AtomicU64::new(0));
-        let counted = returns.clone();
+        let covered = Arc::new(AtomicU64::new(0));
+        let (counted, covering) = (returns.clone(), covered.clone());
         let task = tokio::spawn(async move {
             let mut trigger = Trigger::new(
                 quiet,
@@ -123,25 +126,34 @@ impl MemoryReturn {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if !trigger.observe(
-                    Instant::now(),
-                    controller.streams_attached(),
-                    controller.streams_ended(),
-                ) {
+                let ended = controller.streams_ended();
+                if !trigger.observe(Instant::now(), controller.streams_attached(), ended) {
                     continue;
                 }
                 // A blocking thread: a purge of a large heap walks every arena.
                 let _ = tokio::task::spawn_blocking(purge.clone()).await;
+                covering.store(ended, Ordering::Relaxed);
                 counted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("smcontroller_memory_returns_total").increment(1);
             }
         });
-        Self { task, returns }
+        Self {
+            task,
+            returns,
+            covered,
+        }
     }
 
     /// How many purges the task has made.
     pub fn returns(&self) -> u64 {
         self.returns.load(Ordering::Relaxed)
+    }
+
+    /// How many streams had ended ([`Controller::streams_ended`]) when the last purge was
+    /// decided: once it reaches a count read from the controller, the memory of those
+    /// streams has been returned (the bench waits on it).
+    pub fn covered(&self) -> u64 {
+        self.covered.load(Ordering::Relaxed)
     }
 }
 
@@ -283,6 +295,7 @@ mod tests {
         }
         assert!(ended_at.elapsed() >= QUIET, "{:?}", ended_at.elapsed());
         assert_eq!(purged.load(Ordering::Relaxed), 1);
+        assert_eq!(task.covered(), 3);
         // And no more while nothing moves.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(task.returns(), 1);
