@@ -440,9 +440,11 @@ fn live_heap() -> Option<u64> {
         .map(|_| dhat::HeapStats::get().curr_bytes as u64)
 }
 
+/// Without dhat: what glibc says is allocated (`mallinfo2`), the same live bytes without the
+/// call stacks.
 #[cfg(not(feature = "heap-profile"))]
 fn live_heap() -> Option<u64> {
-    None
+    smcontroller_daemon::memory::heap_in_use()
 }
 
 fn main() -> ExitCode {
@@ -1293,6 +1295,16 @@ fn rss_split() -> (u64, u64) {
     (
         proc_status_field(None, "RssAnon:") * 1024,
         proc_status_field(None, "RssFile:") * 1024,
+    )
+}
+
+/// [`rss_split`] in words.
+fn split_text() -> String {
+    let (anon, file) = rss_split();
+    format!(
+        "anonymous {:.2} MiB, file-backed {:.2} MiB",
+        mib(anon),
+        mib(file)
     )
 }
 
@@ -2155,12 +2167,16 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
             );
         }
     }
+    // The checkpoints' levels are raw (taken right after a round), against the raw level
+    // after the warm-up; the baselines of N-LEAK-1/2 are taken after the memory return.
+    let warm = rss(None);
     harness.memory_returned(&memory).await?;
     let baseline = rss(None);
     println!(
-        "baseline after {CHURN_WARMUP_ROUNDS} warm-up rounds and the memory return ({} cycles): controller VmRSS {:.1} \
-         MiB, {} threads",
+        "baseline after {CHURN_WARMUP_ROUNDS} warm-up rounds ({} cycles): controller VmRSS \
+         {:.1} MiB, {:.1} MiB once the freed memory was returned; {} threads",
         CHURN_WARMUP_ROUNDS * CHURN_NODES,
+        mib(warm),
         mib(baseline),
         threads(None)
     );
@@ -2181,33 +2197,36 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         expected += CHURN_NODES as u64;
         churn_round(&harness, &mut sm, expected).await?;
         done = r + 1;
-        if done == reference_round {
-            let raw = rss(None);
-            let took = harness.memory_returned(&memory).await?;
-            let level = rss(None);
-            println!(
-                "  reference after {CHURN_REFERENCE_CYCLES} cycles: VmRSS {:.1} MiB, {:.1} MiB \
-                 once the freed memory was returned ({:.1} s after the last disconnect)",
-                mib(raw),
-                mib(level),
-                took.as_secs_f64()
-            );
-            reference = Some((raw, level));
-        }
+        let raw = rss(None);
         if done % checkpoint == 0 {
-            let now = rss(None);
-            samples.push((done * CHURN_NODES, now));
+            samples.push((done * CHURN_NODES, raw));
             println!(
                 "  after {:>6} cycles ({:5.1} s): VmRSS {:.1} MiB ({:+.1} %), {} threads{}",
                 done * CHURN_NODES,
                 started.elapsed().as_secs_f64(),
-                mib(now),
-                (now as f64 / baseline as f64 - 1.0) * 100.0,
+                mib(raw),
+                (raw as f64 / warm as f64 - 1.0) * 100.0,
                 threads(None),
                 live_heap()
                     .map(|b| format!(", live heap {:.1} MiB", mib(b)))
                     .unwrap_or_default()
             );
+        }
+        if done == reference_round {
+            let took = harness.memory_returned(&memory).await?;
+            let level = rss(None);
+            println!(
+                "  reference after {CHURN_REFERENCE_CYCLES} cycles: VmRSS {:.1} MiB, {:.1} MiB \
+                 once the freed memory was returned ({:.1} s after the last disconnect; {}){}",
+                mib(raw),
+                mib(level),
+                took.as_secs_f64(),
+                split_text(),
+                live_heap()
+                    .map(|b| format!("; live heap {:.2} MiB", mib(b)))
+                    .unwrap_or_default()
+            );
+            reference = Some((raw, level));
         }
     }
     if let (Some(first), Some(last)) = (samples.first(), samples.last())
@@ -2235,16 +2254,20 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
     let early = (end as f64 / baseline as f64 - 1.0) * 100.0;
     println!(
         "end: controller VmRSS {:.1} MiB at the last disconnect, {:.1} MiB once the freed \
-         memory was returned ({:.1} s later; {} returns in the run) vs {:.1} MiB after the \
-         warm-up: {early:+.1} %; {} threads; connected {} / disconnected {} heard",
+         memory was returned ({:.1} s later; {}; {} returns in the run) vs {:.1} MiB after the \
+         warm-up: {early:+.1} %; {} threads; connected {} / disconnected {} heard{}",
         mib(end_raw),
         mib(end),
         took.as_secs_f64(),
+        split_text(),
         memory.returns(),
         mib(baseline),
         threads(None),
         harness.counts.connected.load(Ordering::Relaxed),
-        harness.counts.disconnected.load(Ordering::Relaxed)
+        harness.counts.disconnected.load(Ordering::Relaxed),
+        live_heap()
+            .map(|b| format!("; live heap {:.2} MiB", mib(b)))
+            .unwrap_or_default()
     );
     // The level after 1,000 cycles is before glibc's per-thread arenas have reached their
     // working set (BENCHMARKS.md, "The slow leak"): information, not N-LEAK-1's baseline.
