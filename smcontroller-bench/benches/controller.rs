@@ -1776,7 +1776,11 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
         mib(rss_peak),
         mib(rss_returned),
         match &returned {
-            Ok(took) => format!("{:.1} s later", took.as_secs_f64()),
+            Ok(took) => format!(
+                "{:.1} s later, the purge itself {:.1} ms",
+                took.as_secs_f64(),
+                memory.last_purge_took().as_secs_f64() * 1e3
+            ),
             Err(e) => format!("{e:#}"),
         },
         threads(None),
@@ -1797,6 +1801,7 @@ async fn scale(options: &Options) -> anyhow::Result<()> {
     Figure::new("N-SCALE-1", "rss_after_all_left_mib", mib(rss_left), "MiB")
         .with("nodes", nodes)
         .with("returned_mib", mib(rss_returned))
+        .with("purge_ms", memory.last_purge_took().as_secs_f64() * 1e3)
         .with("start_mib", mib(rss_before))
         .emit();
 
@@ -2217,10 +2222,12 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
             let level = rss(None);
             println!(
                 "  reference after {CHURN_REFERENCE_CYCLES} cycles: VmRSS {:.1} MiB, {:.1} MiB \
-                 once the freed memory was returned ({:.1} s after the last disconnect; {}){}",
+                 once the freed memory was returned ({:.1} s after the last disconnect, the \
+                 purge {:.1} ms; {}){}",
                 mib(raw),
                 mib(level),
                 took.as_secs_f64(),
+                memory.last_purge_took().as_secs_f64() * 1e3,
                 split_text(),
                 live_heap()
                     .map(|b| format!("; live heap {:.2} MiB", mib(b)))

@@ -81,6 +81,8 @@ pub struct MemoryReturn {
     returns: Arc<AtomicU64>,
     /// The controller's `streams_ended` that the last purge followed.
     covered: Arc<AtomicU64>,
+    /// How long the last purge took, microseconds (on its blocking thread).
+    took_us: Arc<AtomicU64>,
 }
 
 impl MemoryReturn {
@@ -116,7 +118,8 @@ impl MemoryReturn {
     {
         let returns = Arc::new(AtomicU64::new(0));
         let covered = Arc::new(AtomicU64::new(0));
-        let (counted, covering) = (returns.clone(), covered.clone());
+        let took_us = Arc::new(AtomicU64::new(0));
+        let (counted, covering, timing) = (returns.clone(), covered.clone(), took_us.clone());
         let task = tokio::spawn(async move {
             let mut trigger = Trigger::new(
                 quiet,
@@ -133,7 +136,18 @@ impl MemoryReturn {
                     continue;
                 }
                 // A blocking thread: a purge of a large heap walks every arena.
-                let _ = tokio::task::spawn_blocking(purge.clone()).await;
+                let purge = purge.clone();
+                let took = tokio::task::spawn_blocking(move || {
+                    let started = std::time::Instant::now();
+                    purge();
+                    started.elapsed()
+                })
+                .await
+                .unwrap_or_default();
+                timing.store(
+                    u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 covering.store(ended, Ordering::Relaxed);
                 counted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("smcontroller_memory_returns_total").increment(1);
@@ -143,6 +157,7 @@ impl MemoryReturn {
             task,
             returns,
             covered,
+            took_us,
         }
     }
 
@@ -156,6 +171,12 @@ impl MemoryReturn {
     /// streams has been returned (the bench waits on it).
     pub fn covered(&self) -> u64 {
         self.covered.load(Ordering::Relaxed)
+    }
+
+    /// How long the last purge took (zero before the first): while it runs, the allocator's
+    /// arenas are locked in turn, so this is what it can cost the other threads at most.
+    pub fn last_purge_took(&self) -> Duration {
+        Duration::from_micros(self.took_us.load(Ordering::Relaxed))
     }
 }
 
