@@ -92,14 +92,19 @@
 //!   each connection every `keepaliveInterval` (10 s), i.e. 10 PINGs a second for 100 nodes.
 //! - `churn` (N-LEAK-1, N-LEAK-2): rounds of 100 SMs that connect, register, and close their
 //!   streams (same node ids every round, as a rebooting SM would), until `--cycles` connects
-//!   (default 200,000, also with `--quick`; bounded to 300 s); VmRSS after 10 warm-up rounds
-//!   (information), after 20,000 cycles (the baseline of N-LEAK-1 and N-LEAK-2), at ten checkpoints
-//!   (with the slope between the first and the last), and at the end. With the `heap-profile`
-//!   feature it also prints the live heap at each checkpoint and writes the dhat profile of
-//!   what is live at the end, before the server stops.
-//! - `floor` (N-PERF-3): for 1, 100 and 1,000 nodes, the bare relay and then the controller,
-//!   each in a process of its own on the same SM load: sequential sync calls (p50/p99) and, at
-//!   1,000 nodes, VmRSS. The orchestrator prints each controller figure over its floor.
+//!   (default 200,000, also with `--quick`; bounded to 300 s), with the daemon's memory return
+//!   (`memoryReturnDelay`) running as in `smcontrollerd`. VmRSS after 10 warm-up rounds
+//!   (information), after 20,000 cycles and at the end, each right after the last disconnect
+//!   (information) and once the freed memory was returned (the levels N-LEAK-1 and N-LEAK-2
+//!   compare), and at ten checkpoints (with the slope between the first and the last); the
+//!   live heap (glibc's `mallinfo2`) beside them. With the `heap-profile` feature the live
+//!   heap is dhat's, and it writes the dhat profile of what is live at the end, before the
+//!   server stops.
+//! - `floor` (N-PERF-3): for 1, 100 and 1,000 nodes, the bare relay and the controller on the
+//!   same SM load: sequential sync calls (p50/p99) to both in one process, in alternating
+//!   batches (5 rounds, at least 10,000 calls each), and VmRSS at 1,000 nodes, each in a
+//!   process of its own (3 rounds). The orchestrator prints each controller figure over its
+//!   floor, the median of the rounds' ratios.
 //! - `mtls-rtt`, `mtls-telemetry`: `sync-rtt` and `telemetry` over mTLS.
 //! - `handshakes` (N-TLS-1): 32 raw clients open new connections (TCP, a full TLS 1.3
 //!   handshake with ECDSA P-256 certificates and the client certificate, then the HTTP/2 preface
@@ -200,8 +205,9 @@ const CHURN_REFERENCE_CYCLES: usize = 20_000;
 const CHURN_LEAK2_CYCLES: usize = 200_000;
 /// Connection attempts in flight in the SM process.
 const CONNECT_CONCURRENCY: usize = 512;
-/// Scenarios in their default order. `floor` runs `rtt:relay:N` and `rtt:controller:N` for N in
-/// [`FLOOR_NODES`], each in a process of its own, [`FLOOR_ROUNDS`] times in turn.
+/// Scenarios in their default order. `floor` runs `rtt:both:N`, `rtt:relay:N` and
+/// `rtt:controller:N` for N in [`FLOOR_NODES`], each in a process of its own, in turn: the
+/// latency process [`FLOOR_LATENCY_ROUNDS`] times, the memory processes [`FLOOR_ROUNDS`] times.
 const ALL_SCENARIOS: [&str; 11] = [
     "sync-rtt",
     "telemetry",
@@ -225,6 +231,14 @@ const FLOOR_NODES: [usize; 3] = [1, 100, 1_000];
 /// meanwhile, but not where the scheduler happened to put each server's SM process: the p99
 /// ratio at 1 node still moved from 1.05 to 1.35 between two single rounds.
 const FLOOR_ROUNDS: usize = 3;
+/// Rounds of the floor's latency process (`rtt:both:N`), the first [`FLOOR_ROUNDS`] of them
+/// beside the memory processes: at 5,000 calls and 3 rounds the quick bench's latency ratios
+/// still moved by ±0.05 from one run to the next (1.01x-1.11x at 1 node) while the CPU per call
+/// moved by ±0.02; more rounds of more calls narrow what the median of the rounds can land on.
+const FLOOR_LATENCY_ROUNDS: usize = 5;
+/// The fewest calls of each server in a floor latency process, also with `--quick`
+/// (`--rtt-calls` above it is taken as it is).
+const FLOOR_MIN_CALLS: usize = 10_000;
 /// Sequential calls to one server before the floor's latency run turns to the other.
 const FLOOR_BATCH: usize = 250;
 /// SMs of the renewal storm.
@@ -542,12 +556,15 @@ fn expand(name: &str) -> Vec<(String, Option<usize>)> {
         FLOOR_NODES
             .iter()
             .flat_map(|n| {
-                (0..FLOOR_ROUNDS).flat_map(move |round| {
-                    [
-                        (format!("rtt:both:{n}"), Some(round)),
-                        (format!("rtt:relay:{n}"), Some(round)),
-                        (format!("rtt:controller:{n}"), Some(round)),
-                    ]
+                (0..FLOOR_LATENCY_ROUNDS).flat_map(move |round| {
+                    let memory = (round < FLOOR_ROUNDS).then(|| {
+                        [
+                            (format!("rtt:relay:{n}"), Some(round)),
+                            (format!("rtt:controller:{n}"), Some(round)),
+                        ]
+                    });
+                    std::iter::once((format!("rtt:both:{n}"), Some(round)))
+                        .chain(memory.into_iter().flatten())
                 })
             })
             .collect()
@@ -581,7 +598,14 @@ fn orchestrate(options: &Options) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for (name, round) in options.scenarios.iter().flat_map(|n| expand(n)) {
         match round {
-            Some(round) => println!("\n=== {name} (round {} of {FLOOR_ROUNDS}) ===", round + 1),
+            Some(round) => {
+                let of = if name.starts_with("rtt:both") {
+                    FLOOR_LATENCY_ROUNDS
+                } else {
+                    FLOOR_ROUNDS
+                };
+                println!("\n=== {name} (round {} of {of}) ===", round + 1);
+            }
             None => println!("\n=== {name} ==="),
         }
         let started = Instant::now();
@@ -2030,7 +2054,7 @@ async fn floor_latency(options: &Options, nodes: usize) -> anyhow::Result<()> {
     // and from one run to the next it moves by more than the effect of a cut; the CPU per call
     // is the steadier figure of what a change to the path saves.
     let mut cpu_ns = [0u64; 2];
-    let batches = options.rtt_calls.div_ceil(FLOOR_BATCH);
+    let batches = options.rtt_calls.max(FLOOR_MIN_CALLS).div_ceil(FLOOR_BATCH);
     for batch in 0..batches {
         // Each batch starts where the last one stopped, so every node is called.
         let start = (batch * FLOOR_BATCH) % ids.len();
