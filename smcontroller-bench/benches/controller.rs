@@ -29,7 +29,9 @@
 //! cycles, default 200,000 as N-LEAK-2 asks, about 60 s here), `--scale-nodes N` (default 10,000), `--rtt-calls N` (default 20,000),
 //! `--telemetry-per-node N` (default 20,000 messages per node), `--handshakes N` (default
 //! 10,000), `--storm-nodes N` (default 1,000), `--idle-seconds N` (how long `idle` measures,
-//! default 60, in quick runs too, which therefore take a minute longer).
+//! default 60, in quick runs too, which therefore take a minute longer), `--no-pin` (the
+//! floor's latency process and its SM processes left where the kernel puts them, instead of on
+//! a CPU each: see `controller/pin.rs`).
 //!
 //! The bench prints figures; it asserts nothing about speed. It exits non-zero only when a
 //! scenario could not run (nodes failed to register, a process died, a deadline passed).
@@ -102,8 +104,9 @@
 //!   server stops.
 //! - `floor` (N-PERF-3): for 1, 100 and 1,000 nodes, the bare relay and the controller on the
 //!   same SM load: sequential sync calls (p50/p99) to both in one process, in alternating
-//!   batches (5 rounds, at least 10,000 calls each), and VmRSS at 1,000 nodes, each in a
-//!   process of its own (3 rounds). The orchestrator prints each controller figure over its
+//!   batches (5 rounds, at least 10,000 calls each; that process on the first CPU and its SM
+//!   processes on the last, `controller/pin.rs`), and VmRSS at 1,000 nodes, each in a process
+//!   of its own (3 rounds). The orchestrator prints each controller figure over its
 //!   floor, the median of the rounds' ratios.
 //! - `mtls-rtt`, `mtls-telemetry`: `sync-rtt` and `telemetry` over mTLS.
 //! - `handshakes` (N-TLS-1): 32 raw clients open new connections (TCP, a full TLS 1.3
@@ -123,6 +126,8 @@
 
 #[path = "controller/hostile.rs"]
 mod hostile;
+#[path = "controller/pin.rs"]
+mod pin;
 #[path = "controller/relay.rs"]
 mod relay;
 #[path = "controller/tls.rs"]
@@ -272,6 +277,9 @@ struct Options {
     json: Option<String>,
     /// The wire revision the controller and the SMs speak (`--sm-protocol`, default 9.0).
     sm_protocol: SmProtocol,
+    /// Whether the floor's latency process and its SM processes run on a CPU each
+    /// (`--no-pin` turns it off; see `controller/pin.rs`).
+    pin: bool,
 }
 
 impl Options {
@@ -289,6 +297,7 @@ impl Options {
             quick,
             json: None,
             sm_protocol: SmProtocol::default(),
+            pin: true,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -305,6 +314,7 @@ impl Options {
             match arg.as_str() {
                 // cargo passes `--bench` to every bench executable.
                 "--bench" | "--quick" => {}
+                "--no-pin" => options.pin = false,
                 "--cycles" => options.cycles = usize::try_from(value(arg)?)?,
                 "--scale-nodes" => options.scale_nodes = usize::try_from(value(arg)?)?,
                 "--rtt-calls" => options.rtt_calls = usize::try_from(value(arg)?)?,
@@ -323,7 +333,7 @@ impl Options {
                     "unknown argument {other:?}; scenarios: {ALL_SCENARIOS:?}, options: \
                      --quick, --json PATH, --sm-protocol 9.0|9.1, --cycles N, --scale-nodes N, \
                      --rtt-calls N, --telemetry-per-node N, --handshakes N, --storm-nodes N, \
-                     --idle-seconds N"
+                     --idle-seconds N, --no-pin"
                 ),
             }
         }
@@ -354,6 +364,9 @@ impl Options {
         ];
         if self.quick {
             args.push("--quick".into());
+        }
+        if !self.pin {
+            args.push("--no-pin".into());
         }
         args
     }
@@ -389,6 +402,7 @@ impl Options {
             "handshakes": self.handshakes,
             "storm_nodes": self.storm_nodes,
             "idle_seconds": self.idle_seconds,
+            "floor_latency_pinned": self.pin,
         })
     }
 }
@@ -467,7 +481,8 @@ fn main() -> ExitCode {
         Some("--sm-child") => match args.get(1) {
             Some(url) => {
                 watchdog("SM process");
-                sm_child_options(&args[2..]).and_then(|(pki, protocol)| {
+                sm_child_options(&args[2..]).and_then(|(pki, protocol, cpu)| {
+                    cpu.map_or(Ok(()), pin::pin_to)?;
                     runtime().and_then(|rt| rt.block_on(sm_child(url.clone(), pki, protocol)))
                 })
             }
@@ -481,6 +496,7 @@ fn main() -> ExitCode {
                 .inspect(|options| {
                     let _ = SM_PROTOCOL.set(options.sm_protocol);
                 })
+                .and_then(|options| place_floor_latency(&name, &options).map(|()| options))
                 .and_then(|options| runtime().map(|rt| (rt, options)))
                 .and_then(|(rt, options)| rt.block_on(run_scenario(&name, &options)))
                 .inspect(|()| end_heap_profile())
@@ -509,9 +525,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The options of an SM process after its URL: `[--pki DIR] [--sm-protocol REVISION]`.
-fn sm_child_options(args: &[String]) -> anyhow::Result<(Option<std::path::PathBuf>, SmProtocol)> {
-    let (mut pki, mut protocol) = (None, SmProtocol::default());
+/// The options of an SM process after its URL: `[--pki DIR] [--sm-protocol REVISION]
+/// [--cpu N]`.
+fn sm_child_options(
+    args: &[String],
+) -> anyhow::Result<(Option<std::path::PathBuf>, SmProtocol, Option<usize>)> {
+    let (mut pki, mut protocol, mut cpu) = (None, SmProtocol::default(), None);
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let value = args
@@ -520,10 +539,37 @@ fn sm_child_options(args: &[String]) -> anyhow::Result<(Option<std::path::PathBu
         match arg.as_str() {
             "--pki" => pki = Some(std::path::PathBuf::from(value)),
             "--sm-protocol" => protocol = value.parse().map_err(|e: String| anyhow!(e))?,
+            "--cpu" => {
+                cpu = Some(
+                    value
+                        .parse()
+                        .with_context(|| format!("--cpu {value}: not a CPU number"))?,
+                );
+            }
             other => bail!("SM process: unknown argument {other:?}"),
         }
     }
-    Ok((pki, protocol))
+    Ok((pki, protocol, cpu))
+}
+
+/// Where this scenario process put itself and puts its SM processes: set by
+/// [`place_floor_latency`] for the floor's latency process only.
+static PLACEMENT: OnceLock<pin::Placement> = OnceLock::new();
+
+/// The floor's latency process (`rtt:both:N`) runs on one CPU and has its SM processes run on
+/// another, unless `--no-pin` or the machine gives it fewer than two; every other scenario is
+/// left where the kernel puts it. Runs before the runtime is built, so its threads inherit it.
+fn place_floor_latency(name: &str, options: &Options) -> anyhow::Result<()> {
+    if !name.starts_with("rtt:both:") || !options.pin {
+        return Ok(());
+    }
+    let Some(placement) = pin::floor_placement() else {
+        println!("fewer than two CPUs to run on: the latency process is not pinned");
+        return Ok(());
+    };
+    pin::pin_to(placement.server)?;
+    let _ = PLACEMENT.set(placement);
+    Ok(())
 }
 
 /// The wire revision of this scenario process (`--sm-protocol`, set once from its options):
@@ -2034,6 +2080,7 @@ async fn connect_all(
 /// between them in batches of [`FLOOR_BATCH`], the first server of each batch in turn, so that
 /// whatever else the machine does at a moment falls on both alike. (Measured one process after
 /// the other, the ratio of two runs moved by 15 % from one run to the next on this machine.)
+/// Both servers share one CPU and their SM processes another (see [`place_floor_latency`]).
 async fn floor_latency(options: &Options, nodes: usize) -> anyhow::Result<()> {
     let relay = Harness::start_kind(ServerKind::Relay).await?;
     let controller = Harness::start_kind(ServerKind::Insecure).await?;
@@ -2042,6 +2089,13 @@ async fn floor_latency(options: &Options, nodes: usize) -> anyhow::Result<()> {
     connect_all(&relay, &mut relay_sm, "floor", nodes).await?;
     connect_all(&controller, &mut controller_sm, "floor", nodes).await?;
     let ids = node_ids("floor", nodes);
+    match PLACEMENT.get() {
+        Some(p) => println!(
+            "this process (both servers and the caller) on CPU {}, the SM processes on CPU {}",
+            p.server, p.sm
+        ),
+        None => println!("not pinned: the kernel places this process and the SM processes"),
+    }
     let servers = [(&relay, "relay"), (&controller, "controller")];
     for (harness, name) in servers {
         let (_, errors, _) = sync_calls(&harness.target, &ids, nodes.max(100), 1).await?;
@@ -2473,6 +2527,9 @@ impl SmProcess {
             command.arg("--pki").arg(dir);
         }
         command.args(["--sm-protocol", protocol.as_str()]);
+        if let Some(placement) = PLACEMENT.get() {
+            command.args(["--cpu", &placement.sm.to_string()]);
+        }
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
