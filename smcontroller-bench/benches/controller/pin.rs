@@ -3,7 +3,7 @@
 //! One sync call at a time is a ping-pong between the server's process and its SM process.
 //! Left to the kernel, the two land on the same CPU for some calls and on different CPUs for
 //! others, and on this machine's 2-vCPU VM an idle vCPU halts (no guest halt-polling), so a
-//! wake-up that crosses to it costs 10-20 µs more than one that stays. The latencies were
+//! wake-up that crosses to it costs several µs more than one that stays. The latencies were
 //! bimodal (modes near 45 and 58 µs, or 30 and 54), and which mode a server's median fell in
 //! decided its ratio: 0.92x to 1.34x for one binary in runs of the same minute (BENCHMARKS.md).
 //! Pinned, the latency process's threads share one CPU and the SM processes another, so every
