@@ -1248,10 +1248,10 @@ impl Harness {
     /// The daemon's memory return over this controller, with the daemon's default delay
     /// (`memoryReturnDelay`, as `app::start` runs it).
     fn memory_return(&self) -> MemoryReturn {
-        let quiet = Settings::default()
-            .memory_return_delay
-            .unwrap_or(smcontroller_daemon::memory::DEFAULT_MEMORY_RETURN_DELAY);
-        MemoryReturn::spawn(self.controller().clone(), quiet)
+        MemoryReturn::spawn(
+            self.controller().clone(),
+            smcontroller_daemon::memory::DEFAULT_MEMORY_RETURN_DELAY,
+        )
     }
 
     /// Waits until `memory` has returned what every stream ended so far freed (with a
@@ -2280,6 +2280,9 @@ async fn churn(options: &Options) -> anyhow::Result<()> {
         expected += CHURN_NODES as u64;
         churn_round(&harness, &mut sm, expected).await?;
         done = r + 1;
+        if done % checkpoint != 0 && done != reference_round {
+            continue;
+        }
         let raw = rss(None);
         if done % checkpoint == 0 {
             samples.push((done * CHURN_NODES, raw));

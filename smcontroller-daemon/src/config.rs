@@ -766,34 +766,34 @@ mod de {
 
     /// A duration string greater than zero (see [`parse_duration`]).
     pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        read(d, |v| {
-            let duration = v
-                .as_str()
-                .and_then(parse_duration)
-                .ok_or_else(|| r#"is not a duration (expected e.g. "5s" or "PT5S")"#.to_owned())?;
-            if duration.is_zero() {
-                return Err("must be greater than zero".to_owned());
-            }
-            Ok(duration)
-        })
+        read(d, |v| positive_duration(v, false))
     }
 
     /// A duration string greater than zero, or `"off"` (`None`).
     pub(super) fn duration_or_off<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
-        read(d, |v| {
-            if v.as_str() == Some("off") {
-                return Ok(None);
-            }
-            let duration = v.as_str().and_then(parse_duration).ok_or_else(|| {
-                r#"is not a duration (expected e.g. "5s" or "PT5S") or "off""#.to_owned()
-            })?;
-            if duration.is_zero() {
-                return Err(r#"must be greater than zero (or "off")"#.to_owned());
-            }
-            Ok(Some(duration))
+        read(d, |v| match v.as_str() {
+            Some("off") => Ok(None),
+            _ => positive_duration(v, true).map(Some),
         })
+    }
+
+    /// A duration string greater than zero; the errors mention `"off"` where it is allowed.
+    fn positive_duration(v: &Value, or_off: bool) -> Result<Duration, String> {
+        let (or, zero) = if or_off {
+            (r#" or "off""#, r#" (or "off")"#)
+        } else {
+            ("", "")
+        };
+        let duration = v
+            .as_str()
+            .and_then(parse_duration)
+            .ok_or_else(|| format!(r#"is not a duration (expected e.g. "5s" or "PT5S"){or}"#))?;
+        if duration.is_zero() {
+            return Err(format!("must be greater than zero{zero}"));
+        }
+        Ok(duration)
     }
 
     pub(super) fn some_duration<'de, D: Deserializer<'de>>(

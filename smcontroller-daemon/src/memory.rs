@@ -192,7 +192,8 @@ impl Drop for MemoryReturn {
 pub fn return_freed() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // The workspace's one use of `unsafe` (the lint is `deny`, not `forbid`, for it).
+        // One of the workspace's two uses of `unsafe`, with `heap_in_use` below (the lint is
+        // `deny`, not `forbid`, for them).
         // SAFETY: malloc_trim takes no pointer and touches only the allocator's own state,
         // under the allocator's locks; glibc documents it as thread-safe (MT-Safe), and the
         // process's allocator is glibc's malloc (no global allocator is set in this crate).
